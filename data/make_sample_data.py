@@ -1,0 +1,406 @@
+"""Generate the bundled sample data set (deterministic, offline).
+
+    python data/make_sample_data.py --out data/sample
+
+Writes, under --out:
+  images/NNNN.png        small scenes of coloured shapes (mostly 64x64 RGB; a few
+                         non-square, palette, RGBA and greyscale files)
+  captions.json          LLaVA-format image records whose caption describes the
+                         scene; the scene itself is kept under the extra key "scene"
+  text.jsonl             text-only records in the CHILDES style of the reference
+                         data: an empty human turn, then the sentence as the gpt turn
+  minimal_pairs.jsonl    BLiMP-format pairs built from held-out grammar sentences
+  tokenizer/             a word-level Hugging Face tokenizer (BOS added, no EOS)
+
+The sentence grammar is small on purpose: about 150 words and short sentences,
+so that a 2-layer, width-64 decoder learns subject-verb and determiner-noun
+agreement on a CPU in a few hundred steps. Every random choice comes from one
+seeded `random.Random`; JSON is written with sorted keys, so a re-run gives the
+same bytes (PNG bytes also depend on the zlib that Pillow links).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import random
+import shutil
+
+SEED = 20240611
+NUM_IMAGES = 400
+NUM_TEXT_RECORDS = 3000
+PAIRS_PER_UID = 100
+ROLE_CONTENT_EVERY = 600  # a handful of records use the {"role", "content"} turn variant
+
+# ---------------------------------------------------------------- scenes
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 160, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 200, 30),
+    "purple": (140, 60, 180),
+    "orange": (240, 130, 30),
+    "black": (20, 20, 20),
+}
+BACKGROUND = (255, 255, 255)
+SHAPES = {"circle": "circles", "square": "squares", "triangle": "triangles"}
+COUNT_WORDS = {1: "a", 2: "two", 3: "three"}
+POSITION_PHRASES = {
+    "left": "on the left",
+    "right": "on the right",
+    "top": "at the top",
+    "bottom": "at the bottom",
+    "middle": "in the middle",
+}
+# Fraction of the free axis where each of n shapes sits; the spacing keeps
+# shapes apart so every shape is its own connected blob.
+SPREAD = {1: (0.5,), 2: (0.3, 0.7), 3: (0.2, 0.5, 0.8)}
+MIDDLE_SPREAD = {1: (0.5,), 2: (0.38, 0.62), 3: (0.3, 0.5, 0.7)}
+SIDE = 0.2  # distance of a side group's centre line from its edge, as a fraction
+
+
+def scene_file_mode(index: int) -> tuple[str, tuple[int, int], bool]:
+    """(PIL mode, (width, height), palette transparency) for image `index`.
+
+    One in ten images is stored as something other than a square RGB PNG, so
+    the loader's mode conversion and padding run on real bundled files.
+    """
+    slot = index % 40
+    if slot == 5:
+        return "P", (64, 64), index % 80 == 5
+    if slot == 15:
+        return "RGBA", (64, 64), False
+    if slot == 25:
+        return "L", (64, 64), False
+    if slot == 35:
+        return "RGB", ((96, 64) if index % 80 == 35 else (64, 96)), False
+    return "RGB", (64, 64), False
+
+
+def make_scene(rng: random.Random, index: int) -> dict:
+    mode, (width, height), transparent = scene_file_mode(index)
+    # A greyscale file cannot show a hue, so its shapes are black.
+    colour = "black" if mode == "L" else rng.choice(sorted(COLOURS))
+    count = rng.randint(1, 3)
+    position = rng.choice(sorted(POSITION_PHRASES))
+    shape = rng.choice(sorted(SHAPES))
+    short = min(width, height)
+    radius = round((4 if position == "middle" and count > 1 else rng.randint(5, 7)) * short / 64)
+    spread = MIDDLE_SPREAD[count] if position == "middle" else SPREAD[count]
+    centres = []
+    for fraction in spread:
+        if position in ("left", "right"):
+            x, y = (SIDE if position == "left" else 1 - SIDE) * width, fraction * height
+        elif position in ("top", "bottom"):
+            x, y = fraction * width, (SIDE if position == "top" else 1 - SIDE) * height
+        else:
+            x, y = fraction * width, 0.5 * height
+        centres.append([round(x) + rng.randint(-1, 1), round(y) + rng.randint(-1, 1)])
+    return {"colour": colour, "shape": shape, "count": count, "position": position, "radius": radius,
+            "centres": centres, "mode": mode, "width": width, "height": height, "transparent": transparent}
+
+
+def caption(scene: dict) -> str:
+    count = scene["count"]
+    noun = scene["shape"] if count == 1 else SHAPES[scene["shape"]]
+    return f"{COUNT_WORDS[count]} {scene['colour']} {noun} {POSITION_PHRASES[scene['position']]} ."
+
+
+def draw_scene(scene: dict):
+    from PIL import Image, ImageDraw
+
+    size, mode = (scene["width"], scene["height"]), scene["mode"]
+    rgb = COLOURS[scene["colour"]]
+    if mode == "P":
+        image = Image.new("P", size, 0)
+        image.putpalette(list(BACKGROUND) + list(rgb))
+        fill = 1
+    elif mode == "RGBA":
+        # Transparent white background: white-compositing and dropping alpha agree.
+        image, fill = Image.new("RGBA", size, BACKGROUND + (0,)), rgb + (255,)
+    elif mode == "L":
+        image, fill = Image.new("L", size, BACKGROUND[0]), rgb[0]
+    else:
+        image, fill = Image.new("RGB", size, BACKGROUND), rgb
+    draw = ImageDraw.Draw(image)
+    r = scene["radius"]
+    for cx, cy in scene["centres"]:
+        box = [cx - r, cy - r, cx + r, cy + r]
+        if scene["shape"] == "circle":
+            draw.ellipse(box, fill=fill)
+        elif scene["shape"] == "square":
+            draw.rectangle(box, fill=fill)
+        else:
+            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    return image
+
+
+def save_png(image, path: pathlib.Path, transparent: bool) -> None:
+    extra = {"transparency": 0} if transparent else {}
+    image.save(path, format="PNG", optimize=False, compress_level=9, **extra)
+
+
+# ---------------------------------------------------------------- sentences
+# (singular, plural) pairs. Regular plurals only, so number is visible on every noun.
+ANIMALS = [("dog", "dogs"), ("cat", "cats"), ("bird", "birds"), ("duck", "ducks"), ("frog", "frogs"),
+           ("bear", "bears"), ("cow", "cows"), ("pig", "pigs"), ("horse", "horses"), ("boy", "boys"),
+           ("girl", "girls"), ("baby", "babies"), ("puppy", "puppies"), ("bunny", "bunnies"),
+           ("kitty", "kitties")]
+THINGS = [("ball", "balls"), ("tree", "trees"), ("box", "boxes"), ("door", "doors"), ("bed", "beds"),
+          ("car", "cars"), ("hat", "hats"), ("cookie", "cookies"), ("book", "books"), ("cup", "cups"),
+          ("chair", "chairs"), ("table", "tables"), ("house", "houses"), ("shoe", "shoes"),
+          ("block", "blocks")]
+# (3rd person singular, plural) present-tense forms.
+INTRANSITIVE = [("runs", "run"), ("jumps", "jump"), ("sleeps", "sleep"), ("plays", "play"),
+                ("sits", "sit"), ("sings", "sing"), ("swims", "swim"), ("walks", "walk"),
+                ("cries", "cry"), ("laughs", "laugh"), ("hides", "hide"), ("eats", "eat")]
+TRANSITIVE = [("sees", "see"), ("likes", "like"), ("wants", "want"), ("has", "have"), ("finds", "find"),
+              ("chases", "chase"), ("holds", "hold"), ("pushes", "push")]
+COPULA = ("is", "are")
+ADJECTIVES = ["big", "little", "happy", "sad", "brown", "small", "funny", "sleepy", "hungry", "silly"]
+PREPOSITIONS = ["near", "behind", "under", "by", "with", "on"]
+# Determiners by the number they require; None = either number.
+DETERMINERS = {"the": None, "my": None, "your": None, "a": "sg", "this": "sg", "that": "sg",
+               "these": "pl", "those": "pl", "two": "pl", "some": "pl"}
+DEMONSTRATIVES = {"sg": ["this", "that"], "pl": ["these", "those"]}
+
+
+def determiner(rng: random.Random, number: str) -> str:
+    return rng.choice([d for d, n in DETERMINERS.items() if n in (None, number)])
+
+
+def noun_phrase(rng: random.Random, nouns, number: str, *, det: str | None = None,
+                adjective_p: float = 0.3) -> list[str]:
+    noun = rng.choice(nouns)[0 if number == "sg" else 1]
+    words = [det or determiner(rng, number)]
+    if rng.random() < adjective_p:
+        words.append(rng.choice(ADJECTIVES))
+    return words + [noun]
+
+
+def number(rng: random.Random) -> str:
+    return rng.choice(("sg", "pl"))
+
+
+def pick_verb(forms: tuple[str, str], number_: str) -> str:
+    return forms[0] if number_ == "sg" else forms[1]
+
+
+def predicate(rng: random.Random, number_: str) -> tuple[list[str], int]:
+    """Words of a verb phrase and the index of the verb that must agree."""
+    kind = rng.choice(("intransitive", "transitive", "copula"))
+    if kind == "intransitive":
+        return [pick_verb(rng.choice(INTRANSITIVE), number_)], 0
+    if kind == "copula":
+        return [pick_verb(COPULA, number_), rng.choice(ADJECTIVES)], 0
+    obj = noun_phrase(rng, rng.choice((ANIMALS, THINGS)), number(rng), adjective_p=0.2)
+    return [pick_verb(rng.choice(TRANSITIVE), number_)] + obj, 0
+
+
+def agreement_sentence(rng: random.Random, *, with_pp: bool,
+                       opposite_attractor: bool = False) -> tuple[list[str], int]:
+    """A declarative sentence; returns (words, index of the agreeing verb).
+
+    With `with_pp` the subject carries a prepositional phrase whose noun (the
+    attractor) has a random number, or the subject's other number when
+    `opposite_attractor`.
+    """
+    n = number(rng)
+    subject = noun_phrase(rng, ANIMALS, n)
+    if with_pp:
+        attractor_number = {"sg": "pl", "pl": "sg"}[n] if opposite_attractor else number(rng)
+        attractor = noun_phrase(rng, rng.choice((ANIMALS, THINGS)), attractor_number, adjective_p=0.1)
+        subject += [rng.choice(PREPOSITIONS)] + attractor
+    verb_phrase, verb_at = predicate(rng, n)
+    return subject + verb_phrase + ["."], len(subject) + verb_at
+
+
+def modal_sentence(rng: random.Random) -> list[str]:
+    # "can" does not agree, so only the determiner marks number.
+    return noun_phrase(rng, ANIMALS, number(rng)) + ["can", rng.choice(INTRANSITIVE)[1], "."]
+
+
+def filler_sentence(rng: random.Random) -> list[str]:
+    """Child-directed frames: imperatives and questions (questions agree too)."""
+    n = number(rng)
+    np_ = noun_phrase(rng, rng.choice((ANIMALS, THINGS)), n)
+    frame = rng.choice(("look", "where", "see", "here"))
+    if frame == "look":
+        return ["look", "at"] + np_ + ["!"]
+    if frame == "where":
+        return ["where", pick_verb(COPULA, n)] + np_ + ["?"]
+    if frame == "see":
+        return ["do", "you", "see"] + np_ + ["?"]
+    return ["here", pick_verb(COPULA, n)] + np_ + ["."]
+
+
+def training_sentence(rng: random.Random) -> str:
+    roll = rng.random()
+    if roll < 0.40:
+        words = agreement_sentence(rng, with_pp=False)[0]
+    elif roll < 0.65:
+        words = agreement_sentence(rng, with_pp=True)[0]
+    elif roll < 0.80:
+        words = modal_sentence(rng)
+    else:
+        words = filler_sentence(rng)
+    return " ".join(words)
+
+
+def flip_number(word: str, pairs) -> str:
+    for sg, pl in pairs:
+        if word == sg:
+            return pl
+        if word == pl:
+            return sg
+    raise ValueError(f"{word!r} has no number pair")
+
+
+def subject_verb_pair(rng: random.Random, *, with_pp: bool) -> tuple[str, str]:
+    # Across a PP the held-out attractor always has the other number: the hard case.
+    words, verb_at = agreement_sentence(rng, with_pp=with_pp, opposite_attractor=True)
+    bad = list(words)
+    bad[verb_at] = flip_number(words[verb_at], INTRANSITIVE + TRANSITIVE + [COPULA])
+    return " ".join(words), " ".join(bad)
+
+
+def determiner_noun_pair(rng: random.Random) -> tuple[str, str]:
+    n = number(rng)
+    det = rng.choice(DEMONSTRATIVES[n])
+    if rng.random() < 0.5:
+        words = noun_phrase(rng, ANIMALS, n, det=det) + ["can", rng.choice(INTRANSITIVE)[1], "."]
+        noun_at = len(words) - 4
+    else:
+        subject_number = number(rng)
+        words = (noun_phrase(rng, ANIMALS, subject_number) + [pick_verb(rng.choice(TRANSITIVE), subject_number)]
+                 + noun_phrase(rng, rng.choice((ANIMALS, THINGS)), n, det=det) + ["."])
+        noun_at = len(words) - 2
+    bad = list(words)
+    bad[noun_at] = flip_number(words[noun_at], ANIMALS + THINGS)
+    return " ".join(words), " ".join(bad)
+
+
+PHENOMENA = {
+    # UID: (field, linguistics_term, pair maker); terms follow BLiMP's.
+    "determiner_noun_agreement": ("morphology", "determiner_noun_agreement", determiner_noun_pair),
+    "subject_verb_agreement": ("morphology", "subject_verb_agreement",
+                               lambda rng: subject_verb_pair(rng, with_pp=False)),
+    "subject_verb_agreement_across_pp": ("morphology", "subject_verb_agreement",
+                                         lambda rng: subject_verb_pair(rng, with_pp=True)),
+}
+
+
+def held_out_pairs(rng: random.Random, training: set[str]) -> list[dict]:
+    pairs = []
+    for uid, (field, term, make_pair) in PHENOMENA.items():
+        seen: set[str] = set()
+        while len(seen) < PAIRS_PER_UID:
+            good, bad = make_pair(rng)
+            if good in training or good in seen:
+                continue
+            seen.add(good)
+            pairs.append({"sentence_good": good, "sentence_bad": bad, "field": field, "linguistics_term": term,
+                          "UID": uid, "pair_id": len(seen) - 1})
+    for pair in pairs:
+        assert pair["sentence_good"] not in training and pair["sentence_bad"] not in training, pair
+        assert pair["sentence_good"] != pair["sentence_bad"], pair
+    return pairs
+
+
+# ---------------------------------------------------------------- records
+def text_record(index: int, sentence: str) -> dict:
+    record_id = f"txt-{index:05d}"
+    if index % ROLE_CONTENT_EVERY == 0:
+        turns = [{"role": "user", "content": ""}, {"role": "assistant", "content": sentence}]
+    else:
+        turns = [{"from": "human", "value": ""}, {"from": "gpt", "value": sentence}]
+    return {"id": record_id, "conversations": turns}
+
+
+def image_record(index: int, scene: dict) -> dict:
+    name = f"images/{index:04d}.png"
+    return {"id": f"cap-{index:04d}", "image": name, "scene": scene,
+            "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": caption(scene)}]}
+
+
+def write_jsonl(path: pathlib.Path, records: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records), encoding="utf-8")
+
+
+# ---------------------------------------------------------------- tokenizer
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
+IMAGE_TOKENS = ["<im_start>", "<im_patch>", "<im_end>"]  # placeholders, one id each (REFERENCE.md §1.3)
+
+
+def write_tokenizer(out: pathlib.Path, sentences: list[str]) -> None:
+    """A Llama-like word-level tokenizer: BOS prepended, no EOS, offsets available.
+
+    tokenizer_config.json is written by hand with the class name and key that
+    both transformers 4.x (the BabyLM 2025 pipeline pins 4.51.3) and 5.x load.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    words = sorted({w for s in sentences for w in s.split()})
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + IMAGE_TOKENS + words)}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])])
+    tokenizer.add_special_tokens(SPECIAL_TOKENS + IMAGE_TOKENS)
+    out.mkdir(parents=True)
+    tokenizer.save(str(out / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+              "unk_token": "<unk>", "pad_token": "<pad>", "additional_special_tokens": IMAGE_TOKENS,
+              "padding_side": "right", "model_max_length": 2048, "clean_up_tokenization_spaces": False,
+              "model_input_names": ["input_ids", "attention_mask"]}
+    special_map = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
+                   "additional_special_tokens": IMAGE_TOKENS}
+    for name, payload in (("tokenizer_config.json", config), ("special_tokens_map.json", special_map)):
+        (out / name).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------- main
+OUTPUTS = ("images", "tokenizer", "captions.json", "text.jsonl", "minimal_pairs.jsonl")
+
+
+def generate(out: pathlib.Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for name in OUTPUTS:  # only what this script writes, so a re-run leaves no stale files
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    rng = random.Random(SEED)
+
+    (out / "images").mkdir()
+    captions = []
+    for index in range(1, NUM_IMAGES + 1):
+        scene = make_scene(rng, index)
+        save_png(draw_scene(scene), out / "images" / f"{index:04d}.png", scene["transparent"])
+        captions.append(image_record(index, scene))
+    # A JSON list with one record per line: valid LLaVA JSON, still diffable.
+    lines = ",\n".join(json.dumps(c, sort_keys=True) for c in captions)
+    (out / "captions.json").write_text(f"[\n{lines}\n]\n", encoding="utf-8")
+
+    sentences = [training_sentence(rng) for _ in range(NUM_TEXT_RECORDS)]
+    write_jsonl(out / "text.jsonl", [text_record(i, s) for i, s in enumerate(sentences, start=1)])
+
+    pairs = held_out_pairs(rng, set(sentences))
+    write_jsonl(out / "minimal_pairs.jsonl", pairs)
+
+    caption_texts = [c["conversations"][1]["value"] for c in captions]
+    write_tokenizer(out / "tokenizer", sentences + caption_texts)
+    vocabulary = set(json.loads((out / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"])
+    unknown = {w for p in pairs for s in (p["sentence_good"], p["sentence_bad"]) for w in s.split()} - vocabulary
+    assert not unknown, f"minimal-pair words missing from the tokenizer: {sorted(unknown)}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "sample")
+    generate(parser.parse_args().out)
+
+
+if __name__ == "__main__":
+    main()

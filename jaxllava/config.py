@@ -1,0 +1,314 @@
+"""The experiment config: one typed schema, read from YAML with inheritance and overrides.
+
+A config file is YAML whose top-level keys are the fields of `ExperimentConfig`
+(model, data, optim, train, mesh, checkpoint, eval, logging), plus an optional
+`base:` key: a path, or a list of paths, relative to the file. Bases are read
+first, in order, and deep-merged (mappings merge key by key, anything else is
+replaced), then the file itself, then each `--set a.b=value` override (the value
+is parsed as a YAML scalar or flow collection: `--set optim.lr=1e-4`,
+`--set data.buckets=[128,256]`, `--set model.vision=null`).
+
+Every key is checked against the dataclass fields: a misspelt key is a
+`ConfigError` naming the file (or override) and the dotted key, with the nearest
+valid key suggested; a value of the wrong type names the key, the expected type
+and the value given. Fields left out take the dataclass defaults.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from jaxllava.data.config import DataConfig
+from jaxllava.errors import ConfigError
+from jaxllava.model.config import ModelConfig
+from jaxllava.train.config import (CheckpointConfig, EvalConfig, LoggingConfig, MeshConfig, OptimConfig,
+                                   TrainConfig)
+
+BASE_KEY = "base"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read `path` (with its bases), apply `--set` overrides, and build a checked config."""
+    raw: dict = {}
+    origins: dict[str, str] = {}
+    _merge_file(os.fspath(path), raw, origins, chain=())
+    for override in overrides:
+        _apply_override(override, raw, origins)
+    return build_config(raw, origins)
+
+
+def build_config(raw: dict, origins: Optional[dict[str, str]] = None,
+                 cls: type = ExperimentConfig) -> Any:
+    """Type-check a plain nested dict against the schema and build the dataclasses.
+
+    `origins` maps dotted keys to where they were set (a file or an override), for
+    error messages.
+    """
+    origins = origins or {}
+    _check_keys(raw, cls, "", lambda key: _origin_of(key, origins))
+    return _convert(raw, cls, "", origins)
+
+
+def _merge_file(path: str, raw: dict, origins: dict[str, str], chain: tuple[str, ...]) -> None:
+    real = os.path.realpath(path)
+    if real in chain:
+        raise ConfigError(f"{path}: base chain loops back to itself ({' -> '.join(chain + (real,))})")
+    try:
+        with open(path, encoding="utf-8") as f:
+            content = yaml.safe_load(f)
+    except FileNotFoundError:
+        via = f" (a base of {chain[-1]})" if chain else ""
+        raise ConfigError(f"{path}: config file not found{via}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if content is None:
+        content = {}
+    if not isinstance(content, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping of sections, got {type(content).__name__}")
+    bases = content.pop(BASE_KEY, None)
+    if bases is not None:
+        if isinstance(bases, str):
+            bases = [bases]
+        if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+            raise ConfigError(f"{path}: '{BASE_KEY}' must be a path or a list of paths, got {bases!r}")
+        for base in bases:
+            _merge_file(os.path.join(os.path.dirname(path), base), raw, origins, chain + (real,))
+    # Keys are checked per file so the error names the file that has the typo.
+    _check_keys(content, ExperimentConfig, "", lambda key: path)
+    _deep_merge(raw, content, origins, path, "")
+
+
+def _deep_merge(into: dict, new: dict, origins: dict[str, str], source: str, prefix: str) -> None:
+    for key, value in new.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _deep_merge(into[key], value, origins, source, dotted + ".")
+        else:
+            into[key] = value
+            for stale in [k for k in origins if k.startswith(dotted + ".")]:
+                del origins[stale]
+            origins[dotted] = source
+
+
+def _apply_override(override: str, raw: dict, origins: dict[str, str]) -> None:
+    source = f"--set {override}"
+    key, sep, text = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"{source}: an override must look like section.key=value")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: value is not valid YAML: {e}") from None
+    nested: Any = value
+    for part in reversed(key.split(".")):
+        nested = {part: nested}
+    _check_keys(nested, ExperimentConfig, "", lambda k: source)
+    _deep_merge(raw, nested, origins, source, "")
+
+
+def _origin_of(key: str, origins: dict[str, str]) -> str:
+    """Where a dotted key (or its nearest parent) was set."""
+    probe = key
+    while probe:
+        if probe in origins:
+            return origins[probe]
+        probe = probe.rpartition(".")[0]
+    return "config"
+
+
+# ----------------------------------------------------------------------------- checking
+
+
+def _dataclass_of(tp) -> Optional[type]:
+    """The dataclass inside `tp` (itself, or the non-None arm of an Optional)."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if _is_union(tp):
+        arms = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(arms) == 1 and dataclasses.is_dataclass(arms[0]):
+            return arms[0]
+    return None
+
+
+def _check_keys(raw: Any, cls: type, prefix: str, where) -> None:
+    """Raise on the first key that is not a field (recursing into nested dataclasses)."""
+    if not isinstance(raw, dict):
+        return
+    hints = typing.get_type_hints(cls)
+    fields = [f.name for f in dataclasses.fields(cls)]
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            near = difflib.get_close_matches(str(key), fields, n=1, cutoff=0.6)
+            hint = f"; did you mean '{prefix}{near[0]}'?" if near else f"; valid keys here: {', '.join(fields)}"
+            raise ConfigError(f"{where(dotted)}: unknown key '{dotted}'{hint}")
+        tp = hints[key]
+        inner = _dataclass_of(tp)
+        if inner is not None:
+            _check_keys(value, inner, dotted + ".", where)
+        elif _is_tuple_of_dataclass(tp) and isinstance(value, list):
+            element = typing.get_args(tp)[0]
+            for i, item in enumerate(value):
+                _check_keys(item, element, f"{dotted}.{i}.", where)
+
+
+def _is_union(tp) -> bool:
+    return typing.get_origin(tp) is Union or isinstance(tp, types.UnionType)
+
+
+def _is_tuple_of_dataclass(tp) -> bool:
+    args = typing.get_args(tp)
+    return typing.get_origin(tp) is tuple and len(args) == 2 and args[1] is Ellipsis \
+        and dataclasses.is_dataclass(args[0])
+
+
+def _type_name(tp) -> str:
+    if tp is type(None):
+        return "null"
+    if isinstance(tp, type) and not typing.get_args(tp):
+        return tp.__name__
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if _is_union(tp):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"list of {_type_name(args[0])}"
+        return f"list of {len(args)} ({', '.join(_type_name(a) for a in args)})"
+    if origin is dict:
+        return f"mapping of {_type_name(args[0])} to {_type_name(args[1])}"
+    return str(tp)
+
+
+class _Mismatch(Exception):
+    """A value that does not fit a type (turned into ConfigError at the field level)."""
+
+
+def _convert(value: Any, tp, key: str, origins: dict[str, str]) -> Any:
+    def fail(detail: str = ""):
+        shown = repr(value) if len(repr(value)) < 80 else repr(value)[:77] + "..."
+        message = (f"{_origin_of(key, origins)}: '{key}': expected {_type_name(tp)}, "
+                   f"got {type(value).__name__} {shown}{detail}")
+        raise ConfigError(message)
+
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            fail()
+        hints = typing.get_type_hints(tp)
+        kwargs = {}
+        for field in dataclasses.fields(tp):
+            if field.name in value:
+                sub = f"{key}.{field.name}" if key else field.name
+                kwargs[field.name] = _convert(value[field.name], hints[field.name], sub, origins)
+            elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{_origin_of(key, origins)}: '{key}.{field.name}' is required")
+        try:
+            return tp(**kwargs)
+        except (ConfigError, ValueError, TypeError) as e:
+            raise ConfigError(f"{_origin_of(key, origins)}: '{key or tp.__name__}': {e}") from None
+
+    if _is_union(tp):
+        arms = typing.get_args(tp)
+        if value is None:
+            if type(None) in arms:
+                return None
+            fail()
+        value_arms = [a for a in arms if a is not type(None)]
+        for arm in value_arms:
+            try:
+                return _convert(value, arm, key, origins)
+            except ConfigError as e:
+                error = e
+        # A mistake inside a nested value (a dataclass or list) is reported where it is.
+        if len(value_arms) == 1 and (dataclasses.is_dataclass(value_arms[0]) or typing.get_args(value_arms[0])
+                                     and typing.get_origin(value_arms[0]) is not Literal):
+            raise error
+        fail()
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        if not any(type(value) is type(a) and value == a for a in args):
+            fail()
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            fail()
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{key}.{i}", origins) for i, v in enumerate(value))
+        if len(value) != len(args):
+            fail(f" (needs exactly {len(args)} items)")
+        return tuple(_convert(v, a, f"{key}.{i}", origins) for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            fail()
+        return {_convert(k, args[0], key, origins): _convert(v, args[1], f"{key}.{k}", origins)
+                for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            fail()
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail()
+        return value
+    if tp is float:
+        if isinstance(value, bool):
+            fail()
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            # PyYAML reads 5e-4 (no dot) as a string (YAML 1.1); accept it as a number.
+            try:
+                return float(value)
+            except ValueError:
+                fail()
+        fail()
+    if tp is str:
+        if not isinstance(value, str):
+            fail()
+        return value
+    if tp is Any:
+        return value
+    raise ConfigError(f"{_origin_of(key, origins)}: '{key}': unsupported schema type {tp!r}")
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def config_to_dict(config: Any) -> Any:
+    """Plain nested dicts/lists/scalars (tuples become lists), in field order."""
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return {f.name: config_to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, (list, tuple)):
+        return [config_to_dict(v) for v in config]
+    if isinstance(config, dict):
+        return {k: config_to_dict(v) for k, v in config.items()}
+    return config
+
+
+def dump_yaml(config: ExperimentConfig) -> str:
+    """The resolved config as YAML that `load_config` reads back to an equal config."""
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False, default_flow_style=False)

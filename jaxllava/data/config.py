@@ -1,0 +1,50 @@
+"""Data configuration: which records, how they become token sequences, how they are batched."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Optional
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceConfig:
+    path: str  # a .json (list) or .jsonl file of LLaVA-format records
+    weight: float = 1.0  # copies per epoch: 2.0 repeats every record, 0.5 takes a seeded half
+    image_folder: Optional[str] = None  # image paths are relative to this (default: the file's folder)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageConfig:
+    # A local preprocessor_config.json (DINOv2 / CLIP / SigLIP); when set it gives
+    # mean/std; size always follows the vision tower's image_size.
+    preprocessor_config: Optional[str] = None
+    aspect: Literal["pad", "resize"] = "pad"  # the reference's image_aspect_ratio=pad
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    sources: tuple[SourceConfig, ...] = ()
+    tokenizer: str = ""  # a local Hugging Face tokenizer directory
+    # plain_lm: every turn joined by one space (the reference's USE_PLAIN_LM);
+    # captions: image placeholder + assistant turns, loss on assistant turns;
+    # chat: a conversation template, loss on assistant turns.
+    objective: Literal["plain_lm", "captions", "chat"] = "plain_lm"
+    chat_template: str = "llama_2"
+    add_eos: bool = False  # the reference's plain LM appended no EOS (pitfall 10)
+    use_images: bool = True  # False: image records are trained as text-only records
+    on_bad_record: Literal["error", "skip"] = "error"
+    # Words the budget counts: "trained" = whitespace words of every turn the model
+    # is trained on; "reference" = the reference's rule (assistant turns, alnum split).
+    word_rule: Literal["trained", "reference"] = "trained"
+    image: ImageConfig = dataclasses.field(default_factory=ImageConfig)
+    # Static sequence lengths; every microbatch has one of these lengths.
+    buckets: tuple[int, ...] = (128, 256, 512, 1024, 2048)
+    pack_text: bool = True  # several text-only samples per row
+    truncate_text: bool = True  # over-long text-only samples are cut to the largest bucket (else error/skip)
+    text_rows: int = 8  # rows per text-only microbatch (global, across processes)
+    image_rows: int = 8  # rows per image microbatch (global)
+    epochs: int = 1
+    seed: int = 0
+    num_workers: int = 0  # Grain worker processes building microbatches (0: in the main process)
+    prefetch: int = 2  # microbatches buffered per worker

@@ -1,0 +1,92 @@
+"""`launch.py inspect-data`: what the loader will feed, before any training.
+
+Prints a dataset report, then one JSON line per microbatch. Every fact a reader
+needs to catch the reference's bug (REFERENCE.md §0) is visible: modality per
+microbatch, whether pixels exist, where the image tokens are, padding.
+"""
+from __future__ import annotations
+
+import collections
+import json
+from typing import Iterable, TextIO
+
+import numpy as np
+
+from jaxllava.data.batch import ImageBatch, Microbatch
+from jaxllava.data.pipeline import DataPipeline
+
+
+def batch_line(batch: Microbatch) -> dict:
+    stats = batch.stats
+    if isinstance(batch, ImageBatch):
+        positions = []
+        for row in batch.image_mask:
+            where = np.flatnonzero(row)
+            positions.append([int(where[0]), int(where[-1]) + 1] if len(where) else [])
+    else:
+        positions = [[] for _ in range(len(batch.input_ids))]
+    return {
+        "modality": stats.modality,
+        "rows": int(batch.input_ids.shape[0]),
+        "seq_len": int(batch.input_ids.shape[1]),
+        "has_pixels": isinstance(batch, ImageBatch),
+        "image_token_positions": positions,
+        "image_tokens": stats.image_tokens,
+        "target_tokens": int((batch.targets != -100).sum()),
+        "segments": [int(len(set(row[row > 0].tolist()))) for row in batch.segment_ids],
+        "samples": stats.samples,
+        "words": stats.words,
+        "padding_fraction": round(float((batch.segment_ids == 0).mean()), 4),
+    }
+
+
+def dataset_report(pipeline: DataPipeline, *, microbatches_per_step: int = 1) -> dict:
+    table, summary = pipeline.table, pipeline.summary
+    lengths, has_image = table.lengths, table.has_image
+    percentiles = {}
+    for name, mask in (("text", ~has_image), ("image", has_image)):
+        if mask.any():
+            values = np.percentile(lengths[mask], [50, 90, 99, 100])
+            percentiles[name] = dict(zip(("p50", "p90", "p99", "max"), (int(v) for v in values)))
+    padding = collections.defaultdict(lambda: [0, 0])
+    epoch_end = pipeline.epoch_starts[1] if len(pipeline.epoch_starts) > 1 else len(pipeline.plans)
+    for stats in list(pipeline.stats())[:epoch_end]:
+        key = f"{stats.modality}@{stats.seq_len}"
+        padding[key][0] += stats.padding_tokens
+        padding[key][1] += stats.rows * stats.seq_len
+    return {
+        "records_per_file": summary.records_per_file,
+        "text_samples": summary.text_samples,
+        "image_samples": summary.image_samples,
+        "truncated_text_samples": int(table.truncated.sum()),
+        "skipped": dict(summary.skips.counts),
+        "token_length_percentiles": percentiles,
+        "padding_fraction_per_bucket": {k: round(p / t, 4) for k, (p, t) in sorted(padding.items())},
+        "microbatches_per_epoch": epoch_end,
+        "optimizer_steps_per_epoch": epoch_end // microbatches_per_step,
+        "words_per_epoch": summary.words,
+        "image_tokens_per_image": pipeline.image_tokens,
+        "fingerprint": summary.fingerprint,
+    }
+
+
+def print_report(report: dict, skips_lines: Iterable[str], out: TextIO) -> None:
+    print("== dataset ==", file=out)
+    for key, value in report.items():
+        print(f"{key}: {json.dumps(value)}", file=out)
+    for line in skips_lines:
+        print(f"skipped: {line}", file=out)
+    print("== microbatches ==", file=out)
+
+
+def inspect(pipeline: DataPipeline, n_batches: int, out: TextIO, *, microbatches_per_step: int = 1) -> None:
+    print_report(dataset_report(pipeline, microbatches_per_step=microbatches_per_step),
+                 pipeline.summary.skips.summary_lines(), out)
+    iterator = pipeline.iterator(num_workers=0)
+    try:
+        for _ in range(min(n_batches, len(pipeline))):
+            print(json.dumps(batch_line(next(iterator))), file=out)
+    finally:
+        close = getattr(iterator, "close", None)
+        if close:
+            close()

@@ -1,0 +1,248 @@
+"""The Grain pipeline: records → samples → epoch plans → microbatches.
+
+    records (records.py)  →  SampleTable (samples.py, tokenized once, validated)
+    →  epoch plans (packing.py, lengths only, same in every process)
+    →  grain.MapDataset over the plans  .map(MicrobatchBuilder)  (tokens are sliced,
+       images decoded; in worker processes when num_workers > 0)
+    →  TextBatch / ImageBatch (batch.py)
+
+Because the plans are fixed and the map is stateless, the iterator's state is
+just a position: it can be saved mid-epoch and restored to yield exactly the
+batches it would have, whatever the worker count. Each JAX process loads only
+its rows of every global microbatch (a disjoint, complete share), and the
+`BatchStats` describe the global microbatch so every process counts the same
+words.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from jaxllava.data.batch import IGNORE, BatchStats, ImageBatch, Microbatch, TextBatch
+from jaxllava.data.config import DataConfig
+from jaxllava.data.images import ImageProcessing, load_image
+from jaxllava.data.packing import MicrobatchPlan, plan_epoch
+from jaxllava.data.records import Record, SkipReport, read_records
+from jaxllava.data.samples import SampleTable, SpecialIds, build_sample_table, load_tokenizer, special_ids
+from jaxllava.errors import DataError
+
+
+def image_processing_for(cfg: DataConfig, image_size: int) -> ImageProcessing:
+    """Image settings: from a local preprocessor_config.json or the config; size = the tower's input."""
+    if cfg.image.preprocessor_config:
+        processing = ImageProcessing.from_preprocessor_config(cfg.image.preprocessor_config, aspect=cfg.image.aspect)
+    else:
+        processing = ImageProcessing(size=image_size, aspect=cfg.image.aspect, mean=tuple(cfg.image.mean),
+                                     std=tuple(cfg.image.std))
+    return dataclasses.replace(processing, size=image_size)
+
+
+class MicrobatchBuilder:
+    """Turns one MicrobatchPlan into this process's rows of the microbatch (picklable for workers)."""
+
+    def __init__(self, table: SampleTable, ids: SpecialIds, *, image_tokens: int,
+                 processing: ImageProcessing | None, process_index: int = 0, process_count: int = 1):
+        self.table = table
+        self.ids = ids
+        self.image_tokens = image_tokens
+        self.processing = processing
+        self.process_index = process_index
+        self.process_count = process_count
+        # Targets per sample: every target token except position 0 (never predicted).
+        starts = table.offsets[:-1]
+        counts = np.add.reduceat(table.is_target.astype(np.int64), starts) if len(table) else np.zeros(0, np.int64)
+        first = table.is_target[starts] if len(table) else np.zeros(0, bool)
+        self.target_counts = counts - first
+
+    def stats(self, plan: MicrobatchPlan) -> BatchStats:
+        members = [i for row in plan.rows for i in row]
+        lengths = self.table.lengths
+        n_images = len(members) if plan.modality == "image" else 0
+        used = int(sum(int(lengths[i]) for i in members))
+        return BatchStats(
+            modality=plan.modality,
+            rows=len(plan.rows),
+            seq_len=plan.seq_len,
+            samples=len(members),
+            words=int(sum(int(self.table.words[i]) for i in members)),
+            target_tokens=int(sum(int(self.target_counts[i]) for i in members)),
+            image_tokens=n_images * self.image_tokens,
+            padding_tokens=len(plan.rows) * plan.seq_len - used,
+        )
+
+    def local_rows(self, plan: MicrobatchPlan) -> tuple[tuple[int, ...], ...]:
+        per = len(plan.rows) // self.process_count
+        return plan.rows[self.process_index * per:(self.process_index + 1) * per]
+
+    def __call__(self, plan: MicrobatchPlan) -> Microbatch:
+        rows = self.local_rows(plan)
+        b, t = len(rows), plan.seq_len
+        input_ids = np.full((b, t), self.ids.pad, np.int32)
+        targets = np.full((b, t), IGNORE, np.int32)
+        segment_ids = np.zeros((b, t), np.int32)
+        positions = np.zeros((b, t), np.int32)
+        for r, members in enumerate(rows):
+            cursor = 0
+            for seg, i in enumerate(members, start=1):
+                tokens, is_target = self.table.sample(i)
+                n = len(tokens)
+                sl = slice(cursor, cursor + n)
+                input_ids[r, sl] = tokens
+                segment_ids[r, sl] = seg
+                positions[r, sl] = np.arange(n)
+                # Pre-shifted: position p predicts token p+1 of the same segment,
+                # so no target ever crosses a packing boundary.
+                shifted = np.where(is_target[1:], tokens[1:], IGNORE)
+                targets[r, cursor:cursor + n - 1] = shifted
+                cursor += n
+        stats = self.stats(plan)
+        if plan.modality == "text":
+            return TextBatch(input_ids, targets, segment_ids, positions, stats)
+        return self._image_batch(plan, rows, input_ids, targets, segment_ids, positions, stats)
+
+    def _image_batch(self, plan, rows, input_ids, targets, segment_ids, positions, stats) -> ImageBatch:
+        size = self.processing.size
+        # Filler rows (the tail of a bucket) keep zero pixels: they have no
+        # placeholder positions and image_rows=False, so nothing of them is spliced.
+        pixels = np.zeros((len(rows), size, size, 3), np.float32)
+        image_mask = np.zeros(input_ids.shape, bool)
+        image_rows = np.zeros((len(rows),), bool)
+        for r, members in enumerate(rows):
+            if not members:
+                continue
+            (i,) = members  # one image per row by construction
+            start = int(self.table.image_start[i])
+            image_mask[r, start:start + self.image_tokens] = True
+            image_rows[r] = True
+            pixels[r] = load_image(self.table.images[i], self.processing, record_id=self.table.ids[i])
+        return ImageBatch(input_ids, targets, segment_ids, positions, pixels, image_mask, image_rows, stats)
+
+
+@dataclasses.dataclass
+class DatasetSummary:
+    records_per_file: dict[str, int]
+    text_samples: int
+    image_samples: int
+    words: int
+    skips: SkipReport
+    fingerprint: str  # sha256 over the record files' bytes and the resolved data settings
+
+
+def _fingerprint(paths: Sequence[str], cfg: DataConfig, image_tokens: int) -> str:
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(path.encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    h.update(repr((cfg.objective, cfg.chat_template, cfg.add_eos, cfg.use_images, cfg.word_rule,
+                   image_tokens)).encode())
+    return h.hexdigest()
+
+
+class DataPipeline:
+    """Reads, validates and tokenizes the configured sources once; serves microbatch iterators."""
+
+    def __init__(self, cfg: DataConfig, *, image_tokens: int, image_size: int | None,
+                 process_index: int = 0, process_count: int = 1, tokenizer=None):
+        if not cfg.sources:
+            raise DataError("data.sources is empty: give at least one record file", field="data.sources")
+        for rows, name in ((cfg.text_rows, "data.text_rows"), (cfg.image_rows, "data.image_rows")):
+            if rows % process_count:
+                raise DataError(f"{name}={rows} is not divisible by the {process_count} processes", field=name)
+        self.cfg = cfg
+        self.image_tokens = image_tokens
+        self.process_index, self.process_count = process_index, process_count
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
+        self.ids = special_ids(self.tokenizer)
+        self.skips = SkipReport()
+        records: list[list[Record]] = []
+        for source in cfg.sources:
+            records.append(read_records(source.path, image_folder=source.image_folder,
+                                        on_bad_record=cfg.on_bad_record, skips=self.skips))
+        if cfg.on_bad_record == "skip" and cfg.use_images and image_size:
+            # Under the skip policy images are decoded now, so a bad one is a counted
+            # skip before planning instead of a hole in a batch later.
+            processing = image_processing_for(cfg, image_size)
+            records = [self._drop_undecodable(rs, processing) for rs in records]
+        self.table = build_sample_table(records, self.tokenizer, cfg, image_tokens=image_tokens,
+                                        max_len=max(cfg.buckets), skips=self.skips)
+        has_image = self.table.has_image
+        if has_image.any() and not image_size:
+            raise DataError("the data has image records but the model has no vision tower; "
+                            "set data.use_images=false or configure model.vision", field="data.use_images")
+        self.processing = image_processing_for(cfg, image_size) if has_image.any() else None
+        self.summary = DatasetSummary(
+            records_per_file={s.path: len(rs) for s, rs in zip(cfg.sources, records)},
+            text_samples=int((~has_image).sum()),
+            image_samples=int(has_image.sum()),
+            words=int(self.table.words.sum()),
+            skips=self.skips,
+            fingerprint=_fingerprint([s.path for s in cfg.sources], cfg, image_tokens),
+        )
+        self.builder = MicrobatchBuilder(self.table, self.ids, image_tokens=image_tokens,
+                                         processing=self.processing, process_index=process_index,
+                                         process_count=process_count)
+        self.plans: list[MicrobatchPlan] = []
+        self.epoch_starts: list[int] = []
+        for epoch in range(cfg.epochs):
+            self.epoch_starts.append(len(self.plans))
+            self.plans.extend(plan_epoch(
+                lengths=self.table.lengths, has_image=has_image, source=self.table.source,
+                weights=[s.weight for s in cfg.sources], buckets=cfg.buckets, text_rows=cfg.text_rows,
+                image_rows=cfg.image_rows, pack_text=cfg.pack_text, seed=cfg.seed, epoch=epoch))
+
+    def _drop_undecodable(self, records: list[Record], processing: ImageProcessing) -> list[Record]:
+        kept = []
+        for record in records:
+            if record.image is not None:
+                try:
+                    load_image(record.image, processing, record=f"{record.file} {record.where}",
+                               record_id=record.id)
+                except DataError as error:
+                    self.skips.add(error)
+                    continue
+            kept.append(record)
+        return kept
+
+    def __len__(self) -> int:
+        return len(self.plans)
+
+    def dataset(self):
+        """A grain MapDataset of this process's microbatches, in training order."""
+        import grain
+
+        return grain.MapDataset.source(self.plans).map(self.builder)
+
+    def iterator(self, num_workers: int | None = None):
+        """A checkpointable iterator (`get_state()` / `set_state(state)`) over all epochs."""
+        import grain
+
+        workers = self.cfg.num_workers if num_workers is None else num_workers
+        # Without workers, threads still overlap image decoding (PIL releases the GIL);
+        # the map is stateless, so prefetching never changes the order.
+        threads = 0 if workers > 0 else min(8, os.cpu_count() or 1)
+        iterable = self.dataset().to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                                                    prefetch_buffer_size=2 * threads))
+        if workers > 0:
+            _mark_absl_flags_parsed()
+            iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(
+                num_workers=workers, per_worker_buffer_size=self.cfg.prefetch))
+        return iter(iterable)
+
+    def stats(self) -> Iterator[BatchStats]:
+        for plan in self.plans:
+            yield self.builder.stats(plan)
+
+
+def _mark_absl_flags_parsed() -> None:
+    # Grain's worker processes read absl flags; outside absl.app.run they are
+    # unparsed and the workers fail (JAX_NOTES.md, "Seen on this project's machines").
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()

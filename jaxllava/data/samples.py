@@ -1,0 +1,272 @@
+"""Records → token samples: the one place where a record becomes ids and a loss mask.
+
+A sample is a token sequence plus, per token, whether it is a training target
+(predicted from the tokens before it). Image samples contain exactly one span of
+N placeholder ids, `<im_start> + (N-2)×<im_patch> + <im_end>` (the reference's
+expansion, REFERENCE.md §2.3), which the model overwrites in place; the span is
+never a target. Text-only samples contain no placeholder id at all, and their
+length never includes image tokens (the reference's bug, REFERENCE.md §0, §7.1-2).
+
+Each sample is built from pieces (BOS, text, image span, EOS), each tokenized on
+its own, so the loss mask is exact by construction: no "tokenization mismatch"
+fallback that masks a whole sample (REFERENCE.md §2.4).
+
+Objectives:
+  plain_lm  every turn's text joined by one space, `<image>` removed and its span
+            placed first; BOS, no EOS unless `add_eos`; every text token is a target.
+            A text-only record becomes exactly `[BOS] + tokenizer(text)` (pitfall 6).
+  captions  the image span (image records) then the assistant turns; targets are
+            the assistant tokens (LLaVA's pretraining format).
+  chat      a conversation template (templates.py); targets are the assistant
+            turns and the EOS after each.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from jaxllava.data.config import DataConfig
+from jaxllava.data.records import Record, SkipReport
+from jaxllava.data.templates import get_template
+from jaxllava.data.words import record_words
+from jaxllava.errors import DataError
+
+IMAGE_MARKER = "<image>"
+PLACEHOLDER_TOKENS = ("<im_start>", "<im_patch>", "<im_end>")
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialIds:
+    bos: int | None
+    eos: int | None
+    pad: int
+    im_start: int
+    im_patch: int
+    im_end: int
+
+    def image_span(self, n: int) -> list[int]:
+        if n < 2:
+            raise ValueError(f"an image span needs at least 2 tokens (start and end), got N={n}")
+        return [self.im_start] + [self.im_patch] * (n - 2) + [self.im_end]
+
+
+def load_tokenizer(path: str):
+    """A Hugging Face tokenizer from a local directory (never the hub).
+
+    The image placeholder tokens are added as special tokens when missing, as the
+    reference's stage 1 did; the model's vocabulary must then cover them (checked
+    when training starts).
+    """
+    from transformers import AutoTokenizer
+
+    if not path:
+        raise DataError("data.tokenizer is not set: give a local tokenizer directory", field="data.tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot load a tokenizer from {path!r}: {e}", file=path, field="data.tokenizer") from e
+    missing = [t for t in PLACEHOLDER_TOKENS if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    return tokenizer
+
+
+def special_ids(tokenizer) -> SpecialIds:
+    vocab = tokenizer.get_vocab()
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    return SpecialIds(bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id, pad=pad,
+                      im_start=vocab["<im_start>"], im_patch=vocab["<im_patch>"], im_end=vocab["<im_end>"])
+
+
+# A piece is ("bos",), ("eos", target), ("image",) or ("text", text, target).
+Piece = tuple
+
+
+def _strip_image_marker(text: str) -> str:
+    return text.replace(IMAGE_MARKER, "").strip()
+
+
+def record_pieces(record: Record, cfg: DataConfig, *, has_bos: bool) -> list[Piece]:
+    """The pieces a record becomes under the configured objective."""
+    with_image = record.image is not None and cfg.use_images
+    pieces: list[Piece] = [("bos",)] if has_bos else []
+    if cfg.objective == "plain_lm":
+        text = " ".join(t for t in (_strip_image_marker(turn.text) for turn in record.turns) if t)
+        if with_image:
+            pieces.append(("image",))
+        if text:
+            pieces.append(("text", text, True))
+        if cfg.add_eos:
+            pieces.append(("eos", True))
+    elif cfg.objective == "captions":
+        if with_image:
+            pieces.append(("image",))
+        text = " ".join(t for t in (turn.text.strip() for turn in record.turns if turn.role == "assistant") if t)
+        if text:
+            pieces.append(("text", text, True))
+        if cfg.add_eos:
+            pieces.append(("eos", True))
+    elif cfg.objective == "chat":
+        template = get_template(cfg.chat_template)
+        first_user = True
+        for turn in record.turns:
+            text = turn.text
+            if turn.role == "user":
+                if not first_user and template.bos_each_round and has_bos:
+                    pieces.append(("bos",))
+                image_here = with_image and IMAGE_MARKER in text
+                text = _strip_image_marker(text)
+                if first_user and template.system:
+                    text = template.system_format.format(system=template.system) + text
+                wrapped = template.user.format(text=text)
+                if image_here:
+                    # The image goes to the start of its turn (the reference's
+                    # preprocess_multimodal), i.e. right before the turn's text.
+                    pieces.append(("image",))
+                pieces.append(("text", wrapped, False))
+                first_user = False
+            else:
+                pieces.append(("text", template.assistant.format(text=text.strip()), True))
+                if template.end_assistant_with_eos:
+                    pieces.append(("eos", True))
+    else:
+        raise DataError(f"unknown objective {cfg.objective!r}", field="data.objective")
+    return pieces
+
+
+def record_word_count(record: Record, cfg: DataConfig) -> int:
+    """BabyLM words of a record (see jaxllava.data.words for the rules)."""
+    if cfg.word_rule == "reference":
+        return record_words(record, roles=("assistant",), rule="reference")
+    # The model trains on every turn under plain_lm, on assistant turns otherwise.
+    roles = ("user", "assistant") if cfg.objective == "plain_lm" else ("assistant",)
+    return record_words(record, roles=roles)
+
+
+@dataclasses.dataclass
+class SampleTable:
+    """All samples of a dataset as flat arrays (cheap to pickle to loader workers)."""
+
+    tokens: np.ndarray  # int32 (total,)
+    is_target: np.ndarray  # bool (total,)
+    offsets: np.ndarray  # int64 (n + 1,)
+    image_start: np.ndarray  # int32 (n,): index of <im_start>, -1 for text-only samples
+    words: np.ndarray  # int64 (n,)
+    source: np.ndarray  # int32 (n,): index of the source file
+    truncated: np.ndarray  # bool (n,)
+    images: list  # image path or None, per sample
+    ids: list  # record id per sample
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @property
+    def has_image(self) -> np.ndarray:
+        return self.image_start >= 0
+
+    def sample(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = self.offsets[i], self.offsets[i + 1]
+        return self.tokens[lo:hi], self.is_target[lo:hi]
+
+
+def build_sample_table(records_by_source: Sequence[Sequence[Record]], tokenizer, cfg: DataConfig, *,
+                       image_tokens: int, max_len: int, skips: SkipReport | None = None,
+                       chunk: int = 4096) -> SampleTable:
+    """Tokenize every record (batched) and check lengths and targets.
+
+    `image_tokens` is N (ModelConfig.image_tokens); `max_len` the largest bucket.
+    Errors name the record; under `on_bad_record: skip` they are counted in `skips`.
+    """
+    ids = special_ids(tokenizer)
+    has_bos = ids.bos is not None
+    if cfg.use_images and image_tokens < 2 and any(r.image for rs in records_by_source for r in rs):
+        raise DataError("image records need a model with a vision tower (image_tokens >= 2); "
+                        "set data.use_images=false to train them as text", field="data.use_images")
+    span = ids.image_span(image_tokens) if image_tokens >= 2 else []
+
+    tokens, is_target, lengths, image_start, words, source, truncated, images, rec_ids = ([] for _ in range(9))
+
+    flat = [(s, r) for s, records in enumerate(records_by_source) for r in records]
+    for lo in range(0, len(flat), chunk):
+        batch = flat[lo:lo + chunk]
+        pieces = [record_pieces(r, cfg, has_bos=has_bos) for _, r in batch]
+        texts = [p[1] for ps in pieces for p in ps if p[0] == "text"]
+        encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+        for (s, record), record_pieces_ in zip(batch, pieces):
+            seq: list[int] = []
+            target: list[bool] = []
+            start = -1
+            for piece in record_pieces_:
+                kind = piece[0]
+                if kind == "bos":
+                    seq.append(ids.bos), target.append(False)
+                elif kind == "eos":
+                    if ids.eos is None:
+                        raise DataError("add_eos is set but the tokenizer has no EOS token", field="data.add_eos")
+                    seq.append(ids.eos), target.append(piece[1])
+                elif kind == "image":
+                    start = len(seq)
+                    seq.extend(span), target.extend([False] * len(span))
+                else:
+                    piece_ids = next(encoded)
+                    seq.extend(piece_ids), target.extend([piece[2]] * len(piece_ids))
+            try:
+                seq, target, cut = _check_sample(record, seq, target, start, max_len, cfg)
+            except DataError as error:
+                if cfg.on_bad_record == "skip" and skips is not None:
+                    skips.add(error)
+                    continue
+                raise
+            tokens.append(np.asarray(seq, np.int32))
+            is_target.append(np.asarray(target, bool))
+            lengths.append(len(seq))
+            image_start.append(start)
+            words.append(record_word_count(record, cfg))
+            source.append(s)
+            truncated.append(cut)
+            images.append(record.image if start >= 0 else None)
+            rec_ids.append(record.id)
+
+    offsets = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return SampleTable(
+        tokens=np.concatenate(tokens) if tokens else np.zeros(0, np.int32),
+        is_target=np.concatenate(is_target) if is_target else np.zeros(0, bool),
+        offsets=offsets,
+        image_start=np.asarray(image_start, np.int32),
+        words=np.asarray(words, np.int64),
+        source=np.asarray(source, np.int32),
+        truncated=np.asarray(truncated, bool),
+        images=images,
+        ids=rec_ids,
+    )
+
+
+def _check_sample(record: Record, seq: list[int], target: list[bool], start: int, max_len: int,
+                  cfg: DataConfig) -> tuple[list[int], list[bool], bool]:
+    def error(message: str, field: str, reason: str) -> DataError:
+        return DataError(message, file=record.file, record=record.where, record_id=record.id, field=field,
+                         reason=reason)
+
+    cut = False
+    if len(seq) > max_len:
+        if start >= 0:
+            raise error(f"image sample has {len(seq)} tokens (with {cfg.objective} and the image span) but the "
+                        f"largest bucket is {max_len}; its image span would be cut", "conversations", "too_long")
+        if not cfg.truncate_text:
+            raise error(f"text sample has {len(seq)} tokens, more than the largest bucket {max_len} "
+                        f"(data.truncate_text is false)", "conversations", "too_long")
+        seq, target, cut = seq[:max_len], target[:max_len], True
+    # Position 0 is never predicted, so it can never count as a target.
+    if not any(target[1:]):
+        raise error(f"sample has no training target under objective {cfg.objective!r} (e.g. no assistant text); "
+                    f"it would contribute no loss", "conversations", "no_targets")
+    return seq, target, cut

@@ -1,0 +1,96 @@
+"""Reading transformers-format checkpoints from a local directory, tensor by tensor.
+
+Supports `model.safetensors`, sharded `model.safetensors.index.json`, and
+`pytorch_model.bin` (+ sharded index) when torch is installed. Tensors are read
+lazily so a loader can stream them into the model one at a time (peak host
+memory stays near one copy of the model).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterator
+
+import numpy as np
+
+from jaxllava.errors import ConversionError
+
+
+class CheckpointTensors:
+    """Lazy name → numpy access to the tensors of a transformers checkpoint directory."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self._file_of: dict[str, str] = {}
+        self._format = None
+        candidates = [
+            ("model.safetensors.index.json", "safetensors"),
+            ("model.safetensors", "safetensors"),
+            ("pytorch_model.bin.index.json", "torch"),
+            ("pytorch_model.bin", "torch"),
+        ]
+        for name, fmt in candidates:
+            path = os.path.join(directory, name)
+            if not os.path.exists(path):
+                continue
+            self._format = fmt
+            if name.endswith(".index.json"):
+                with open(path) as f:
+                    weight_map = json.load(f)["weight_map"]
+                self._file_of = {k: os.path.join(directory, v) for k, v in weight_map.items()}
+            else:
+                self._file_of = {k: path for k in self._keys_of_file(path)}
+            break
+        if self._format is None:
+            raise ConversionError(f"{directory}: no model.safetensors, model.safetensors.index.json, "
+                                  f"pytorch_model.bin or pytorch_model.bin.index.json found")
+        self._torch_cache: tuple[str, dict] | None = None
+
+    def _keys_of_file(self, path: str) -> list[str]:
+        if not os.path.exists(path):
+            raise ConversionError(f"{path}: file named by the checkpoint index is missing")
+        if self._format == "safetensors":
+            from safetensors import safe_open
+            with safe_open(path, framework="numpy") as f:
+                return list(f.keys())
+        return list(self._torch_load(path).keys())
+
+    def _torch_load(self, path: str) -> dict:
+        if self._torch_cache is None or self._torch_cache[0] != path:
+            try:
+                import torch
+            except ImportError as e:  # pragma: no cover - depends on the environment
+                raise ConversionError(f"{path}: reading .bin checkpoints needs torch installed") from e
+            self._torch_cache = (path, torch.load(path, map_location="cpu", weights_only=True))
+        return self._torch_cache[1]
+
+    def keys(self) -> list[str]:
+        return list(self._file_of)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._file_of
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._file_of:
+            raise ConversionError(f"{self.directory}: tensor {name!r} is missing from the checkpoint")
+        path = self._file_of[name]
+        if not os.path.exists(path):
+            raise ConversionError(f"{path}: file holding tensor {name!r} is missing")
+        if self._format == "safetensors":
+            from safetensors import safe_open
+            with safe_open(path, framework="numpy") as f:
+                return f.get_tensor(name)
+        tensor = self._torch_load(path)[name]
+        return tensor.float().numpy() if str(tensor.dtype) == "torch.bfloat16" else tensor.numpy()
+
+    def items(self) -> Iterator[tuple[str, np.ndarray]]:
+        for name in self._file_of:
+            yield name, self[name]
+
+
+def read_config(directory: str) -> dict:
+    path = os.path.join(directory, "config.json")
+    if not os.path.exists(path):
+        raise ConversionError(f"{path}: config.json is missing")
+    with open(path) as f:
+        return json.load(f)

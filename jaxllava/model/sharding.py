@@ -1,0 +1,138 @@
+"""Logical axis names and the one rule table that maps them onto the device mesh.
+
+Every parameter carries its logical axes as Variable metadata (`nnx.Param(value,
+axes=("embed", "mlp"))`); activations are constrained with `constrain(x, axes)`.
+A single table (`DEFAULT_RULES`) maps logical names to mesh axes, so data, FSDP
+and tensor parallelism are chosen by the mesh shape in the config alone.
+
+Mesh axes: "data" (pure data parallel), "fsdp" (data parallel + parameter
+sharding), "tensor" (Megatron-style tensor parallel).
+
+Logical names
+  parameters:  vocab, embed, mlp, heads, kv_heads, head_dim,
+               vision_embed, vision_mlp, vision_heads, latents
+  activations: batch, length, act_embed, act_heads, act_kv_heads, act_mlp, act_vocab
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Iterator, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+Rules = Mapping[str, "str | tuple[str, ...] | None"]
+
+DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
+    # parameters
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "mlp": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "vision_embed": "fsdp",
+    "vision_mlp": "tensor",
+    "vision_heads": "tensor",
+    "latents": None,
+    # activations
+    "batch": ("data", "fsdp"),
+    "length": None,
+    "act_embed": None,
+    "act_heads": "tensor",
+    "act_kv_heads": "tensor",
+    "act_mlp": "tensor",
+    "act_vocab": "tensor",
+}
+
+
+def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh; -1 in one axis takes the remaining devices.
+
+    Axis types are Auto explicitly: jax >= 0.12 defaults `make_mesh` to Explicit
+    axes, under which tensor-parallel matmuls need `out_sharding=` everywhere.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    shape = [data, fsdp, tensor]
+    if shape.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, shape))}")
+    if -1 in shape:
+        known = int(np.prod([s for s in shape if s != -1]))
+        shape[shape.index(-1)] = len(devices) // known
+    if int(np.prod(shape)) != len(devices):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {int(np.prod(shape))} devices, "
+                         f"{len(devices)} are present")
+    device_array = np.asarray(devices).reshape(shape)
+    axis_types = (jax.sharding.AxisType.Auto,) * 3
+    return Mesh(device_array, MESH_AXES, axis_types=axis_types)
+
+
+def partition_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                   rules: Rules = DEFAULT_RULES) -> P:
+    """PartitionSpec for an array with these logical axes.
+
+    A dimension that the mapped mesh axes do not divide stays replicated (e.g. 4
+    kv heads on tensor=8), and a mesh axis is used at most once per array.
+    """
+    if len(axes) != len(shape):
+        raise ValueError(f"logical axes {tuple(axes)} do not match shape {tuple(shape)}")
+    used: set[str] = set()
+    spec = []
+    for name, size in zip(axes, shape):
+        mesh_axes = rules.get(name) if name is not None else None
+        if mesh_axes is None:
+            spec.append(None)
+            continue
+        mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+        mesh_axes = tuple(a for a in mesh_axes if a not in used and mesh.shape[a] > 1)
+        ways = int(np.prod([mesh.shape[a] for a in mesh_axes])) if mesh_axes else 1
+        if not mesh_axes or size % ways:
+            spec.append(None)
+            continue
+        used.update(mesh_axes)
+        spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+    return P(*spec)
+
+
+def variable_axes(variable: nnx.Variable) -> tuple[str | None, ...]:
+    axes = variable.get_metadata().get("axes")
+    if axes is None:
+        return (None,) * len(variable.shape)
+    return tuple(axes)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules = DEFAULT_RULES):
+    """NamedShardings for every Variable of an (abstract) nnx.State, from its `axes` metadata."""
+
+    def to_sharding(variable):
+        shape = variable.shape if hasattr(variable, "shape") else variable.value.shape
+        return NamedSharding(mesh, partition_spec(variable_axes(variable), shape, mesh, rules))
+
+    return jax.tree.map(to_sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+_ACTIVATION_SHARDING: contextvars.ContextVar = contextvars.ContextVar("activation_sharding", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Iterator[None]:
+    """While tracing inside this context, `constrain` pins activations to the mesh."""
+    token = _ACTIVATION_SHARDING.set((mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVATION_SHARDING.reset(token)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint by logical axes; a no-op outside `activation_sharding`."""
+    context = _ACTIVATION_SHARDING.get()
+    if context is None:
+        return x
+    mesh, rules = context
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, partition_spec(axes, x.shape, mesh, rules)))

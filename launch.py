@@ -1,0 +1,101 @@
+"""The one entry point: train, inspect-data, eval, convert.
+
+    python launch.py train --config configs/tiny.yaml [--workdir DIR] [--set a.b=value ...]
+    python launch.py inspect-data --config configs/tiny.yaml [--batches N] [--set ...]
+    python launch.py eval --checkpoint CKPT --task NAME=PATH [...]
+    python launch.py convert {import-hf,import-reference,export-hf} ...
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML experiment file (see configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config value, e.g. --set optim.lr=1e-3 (repeatable)")
+
+
+def cmd_inspect_data(args) -> int:
+    from jaxllava.config import load_config
+    from jaxllava.data.inspect import inspect
+    from jaxllava.data.pipeline import DataPipeline
+
+    config = load_config(args.config, args.overrides)
+    vision = config.model.vision
+    pipeline = DataPipeline(config.data, image_tokens=config.model.image_tokens,
+                            image_size=vision.image_size if vision else None)
+    inspect(pipeline, args.batches, sys.stdout, microbatches_per_step=config.train.grad_accum)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from jaxllava.config import load_config
+    from jaxllava.train.loop import train
+
+    overrides = list(args.overrides)
+    if args.workdir:
+        overrides.append(f"train.workdir={args.workdir}")
+    config = load_config(args.config, overrides)
+    train(config)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from jaxllava.eval.cli import run_eval
+
+    return run_eval(args)
+
+
+def cmd_convert(args) -> int:
+    from jaxllava.convert.cli import run_convert
+
+    return run_convert(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="launch.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train (resumes automatically from the workdir's latest checkpoint)")
+    _config_args(p)
+    p.add_argument("--workdir", help="where the run lives (default: train.workdir of the config)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("inspect-data", help="print the dataset report and the first microbatches as JSON lines")
+    _config_args(p)
+    p.add_argument("--batches", type=int, default=8, help="microbatches to print")
+    p.set_defaults(func=cmd_inspect_data)
+
+    p = sub.add_parser("eval", help="score minimal pairs (BLiMP format) with a checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--task", action="append", default=[], metavar="NAME=PATH", required=True)
+    p.add_argument("--image-template", action="append", default=None,
+                   help='"none" or a template such as "<image>\\n{text}" (repeatable: reported side by side)')
+    p.add_argument("--protocol", choices=["2025", "2024"], default="2025")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--out", help="directory for predictions and summary")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("convert", help="Hugging Face / reference checkpoints in and out")
+    p.add_argument("what", choices=["import-hf", "import-reference", "export-hf"])
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from jaxllava.errors import JaxllavaError
+
+    try:
+        return args.func(args)
+    except JaxllavaError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

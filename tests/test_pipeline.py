@@ -1,0 +1,200 @@
+"""The Grain pipeline end to end on small generated data: modality types, placeholders,
+packing boundaries, determinism, iterator save/restore, per-process shares, stats."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from conftest import image_record, text_record, write_json, write_jsonl, write_png
+
+from jaxllava.data.batch import IGNORE, ImageBatch, TextBatch
+from jaxllava.data.config import DataConfig, SourceConfig
+from jaxllava.data.pipeline import DataPipeline
+from jaxllava.data.samples import special_ids
+from jaxllava.errors import DataError
+
+N = 6
+SENTENCES = ["the dog runs .", "these dogs run .", "a cat sees the dog .", "the big cat runs .",
+             "those cats see a dog .", "this dog is small ."]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipe")
+    texts = [text_record(i, SENTENCES[i % len(SENTENCES)]) for i in range(37)]
+    colours = [(200, 0, 0), (0, 0, 200), (0, 200, 0)]
+    images = []
+    for i in range(11):
+        write_png(str(root / "img" / f"{i}.png"), size=(10 + i, 8), color=colours[i % 3])
+        images.append(image_record(i, f"img/{i}.png", ["a red circle", "two blue squares", "one square"][i % 3]))
+    return write_jsonl(root / "text.jsonl", texts), write_json(root / "images.json", images)
+
+
+def pipeline(files, tok_dir, process_index=0, process_count=1, **overrides):
+    text, images = files
+    cfg = DataConfig(sources=(SourceConfig(text), SourceConfig(images)), tokenizer=tok_dir, buckets=(16, 32),
+                     text_rows=4, image_rows=2, epochs=2, **overrides)
+    return DataPipeline(cfg, image_tokens=N, image_size=8, process_index=process_index,
+                        process_count=process_count)
+
+
+def all_batches(p, **kw):
+    it = p.iterator(**kw)
+    return [next(it) for _ in range(len(p))]
+
+
+def test_text_only_batches_carry_no_pixels_and_no_image_ids(files, word_tokenizer_dir):
+    p = pipeline(files, word_tokenizer_dir)
+    ids = special_ids(p.tokenizer)
+    batches = all_batches(p)
+    text = [b for b in batches if b.modality == "text"]
+    assert text and all(isinstance(b, TextBatch) for b in text)
+    for b in text:
+        assert not hasattr(b, "pixels") and "pixels" not in b.arrays()
+        assert not np.isin(b.input_ids, [ids.im_start, ids.im_patch, ids.im_end]).any()
+        assert b.stats.image_tokens == 0
+
+
+def test_image_rows_have_exactly_n_placeholders_with_no_targets(files, word_tokenizer_dir):
+    p = pipeline(files, word_tokenizer_dir)
+    ids = special_ids(p.tokenizer)
+    image = [b for b in all_batches(p) if b.modality == "image"]
+    assert image and all(isinstance(b, ImageBatch) for b in image)
+    for b in image:
+        assert b.pixels.shape == (2, 8, 8, 3) and b.pixels.dtype == np.float32
+        for r in range(2):
+            placeholders = np.isin(b.input_ids[r], [ids.im_start, ids.im_patch, ids.im_end])
+            if b.image_rows[r]:
+                assert placeholders.sum() == N
+                assert (b.image_mask[r] == placeholders).all()
+                # No position predicts a placeholder, and none inside the span predicts anything
+                # except the last (<im_end>) which predicts the caption's first word.
+                span = np.flatnonzero(b.image_mask[r])
+                assert (b.targets[r, span[0] - 1:span[-1]] == IGNORE).all()
+                assert b.targets[r, span[-1]] != IGNORE
+            else:
+                assert not placeholders.any() and not b.image_mask[r].any()
+                assert (b.segment_ids[r] == 0).all()
+        assert b.stats.image_tokens == N * int(b.image_rows.sum())
+
+
+def test_packed_rows_restart_positions_and_never_target_across_segments(files, word_tokenizer_dir):
+    p = pipeline(files, word_tokenizer_dir)
+    text = [b for b in all_batches(p) if b.modality == "text"]
+    assert any(b.segment_ids.max() > 1 for b in text)  # packing happened
+    for b in text:
+        for r in range(b.input_ids.shape[0]):
+            seg, pos, tgt, inp = b.segment_ids[r], b.positions[r], b.targets[r], b.input_ids[r]
+            for t in range(len(seg)):
+                if seg[t] == 0:
+                    assert tgt[t] == IGNORE
+                    continue
+                if t == 0 or seg[t - 1] != seg[t]:
+                    assert pos[t] == 0
+                else:
+                    assert pos[t] == pos[t - 1] + 1
+                last_of_segment = t + 1 == len(seg) or seg[t + 1] != seg[t]
+                if last_of_segment:
+                    assert tgt[t] == IGNORE
+                else:
+                    assert tgt[t] == inp[t + 1]
+
+
+def test_shapes_stay_in_the_bucket_set(files, word_tokenizer_dir):
+    for pack in (True, False):
+        p = pipeline(files, word_tokenizer_dir, pack_text=pack)
+        shapes = {(b.modality, b.input_ids.shape) for b in all_batches(p)}
+        assert {s[1][1] for s in shapes} <= {16, 32}
+        assert {s[1][0] for s in shapes if s[0] == "text"} == {4}
+        assert {s[1][0] for s in shapes if s[0] == "image"} == {2}
+
+
+def test_every_sample_is_fed_once_per_epoch_and_words_match(files, word_tokenizer_dir):
+    p = pipeline(files, word_tokenizer_dir)
+    epoch = p.plans[:p.epoch_starts[1]]
+    members = sorted(i for plan in epoch for row in plan.rows for i in row)
+    assert members == list(range(len(p.table)))
+    words = sum(p.builder.stats(plan).words for plan in epoch)
+    assert words == p.summary.words == int(p.table.words.sum())
+
+
+def test_pipeline_is_deterministic(files, word_tokenizer_dir):
+    a = all_batches(pipeline(files, word_tokenizer_dir))
+    b = all_batches(pipeline(files, word_tokenizer_dir))
+    for x, y in zip(a, b):
+        assert x.modality == y.modality
+        for k in x.arrays():
+            np.testing.assert_array_equal(x.arrays()[k], y.arrays()[k])
+
+
+def test_iterator_state_restores_mid_epoch(files, word_tokenizer_dir):
+    p = pipeline(files, word_tokenizer_dir)
+    it = p.iterator()
+    for _ in range(5):
+        next(it)
+    state = it.get_state()
+    expected = [next(it) for _ in range(4)]
+    fresh = pipeline(files, word_tokenizer_dir).iterator()
+    fresh.set_state(state)
+    for want in expected:
+        got = next(fresh)
+        assert got.stats == want.stats
+        for k in want.arrays():
+            np.testing.assert_array_equal(got.arrays()[k], want.arrays()[k])
+
+
+def test_process_shares_are_disjoint_and_complete(files, word_tokenizer_dir):
+    whole = all_batches(pipeline(files, word_tokenizer_dir))
+    parts = [all_batches(pipeline(files, word_tokenizer_dir, process_index=i, process_count=2)) for i in range(2)]
+    for k, batch in enumerate(whole):
+        joined = np.concatenate([parts[0][k].input_ids, parts[1][k].input_ids])
+        np.testing.assert_array_equal(joined, batch.input_ids)
+        # Every process reports the global microbatch's stats, so word counts agree across hosts.
+        assert parts[0][k].stats == parts[1][k].stats == batch.stats
+
+
+def test_rows_not_divisible_by_processes_is_an_error(files, word_tokenizer_dir):
+    with pytest.raises(DataError, match="not divisible"):
+        pipeline(files, word_tokenizer_dir, process_index=0, process_count=3)
+
+
+def test_modalities_interleave_within_an_epoch(files, word_tokenizer_dir):
+    p = pipeline(files, word_tokenizer_dir)
+    kinds = [plan.modality for plan in p.plans[:p.epoch_starts[1]]]
+    n_image = kinds.count("image")
+    half = len(kinds) // 2
+    # Each half of the epoch holds about half of the image microbatches.
+    assert abs(kinds[:half].count("image") - n_image / 2) <= 1
+
+
+def test_use_images_false_makes_every_batch_text_only(files, word_tokenizer_dir):
+    p = pipeline(files, word_tokenizer_dir, use_images=False)
+    assert p.summary.image_samples == 0 and p.summary.text_samples == 48
+    assert all(isinstance(b, TextBatch) for b in all_batches(p))
+
+
+def test_missing_image_is_an_error_naming_file_record_and_field(tmp_path, word_tokenizer_dir):
+    path = write_json(tmp_path / "bad.json", [image_record(0, "nowhere.png", "a red circle")])
+    cfg = DataConfig(sources=(SourceConfig(path),), tokenizer=word_tokenizer_dir, buckets=(16,))
+    with pytest.raises(DataError, match=r"bad.json.*record 0.*id 'i0'.*field 'image'"):
+        DataPipeline(cfg, image_tokens=N, image_size=8)
+
+
+def test_corrupt_image_is_a_counted_skip_under_skip_policy(tmp_path, word_tokenizer_dir):
+    (tmp_path / "broken.png").write_bytes(b"not a png at all")
+    write_png(str(tmp_path / "ok.png"))
+    path = write_json(tmp_path / "recs.json", [image_record(0, "broken.png", "a red circle"),
+                                                image_record(1, "ok.png", "a red circle")])
+    cfg = DataConfig(sources=(SourceConfig(path),), tokenizer=word_tokenizer_dir, buckets=(16,),
+                     on_bad_record="skip", image_rows=1)
+    p = DataPipeline(cfg, image_tokens=N, image_size=8)
+    assert p.summary.image_samples == 1 and p.table.ids == ["i1"]
+    assert p.summary.skips.counts["corrupt_image"] == 1
+
+
+def test_image_records_need_a_vision_tower(files, word_tokenizer_dir):
+    text, images = files
+    cfg = DataConfig(sources=(SourceConfig(images),), tokenizer=word_tokenizer_dir, buckets=(16, 32))
+    with pytest.raises(DataError, match="vision tower"):
+        DataPipeline(cfg, image_tokens=0, image_size=None)

@@ -1,0 +1,289 @@
+import dataclasses
+import json
+import os
+
+import pytest
+
+from jaxllava.data.records import Record, SkipReport, Turn, read_records
+from jaxllava.errors import DataError
+
+IMAGE_NAME = "cat.png"
+
+
+def text_record(text, record_id="t"):
+    # The reference's text-only shape: an empty human turn, the text as the gpt turn (REFERENCE.md §2.1).
+    return {"id": record_id, "conversations": [{"from": "human", "value": ""}, {"from": "gpt", "value": text}]}
+
+
+def image_record(caption="a cat", record_id="i", image=IMAGE_NAME):
+    return {"id": record_id, "image": image,
+            "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": caption}]}
+
+
+def write_records(folder, name, records, *, jsonl):
+    """Writes records as a .json list or one per line in a .jsonl; also creates the image file."""
+    (folder / IMAGE_NAME).write_bytes(b"not decoded here")
+    path = folder / (name + (".jsonl" if jsonl else ".json"))
+    if jsonl:
+        path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    else:
+        path.write_text(json.dumps(records))
+    return str(path)
+
+
+@pytest.mark.parametrize("jsonl", [False, True])
+def test_reads_text_and_image_records_in_file_order(tmp_path, jsonl):
+    path = write_records(tmp_path, "data", [text_record("hello world", "a"), image_record("a cat", "b")], jsonl=jsonl)
+    records = read_records(path)
+    assert [record.id for record in records] == ["a", "b"]
+    text, image = records
+    assert text.turns == (Turn("user", ""), Turn("assistant", "hello world"))
+    assert text.image is None and text.modality == "text"
+    assert image.turns == (Turn("user", "<image>"), Turn("assistant", "a cat"))
+    assert image.image == os.path.join(str(tmp_path), IMAGE_NAME) and image.modality == "image"
+    assert [record.where for record in records] == (["line 1", "line 2"] if jsonl else ["record 0", "record 1"])
+    assert all(record.file == path for record in records)
+
+
+def test_jsonl_blank_lines_are_allowed_and_lines_keep_their_numbers(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n" + json.dumps(text_record("one", "a")) + "\n   \n" + json.dumps(text_record("two", "b")) + "\n\n")
+    records = read_records(str(path))
+    assert [(record.id, record.where) for record in records] == [("a", "line 2"), ("b", "line 4")]
+
+
+def test_role_content_variant_and_crossed_spellings_are_accepted(tmp_path):
+    record = {"id": "x", "conversations": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+        {"role": "human", "content": "q"}, {"from": "assistant", "value": "a"}, {"from": "user", "value": "b"},
+        {"role": "gpt", "content": "c"}]}
+    path = write_records(tmp_path, "data", [record], jsonl=True)
+    (parsed,) = read_records(path)
+    assert [turn.role for turn in parsed.turns] == ["user", "assistant", "user", "assistant", "user", "assistant"]
+    assert [turn.text for turn in parsed.turns] == ["hi", "hello", "q", "a", "b", "c"]
+
+
+def test_image_as_list_of_one_path_is_accepted(tmp_path):
+    path = write_records(tmp_path, "data", [image_record(image=[IMAGE_NAME])], jsonl=False)
+    (record,) = read_records(path)
+    assert record.image == os.path.join(str(tmp_path), IMAGE_NAME)
+
+
+def test_image_path_resolves_against_image_folder(tmp_path):
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    (images / "sub" / "dog.jpg").write_bytes(b"x")
+    path = write_records(tmp_path, "data", [image_record(image="sub/dog.jpg")], jsonl=False)
+    (record,) = read_records(path, image_folder=str(images))
+    assert record.image == os.path.join(str(images), "sub/dog.jpg")
+
+
+def test_missing_image_file_is_accepted_when_file_checks_are_off(tmp_path):
+    path = write_records(tmp_path, "data", [image_record(image="absent.png")], jsonl=False)
+    (record,) = read_records(path, check_image_files=False)
+    assert record.image == os.path.join(str(tmp_path), "absent.png")
+
+
+def test_empty_human_turn_text_only_record_is_accepted_unchanged(tmp_path):
+    path = write_records(tmp_path, "data", [text_record("  The dog ran.\n")], jsonl=False)
+    (record,) = read_records(path)
+    assert record.turns == (Turn("user", ""), Turn("assistant", "  The dog ran.\n"))
+    assert record.modality == "text"
+
+
+def test_record_without_assistant_text_is_accepted_when_a_user_turn_has_text(tmp_path):
+    # Only "no text in any turn" is rejected here; zero-target samples are rejected by the tokenizer step.
+    record = {"id": "u", "conversations": [{"from": "human", "value": "said"}, {"from": "gpt", "value": ""}]}
+    (parsed,) = read_records(write_records(tmp_path, "data", [record], jsonl=True))
+    assert parsed.turns == (Turn("user", "said"), Turn("assistant", ""))
+
+
+def test_missing_id_becomes_file_stem_and_where(tmp_path):
+    record = text_record("hi")
+    del record["id"]
+    json_record, = read_records(write_records(tmp_path, "shard7", [record], jsonl=False))
+    jsonl_record, = read_records(write_records(tmp_path, "shard8", [record], jsonl=True))
+    assert json_record.id == "shard7:record 0"
+    assert jsonl_record.id == "shard8:line 1"
+
+
+def test_numeric_id_is_kept_as_string(tmp_path):
+    (record,) = read_records(write_records(tmp_path, "data", [text_record("hi", record_id=42)], jsonl=False))
+    assert record.id == "42"
+
+
+def turns(*pairs):
+    return [{"from": role, "value": value} for role, value in pairs]
+
+
+# (case name, bad record, field named in the error, reason)
+BAD_RECORDS = [
+    ("no_conversations", {"id": "bad"}, "conversations", "conversations"),
+    ("conversations_not_list", {"id": "bad", "conversations": "hello"}, "conversations", "conversations"),
+    ("empty_conversations", {"id": "bad", "conversations": []}, "conversations", "conversations"),
+    ("turn_not_object", {"id": "bad", "conversations": [{"from": "human", "value": ""}, "hello"]},
+     "conversations[1]", "turn"),
+    ("system_role", {"id": "bad", "conversations": turns(("human", ""), ("gpt", "a"), ("system", "b"))},
+     "conversations[2].from", "role"),
+    ("typo_role", {"id": "bad", "conversations": turns(("humna", "x"), ("gpt", "a"))},
+     "conversations[0].from", "role"),
+    ("unknown_role_under_role_key",
+     {"id": "bad", "conversations": [{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}]},
+     "conversations[1].role", "role"),
+    ("missing_role", {"id": "bad", "conversations": [{"value": "a"}]}, "conversations[0].from", "role"),
+    ("value_not_string", {"id": "bad", "conversations": turns(("human", ""), ("gpt", 7))},
+     "conversations[1].value", "turn_text"),
+    ("value_null", {"id": "bad", "conversations": turns(("human", ""), ("gpt", None))},
+     "conversations[1].value", "turn_text"),
+    ("content_missing", {"id": "bad", "conversations": [{"role": "assistant"}]},
+     "conversations[0].content", "turn_text"),
+    ("no_text_in_any_turn", {"id": "bad", "conversations": turns(("human", ""), ("gpt", " \n\t"))},
+     "conversations", "no_text"),
+    ("image_token_in_text_only", {"id": "bad", "conversations": turns(("human", "<image>"), ("gpt", "a"))},
+     "conversations[0].value", "image_token"),
+    ("image_record_without_image_token", {**image_record(), "id": "bad",
+                                          "conversations": turns(("human", ""), ("gpt", "a"))},
+     "conversations", "image_token"),
+    ("image_record_with_two_image_tokens", {**image_record(), "id": "bad",
+                                            "conversations": turns(("human", "<image>"), ("gpt", "a <image>"))},
+     "conversations[1].value", "image_token"),
+    ("im_start_literal", text_record("a <im_start> b", "bad"), "conversations[1].value", "placeholder"),
+    ("im_patch_literal", {**image_record("x<im_patch>"), "id": "bad"}, "conversations[1].value", "placeholder"),
+    ("im_end_literal", text_record("<im_end>", "bad"), "conversations[1].value", "placeholder"),
+    ("video_key", {**text_record("a", "bad"), "video": "clip.mp4"}, "video", "video"),
+    ("video_token_literal", {"id": "bad", "conversations": turns(("human", "<video>"), ("gpt", "a"))},
+     "conversations[0].value", "video"),
+    ("multi_image", {**image_record(), "id": "bad", "image": [IMAGE_NAME, IMAGE_NAME]}, "image", "multi_image"),
+    ("empty_image_list", {**image_record(), "id": "bad", "image": []}, "image", "image_field"),
+    ("image_not_string", {**image_record(), "id": "bad", "image": 3}, "image", "image_field"),
+    ("missing_image_file", {**image_record(), "id": "bad", "image": "absent.png"}, "image", "missing_image"),
+]
+
+
+@pytest.mark.parametrize("jsonl", [False, True], ids=["json", "jsonl"])
+@pytest.mark.parametrize("case, bad, field, reason", BAD_RECORDS, ids=[case[0] for case in BAD_RECORDS])
+def test_bad_record_error_names_file_record_id_and_field(tmp_path, jsonl, case, bad, field, reason):
+    good = [text_record("fine", f"g{i}") for i in range(3)]
+    path = write_records(tmp_path, "data", good + [bad], jsonl=jsonl)
+    with pytest.raises(DataError) as caught:
+        read_records(path)
+    error = caught.value
+    message = str(error)
+    where = "line 4" if jsonl else "record 3"
+    assert path in message and where in message and "'bad'" in message and repr(field) in message
+    assert (error.file, error.record, error.record_id, error.field, error.reason) == (path, where, "bad", field, reason)
+
+
+def test_multi_image_error_says_not_supported(tmp_path):
+    path = write_records(tmp_path, "data", [{**image_record(), "image": ["a.png", "b.png"]}], jsonl=False)
+    with pytest.raises(DataError, match="multi-image records are not supported"):
+        read_records(path)
+
+
+def test_video_error_says_not_supported(tmp_path):
+    path = write_records(tmp_path, "data", [{**text_record("a"), "video": "v.mp4"}], jsonl=False)
+    with pytest.raises(DataError, match="video records are not supported"):
+        read_records(path)
+
+
+def test_placeholder_literal_error_says_generated_by_pipeline(tmp_path):
+    path = write_records(tmp_path, "data", [text_record("x <im_patch> y")], jsonl=False)
+    with pytest.raises(DataError, match="literal placeholder <im_patch>.*generated by the pipeline"):
+        read_records(path)
+
+
+@pytest.mark.parametrize("jsonl", [False, True], ids=["json", "jsonl"])
+def test_record_that_is_not_an_object_names_file_and_record(tmp_path, jsonl):
+    path = write_records(tmp_path, "data", [text_record("a"), text_record("b"), text_record("c"), ["list"]],
+                         jsonl=jsonl)
+    where = "line 4" if jsonl else "record 3"
+    with pytest.raises(DataError) as caught:
+        read_records(path)
+    assert path in str(caught.value) and where in str(caught.value) and "must be a JSON object" in str(caught.value)
+    assert (caught.value.record, caught.value.record_id, caught.value.reason) == (where, f"data:{where}", "not_object")
+
+
+def test_invalid_jsonl_line_names_file_and_line(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join([json.dumps(text_record("a"))] * 3) + '\n{"id": "x", "conversations": [\n')
+    with pytest.raises(DataError) as caught:
+        read_records(str(path))
+    assert str(path) in str(caught.value) and "line 4" in str(caught.value) and "invalid JSON" in str(caught.value)
+    assert caught.value.reason == "json"
+
+
+def test_invalid_json_file_names_the_error_position(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text('[\n  {"id": "a"},\n  {"id": "b",,}\n]')
+    with pytest.raises(DataError, match=r"invalid JSON at line 3 column 14") as caught:
+        read_records(str(path))
+    assert str(path) in str(caught.value)
+
+
+def test_json_top_level_that_is_not_a_list_is_an_error(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(text_record("a")))
+    with pytest.raises(DataError, match="top level must be a JSON list") as caught:
+        read_records(str(path))
+    assert str(path) in str(caught.value)
+
+
+def test_unknown_extension_and_missing_file_are_errors_naming_the_file(tmp_path):
+    with pytest.raises(DataError, match="expected a .json"):
+        read_records(str(tmp_path / "data.csv"))
+    with pytest.raises(DataError, match="cannot open") as caught:
+        read_records(str(tmp_path / "absent.jsonl"))
+    assert str(tmp_path / "absent.jsonl") in str(caught.value)
+
+
+def test_unknown_policy_and_skip_without_report_are_value_errors(tmp_path):
+    path = write_records(tmp_path, "data", [text_record("a")], jsonl=False)
+    with pytest.raises(ValueError, match="on_bad_record"):
+        read_records(path, on_bad_record="repair")
+    with pytest.raises(ValueError, match="SkipReport"):
+        read_records(path, on_bad_record="skip")
+
+
+def test_skip_policy_counts_by_reason_keeps_good_records_in_order_and_never_repairs(tmp_path):
+    rows = [
+        text_record("first", "g1"),
+        {"id": "b1", "conversations": turns(("human", "<image>"), ("gpt", "no image field"))},
+        image_record("cat", "g2"),
+        {**image_record(), "id": "b2", "image": "absent.png"},
+        {**image_record(), "id": "b3", "image": "absent2.png"},
+        text_record("  last  ", "g3"),
+        {"id": "b4", "conversations": turns(("system", "x"), ("gpt", "y"))},
+    ]
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows) + "{broken\n")
+    (tmp_path / IMAGE_NAME).write_bytes(b"x")
+    skips = SkipReport()
+    records = read_records(str(path), on_bad_record="skip", skips=skips)
+    assert [record.id for record in records] == ["g1", "g2", "g3"]
+    assert [record.modality for record in records] == ["text", "image", "text"]
+    assert records[2].turns[1].text == "  last  "
+    assert skips.counts == {"image_token": 1, "missing_image": 2, "role": 1, "json": 1}
+    assert skips.total == 5
+    assert "line 2" in skips.examples["image_token"][0] and "'b1'" in skips.examples["image_token"][0]
+    assert len(skips.examples["missing_image"]) == 2
+
+
+def test_skip_report_merge_and_summary_keep_counts_and_cap_examples():
+    first, second = SkipReport(), SkipReport()
+    for index in range(4):
+        first.add(DataError("bad", file="a.json", record=f"record {index}", reason="role"))
+    second.add(DataError("gone", file="b.json", record="line 1", reason="missing_image"))
+    second.add(DataError("bad", file="b.json", record="line 2", reason="role"))
+    first.merge(second)
+    assert first.counts == {"role": 5, "missing_image": 1}
+    assert len(first.examples["role"]) == 3 and first.examples["missing_image"] == [str(second.examples["missing_image"][0])]
+    lines = first.summary_lines()
+    assert lines[0] == "skipped 6 bad records"
+    assert "  role: 5" in lines and "  missing_image: 1" in lines
+    assert lines.index("  role: 5") < lines.index("  missing_image: 1")
+
+
+def test_record_is_immutable():
+    record = Record("f.json", "record 0", "x", (Turn("assistant", "a"),), None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        record.image = "img.png"

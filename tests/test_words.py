@@ -1,0 +1,78 @@
+import re
+
+import pytest
+
+from jaxllava.data.records import Record, Turn
+from jaxllava.data.words import count_words, count_words_reference, record_words
+
+
+@pytest.mark.parametrize("text, words", [
+    ("", 0),
+    ("   \n\t ", 0),
+    ("The cat sat.", 3),
+    ("Don't go!", 2),  # a contraction is one whitespace word
+    ("<image>\nA dog runs.", 3),  # the image placeholder is markup, not a word
+    ("<image>", 0),
+    ("a<image>b", 2),  # a tag separates the words around it
+    ("<im_start><im_patch><im_patch><im_end> caption here", 2),
+    ("x < y and z > w", 7),  # a comparison is not a tag: tags have no whitespace inside
+    ("line one\\nline two", 3),  # backslash-n is not whitespace under this rule: "one\\nline" is one word
+    ("café naïve 東京", 3),
+])
+def test_whitespace_rule_counts_hand_checked_examples(text, words):
+    assert count_words(text) == words
+
+
+@pytest.mark.parametrize("text, words", [
+    ("", 0),
+    ("Don't go!", 3),  # don, t, go (REFERENCE.md §3.3)
+    ("<image>\nA dog runs.", 3),
+    ("<image>", 0),
+    ("a<image>b", 1),  # the reference removes tags without a space, joining the neighbours
+    ("line one\\nline two", 4),  # the two-character sequence backslash-n is a separator
+    ("well-known e-mail", 4),
+    ("snake_case", 2),  # underscore is not alphanumeric
+    ("café naïve", 2),  # Unicode letters are alphanumeric (str.isalnum)
+    ("東京 タワー", 2),
+    ("3.14 is pi", 4),
+    ("x < y and z > w", 2),  # the reference's `<[^>]+>` swallows "< y and z >"
+    ("...!!!", 0),
+])
+def test_reference_rule_counts_hand_checked_examples(text, words):
+    assert count_words_reference(text) == words
+
+
+def per_character_reference(text):
+    # A literal reading of REFERENCE.md §3.3, to check the regex version against.
+    text = re.sub(r"<[^>]+>", "", text).replace("\\n", " ")
+    return len("".join(c.lower() if c.isalnum() else " " for c in text).split())
+
+
+def test_reference_rule_matches_a_per_character_reading_on_mixed_text():
+    text = "Ünïcödé <b>bold</b> İstanbul ½ ² x_y don't\\n\n\tend… 12,000 co-op (a) «b» ΑΒΓ"
+    assert count_words_reference(text) == per_character_reference(text)
+    assert count_words_reference(text) > 0
+
+
+RECORD = Record(
+    file="f.jsonl", where="line 1", id="r", image="img.png",
+    turns=(Turn("user", "<image>\nDescribe it, please."), Turn("assistant", "A red ball."),
+           Turn("user", "And?"), Turn("assistant", "It's big.")))
+
+
+def test_record_words_counts_only_the_given_roles():
+    assert record_words(RECORD, roles=("assistant",)) == 3 + 2
+    assert record_words(RECORD, roles=("user",)) == 3 + 1
+    assert record_words(RECORD, roles=("user", "assistant")) == 9
+    assert record_words(RECORD, roles=()) == 0
+
+
+def test_record_words_reference_rule_counts_assistant_contractions_as_two():
+    assert record_words(RECORD, roles=("assistant",), rule="reference") == 3 + 3
+
+
+def test_record_words_rejects_unknown_rule_and_role():
+    with pytest.raises(ValueError, match="word rule"):
+        record_words(RECORD, roles=("assistant",), rule="tokens")
+    with pytest.raises(ValueError, match="roles"):
+        record_words(RECORD, roles=("gpt",))
