@@ -85,7 +85,7 @@ class ImageProcessing:
         if config.get("resample", _PIL_BICUBIC) != _PIL_BICUBIC:
             raise ConfigError(f"{path}: field 'resample' is {config['resample']!r}; only bicubic (3) is supported")
         crops = config.get("do_center_crop", "crop_size" in config)
-        key = "crop_size" if crops else "size"
+        key = "size"
         if key not in config:
             raise ConfigError(f"{path}: missing field {key!r}")
         side = _square_side(config[key], f"{path}: field {key!r}")

@@ -75,13 +75,14 @@ def print_report(report: dict, skips_lines: Iterable[str], out: TextIO) -> None:
     for key, value in report.items():
         print(f"{key}: {json.dumps(value)}", file=out)
     for line in skips_lines:
-        print(f"skipped: {line}", file=out)
+        print(line, file=out)
     print("== microbatches ==", file=out)
 
 
 def inspect(pipeline: DataPipeline, n_batches: int, out: TextIO, *, microbatches_per_step: int = 1) -> None:
+    skips = pipeline.summary.skips
     print_report(dataset_report(pipeline, microbatches_per_step=microbatches_per_step),
-                 pipeline.summary.skips.summary_lines(), out)
+                 skips.summary_lines() if skips.total else [], out)
     iterator = pipeline.iterator(num_workers=0)
     try:
         for _ in range(min(n_batches, len(pipeline))):

@@ -32,7 +32,9 @@ Text rules:
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import gc
 import json
 import os
 from typing import Any, Iterator, Literal
@@ -118,16 +120,30 @@ def read_records(path: str, *, image_folder: str | None = None, on_bad_record: s
     folder = image_folder if image_folder is not None else os.path.dirname(path)
     stem = os.path.splitext(os.path.basename(path))[0]
     records = []
-    for where, raw in _raw_records(path):
-        try:
-            if isinstance(raw, DataError):  # an unparsable JSONL line
-                raise raw
-            records.append(_parse_record(raw, path, where, stem, folder, check_image_files))
-        except DataError as error:
-            if on_bad_record == "error":
-                raise
-            skips.add(error)
+    with _cyclic_gc_paused():
+        for where, raw in _raw_records(path):
+            try:
+                if isinstance(raw, DataError):  # an unparsable JSONL line
+                    raise raw
+                records.append(_parse_record(raw, path, where, stem, folder, check_image_files))
+            except DataError as error:
+                if on_bad_record == "error":
+                    raise
+                skips.add(error)
     return records
+
+
+@contextlib.contextmanager
+def _cyclic_gc_paused():
+    """Reading makes millions of small containers and no reference cycles; left on, the cyclic
+    collector rescans all of them again and again, which made reading ~3x slower (measured)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _raw_records(path: str) -> Iterator[tuple[str, Any]]:

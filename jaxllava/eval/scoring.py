@@ -49,6 +49,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jaxllava.errors import ConfigError, DataError
 from jaxllava.eval.minimal_pairs import MinimalPairItem
@@ -210,6 +211,21 @@ def _pad_id(tokenizer) -> int:
 
 
 # ---------------------------------------------------------------------------- device side
+
+
+def module_logits_fn(model: nnx.Module) -> jax.tree_util.Partial:
+    """A `logits_fn` for an NNX module called as `model(input_ids, segment_ids=, positions=)`.
+
+    The parameters travel as jit arguments; the graph definition is static and compares
+    equal across models of one architecture, so a new checkpoint reuses compiled buckets.
+    """
+    graphdef, state = nnx.split(model)
+    return jax.tree_util.Partial(_apply_module, graphdef, state)
+
+
+def _apply_module(graphdef, state, input_ids, segment_ids, positions):
+    return nnx.merge(graphdef, state)(input_ids, segment_ids=segment_ids, positions=positions)
+
 
 _trace_count = 0
 

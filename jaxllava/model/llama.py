@@ -260,7 +260,7 @@ def load_hf_llama_weights(model: Llama, tensors: TensorSource | Mapping[str, np.
     for path, variable in _params(model):
         name = hf_name(path, prefix)
         kernel = _is_linear_kernel(path)
-        shape = tuple(variable.value.shape)
+        shape = tuple(variable.shape)
         expected = shape[::-1] if kernel else shape
         if name not in tensors:
             raise ConversionError(f"tensor {name!r} (shape {expected}) is missing from the checkpoint")
@@ -268,11 +268,9 @@ def load_hf_llama_weights(model: Llama, tensors: TensorSource | Mapping[str, np.
         if array.shape != expected:
             raise ConversionError(f"tensor {name!r}: checkpoint shape {array.shape}, "
                                   f"model expects {expected} (from the LlamaConfig)")
-        value = np.ascontiguousarray(array.T if kernel else array).astype(variable.value.dtype)
-        old = variable.value
-        sharding = getattr(old, "sharding", None)
-        target = _variable_at(model, path)
-        target.value = jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value)
+        value = np.ascontiguousarray(array.T if kernel else array).astype(variable.dtype)
+        sharding = getattr(variable[...], "sharding", None)
+        _variable_at(model, path)[...] = jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value)
         used.add(name)
     return sorted(name for name in tensors.keys() if name not in used)
 
@@ -281,7 +279,7 @@ def llama_hf_state_dict(model: Llama, *, prefix: str = "") -> dict[str, np.ndarr
     """transformers-layout state dict (numpy, torch (out, in) Linear weights) of `model`."""
     out = {}
     for path, variable in _params(model):
-        array = np.asarray(jax.device_get(variable.value))
+        array = np.asarray(jax.device_get(variable[...]))
         out[hf_name(path, prefix)] = np.ascontiguousarray(array.T if _is_linear_kernel(path) else array)
     return out
 

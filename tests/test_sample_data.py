@@ -1,0 +1,249 @@
+"""The bundled sample (data/sample) is valid, self-consistent, held out where it must be, and reproducible."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxllava.data.images import ImageProcessing, load_image, to_rgb
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "data" / "sample"
+GENERATOR = ROOT / "data" / "make_sample_data.py"
+IMAGE_TOKENS = ("<im_start>", "<im_patch>", "<im_end>")
+
+
+def _load_generator():
+    spec = importlib.util.spec_from_file_location("make_sample_data", GENERATOR)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+gen = _load_generator()
+
+
+def _gpt_text(record: dict) -> str:
+    turn = record["conversations"][1]
+    return turn.get("value", turn.get("content"))
+
+
+@pytest.fixture(scope="module")
+def captions() -> list[dict]:
+    return json.loads((SAMPLE / "captions.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def text_records() -> list[dict]:
+    return [json.loads(line) for line in (SAMPLE / "text.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def pairs() -> list[dict]:
+    return [json.loads(line) for line in (SAMPLE / "minimal_pairs.jsonl").read_text().splitlines()]
+
+
+def _components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """4-connected labelling (tiny images, so a plain flood fill)."""
+    labels, count = np.zeros(mask.shape, np.int32), 0
+    for y, x in zip(*np.nonzero(mask)):
+        if labels[y, x]:
+            continue
+        count += 1
+        labels[y, x], stack = count, [(y, x)]
+        while stack:
+            cy, cx = stack.pop()
+            for ny, nx in ((cy + 1, cx), (cy - 1, cx), (cy, cx + 1), (cy, cx - 1)):
+                if 0 <= ny < mask.shape[0] and 0 <= nx < mask.shape[1] and mask[ny, nx] and not labels[ny, nx]:
+                    labels[ny, nx] = count
+                    stack.append((ny, nx))
+    return labels, count
+
+
+def _parse_caption(text: str) -> dict:
+    words = text.split()
+    count = {"a": 1, "two": 2, "three": 3}[words[0]]
+    plural_to_shape = {plural: shape for shape, plural in gen.SHAPES.items()}
+    shape = words[2] if count == 1 else plural_to_shape[words[2]]
+    position = {phrase: name for name, phrase in gen.POSITION_PHRASES.items()}[" ".join(words[3:6])]
+    assert words[6:] == ["."], text
+    return {"count": count, "colour": words[1], "shape": shape, "position": position}
+
+
+def test_sample_stays_small():
+    total = sum(p.stat().st_size for p in SAMPLE.rglob("*") if p.is_file())
+    assert total < 1_500_000
+
+
+def test_every_caption_record_is_an_image_record_with_an_existing_file(captions):
+    assert len(captions) == gen.NUM_IMAGES
+    assert len({r["id"] for r in captions}) == len(captions)
+    for record in captions:
+        assert (SAMPLE / record["image"]).is_file(), record["id"]
+        human, gpt = record["conversations"]
+        assert (human["from"], human["value"], gpt["from"]) == ("human", "<image>", "gpt")
+
+
+def test_captions_describe_the_drawn_pixels(captions):
+    """Count, colour, shape and position read back from the pixels match the caption words."""
+    for record in captions:
+        said = _parse_caption(_gpt_text(record))
+        assert said == {k: record["scene"][k] for k in said}, record["id"]
+        rgb = np.asarray(to_rgb(Image.open(SAMPLE / record["image"])))
+        mask = (rgb != 255).any(-1)
+        labels, count = _components(mask)
+        assert count == said["count"], record["id"]
+        assert {tuple(c) for c in rgb[mask]} == {gen.COLOURS[said["colour"]]}, record["id"]
+        for k in range(1, count + 1):
+            ys, xs = np.nonzero(labels == k)
+            fill = len(ys) / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))  # of the bounding box
+            drawn = "square" if fill > 0.95 else "circle" if fill > 0.65 else "triangle"
+            assert drawn == said["shape"], record["id"]
+        ys, xs = np.nonzero(mask)
+        cx, cy = xs.mean() / mask.shape[1], ys.mean() / mask.shape[0]
+        at = {"left": cx < 0.35, "right": cx > 0.65, "top": cy < 0.35, "bottom": cy > 0.65,
+              "middle": 0.35 < cx < 0.65 and 0.35 < cy < 0.65}
+        assert at[said["position"]], (record["id"], cx, cy)
+
+
+def test_bundled_images_cover_other_modes_and_non_square_sizes(captions):
+    kinds = set()
+    for record in captions:
+        with Image.open(SAMPLE / record["image"]) as image:
+            kinds.add(image.mode)
+            kinds.add("transparent palette" if image.mode == "P" and "transparency" in image.info else None)
+            kinds.add("non-square" if image.width != image.height else None)
+    assert {"RGB", "P", "RGBA", "L", "transparent palette", "non-square"} <= kinds
+
+
+def test_every_bundled_image_goes_through_load_image(captions):
+    processing = ImageProcessing(size=16)
+    pixels = np.stack([load_image(SAMPLE / r["image"], processing, record=i, record_id=r["id"])
+                       for i, r in enumerate(captions)])
+    assert pixels.shape == (len(captions), 16, 16, 3) and np.isfinite(pixels).all()
+
+
+def test_text_records_are_text_only_with_an_empty_prompt_turn(text_records):
+    assert len(text_records) == gen.NUM_TEXT_RECORDS
+    assert len({r["id"] for r in text_records}) == len(text_records)
+    spellings = set()
+    for record in text_records:
+        assert "image" not in record
+        human, gpt = record["conversations"]
+        spellings.add(tuple(sorted(human)))
+        assert human.get("value", human.get("content")) == "" and human.get("from", human.get("role")) in ("human",
+                                                                                                           "user")
+        assert gpt.get("from", gpt.get("role")) in ("gpt", "assistant")
+        assert _gpt_text(record).strip() and "<" not in _gpt_text(record)
+    assert spellings == {("from", "value"), ("content", "role")}
+
+
+def _number_of(word: str, pairs) -> str | None:
+    for singular, plural in pairs:
+        if word in (singular, plural):
+            return "sg" if word == singular else "pl"
+    return None
+
+
+def test_training_sentences_obey_agreement(text_records):
+    """Every determiner agrees with its noun and every finite verb with the head noun of its subject."""
+    nouns, verbs = gen.ANIMALS + gen.THINGS, gen.INTRANSITIVE + gen.TRANSITIVE + [gen.COPULA]
+    mismatched_attractors = 0
+    for record in text_records:
+        words = _gpt_text(record).split()
+        numbered = [(i, _number_of(w, nouns)) for i, w in enumerate(words) if _number_of(w, nouns)]
+        for i, det in enumerate(words):
+            if gen.DETERMINERS.get(det):
+                next_noun = next(n for j, n in numbered if j > i)
+                assert next_noun == gen.DETERMINERS[det], words
+        if words[0] in gen.DETERMINERS and "can" not in words:  # a declarative with a finite verb
+            verb_at = next(i for i, w in enumerate(words) if _number_of(w, verbs) and i > numbered[0][0])
+            assert _number_of(words[verb_at], verbs) == numbered[0][1], words
+            before_verb = [n for j, n in numbered if j < verb_at]
+            mismatched_attractors += len(before_verb) == 2 and before_verb[0] != before_verb[1]
+    assert mismatched_attractors > 200  # attraction cases are well represented in training
+
+
+def test_minimal_pairs_are_blimp_format_and_held_out_from_training(pairs, text_records):
+    training = {_gpt_text(r) for r in text_records}
+    by_uid: dict[str, list[int]] = {}
+    for pair in pairs:
+        assert set(pair) == {"sentence_good", "sentence_bad", "field", "linguistics_term", "UID", "pair_id"}
+        assert pair["sentence_good"] not in training and pair["sentence_bad"] not in training, pair
+        by_uid.setdefault(pair["UID"], []).append(pair["pair_id"])
+    assert set(by_uid) == {"determiner_noun_agreement", "subject_verb_agreement",
+                           "subject_verb_agreement_across_pp"}
+    assert all(ids == list(range(gen.PAIRS_PER_UID)) for ids in by_uid.values())
+    assert len({p["sentence_good"] for p in pairs}) == len(pairs)
+
+
+def test_bad_sentence_differs_only_by_the_agreement_violation(pairs):
+    nouns, verbs = gen.ANIMALS + gen.THINGS, gen.INTRANSITIVE + gen.TRANSITIVE + [gen.COPULA]
+    for pair in pairs:
+        good, bad = pair["sentence_good"].split(), pair["sentence_bad"].split()
+        diff = [i for i, (g, b) in enumerate(zip(good, bad)) if g != b]
+        assert len(good) == len(bad) and len(diff) == 1, pair
+        flipped = {good[diff[0]], bad[diff[0]]}
+        lexicon = nouns if pair["UID"] == "determiner_noun_agreement" else verbs
+        assert flipped in [set(p) for p in lexicon], pair
+        if pair["UID"] == "determiner_noun_agreement":
+            assert good[diff[0] - 1] in ("this", "that", "these", "those") or \
+                good[diff[0] - 2] in ("this", "that", "these", "those"), pair
+        if pair["UID"] == "subject_verb_agreement_across_pp":
+            numbered = [_number_of(w, nouns) for w in good[:diff[0]] if _number_of(w, nouns)]
+            assert len(numbered) == 2 and numbered[0] != numbered[1], pair
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(SAMPLE / "tokenizer"), local_files_only=True)
+
+
+def test_tokenizer_adds_bos_only_and_reports_offsets(tokenizer):
+    encoded = tokenizer("the dog runs .", return_offsets_mapping=True)
+    ids = encoded["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id and tokenizer.eos_token_id not in ids and len(ids) == 5
+    assert tokenizer.unk_token_id not in ids
+    assert [tuple(o) for o in encoded["offset_mapping"]] == [(0, 0), (0, 3), (4, 7), (8, 12), (13, 14)]
+    assert len({tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id}) == 4
+
+
+def test_tokenizer_keeps_image_placeholders_as_single_ids(tokenizer):
+    placeholder_ids = tokenizer.convert_tokens_to_ids(list(IMAGE_TOKENS))
+    assert tokenizer.unk_token_id not in placeholder_ids and len(set(placeholder_ids)) == 3
+    ids = tokenizer("<im_start><im_patch><im_patch><im_end> two red circles").input_ids
+    assert ids[:5] == [tokenizer.bos_token_id, placeholder_ids[0], placeholder_ids[1], placeholder_ids[1],
+                       placeholder_ids[2]]
+    assert len(ids) == 8
+
+
+def test_tokenizer_covers_every_sample_word(tokenizer, captions, text_records, pairs):
+    texts = [_gpt_text(r) for r in captions + text_records]
+    texts += [p[k] for p in pairs for k in ("sentence_good", "sentence_bad")]
+    words = sorted({w for t in texts for w in t.split()})
+    assert tokenizer.unk_token_id not in tokenizer.convert_tokens_to_ids(words)
+
+
+def test_generator_rerun_reproduces_the_bundled_sample(tmp_path):
+    """JSON and tokenizer files must match byte for byte. PNGs are compared decoded
+    (mode, size, palette, transparency, pixels): their compressed bytes also depend
+    on the zlib that Pillow links, which is not what this test is about."""
+    subprocess.run([sys.executable, str(GENERATOR), "--out", str(tmp_path)], check=True, timeout=120)
+    bundled = sorted(p.relative_to(SAMPLE) for p in SAMPLE.rglob("*") if p.is_file())
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()) == bundled
+    for relative in bundled:
+        if relative.suffix != ".png":
+            assert (tmp_path / relative).read_bytes() == (SAMPLE / relative).read_bytes(), relative
+            continue
+        with Image.open(SAMPLE / relative) as old, Image.open(tmp_path / relative) as new:
+            assert (old.mode, old.size, old.info.get("transparency")) == (new.mode, new.size,
+                                                                          new.info.get("transparency"))
+            assert old.getpalette() == new.getpalette() and np.array_equal(np.asarray(old), np.asarray(new))

@@ -1,0 +1,274 @@
+"""Vision towers against transformers' Dinov2Model / CLIPVisionModel / SiglipVisionModel (tiny random, fp32)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from safetensors.numpy import save_file
+from transformers import (CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model, SiglipVisionConfig,
+                          SiglipVisionModel)
+
+from jaxllava.errors import ConfigError, ConversionError
+from jaxllava.model.config import ModelConfig, ResamplerConfig
+from jaxllava.model.hf_weights import CheckpointTensors
+from jaxllava.model.vision import (VisionTower, load_hf_vision_weights, vision_config_from_hf, vision_hf_config,
+                                   vision_hf_state_dict)
+
+ATOL = 1e-5
+TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4)
+
+
+def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Non-trivial weights everywhere (transformers initialises LN to (1, 0) and biases to 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if "position" in name:
+                p.copy_(noise)  # unit-scale positions make the two interpolation modes clearly differ
+            elif name.endswith("lambda1") or ("norm" in name and name.endswith("weight")):
+                p.copy_(1.0 + 0.2 * noise)
+            else:
+                p.copy_(0.15 * noise)
+    return model.eval()
+
+
+def save(model, directory) -> str:
+    model.save_pretrained(str(directory))
+    return str(directory)
+
+
+def pixels(image_size: int, batch: int = 2, seed: int = 0) -> np.ndarray:
+    return np.random.RandomState(seed).randn(batch, image_size, image_size, 3).astype(np.float32)
+
+
+def torch_outputs(model, x: np.ndarray, **kwargs):
+    with torch.no_grad():
+        return model(pixel_values=torch.from_numpy(x).permute(0, 3, 1, 2), output_hidden_states=True, **kwargs)
+
+
+def load_tower(directory: str, image_size: int, **options) -> VisionTower:
+    with open(os.path.join(directory, "config.json")) as f:
+        config = vision_config_from_hf(json.load(f), image_size=image_size, **options)
+    tower = VisionTower(config, rngs=nnx.Rngs(0))
+    load_hf_vision_weights(tower, CheckpointTensors(directory))
+    return tower
+
+
+def max_diff(jax_out, torch_out) -> float:
+    return float(np.abs(np.asarray(jax_out) - torch_out.numpy()).max())
+
+
+@pytest.fixture(scope="module")
+def dinov2_dir(tmp_path_factory):
+    # The reference geometry: positions learned at 518 px (37×37), used at 224 px (16×16).
+    config = Dinov2Config(image_size=518, patch_size=14, mlp_ratio=2, **TINY)
+    return save(randomize(Dinov2Model(config), 1), tmp_path_factory.mktemp("dinov2"))
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    config = CLIPVisionConfig(image_size=56, patch_size=14, intermediate_size=48, **TINY)
+    return save(randomize(CLIPVisionModel(config), 2), tmp_path_factory.mktemp("clip"))
+
+
+@pytest.fixture(scope="module")
+def siglip_dir(tmp_path_factory):
+    # 60 px with 14 px patches: the strided conv ignores the last 4 pixel rows/columns.
+    config = SiglipVisionConfig(image_size=60, patch_size=14, intermediate_size=48, **TINY)
+    return save(randomize(SiglipVisionModel(config), 3), tmp_path_factory.mktemp("siglip"))
+
+
+def interpolate_like_transformers_4_40(embeddings_module):
+    """The reference's pinned transformers (4.40) resized DINOv2 positions with scale_factor=(n+0.1)/N."""
+
+    def interpolate(embeddings, height, width):
+        table = embeddings_module.position_embeddings
+        num_positions = table.shape[1] - 1
+        if embeddings.shape[1] - 1 == num_positions and height == width:
+            return table
+        side = int(math.sqrt(num_positions))
+        patch_size = embeddings_module.config.patch_size
+        grid = table[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        scale = ((height // patch_size + 0.1) / side, (width // patch_size + 0.1) / side)
+        grid = torch.nn.functional.interpolate(grid.float(), scale_factor=scale, mode="bicubic",
+                                               align_corners=False)
+        return torch.cat([table[:, :1], grid.permute(0, 2, 3, 1).reshape(1, -1, table.shape[-1])], dim=1)
+
+    return interpolate
+
+
+def test_dinov2_size_mode_matches_transformers_5_at_224_px(dinov2_dir):
+    model = Dinov2Model.from_pretrained(dinov2_dir).eval()
+    x = pixels(224)
+    expected = torch_outputs(model, x).last_hidden_state
+    patch = load_tower(dinov2_dir, 224, pos_interpolation="size")
+    with_cls = load_tower(dinov2_dir, 224, pos_interpolation="size", feature_select="cls_patch")
+    out_patch, out_cls = patch(jnp.asarray(x)), with_cls(jnp.asarray(x))
+    assert out_patch.shape == (2, 256, 32) and out_cls.shape == (2, 257, 32)
+    assert max_diff(out_patch, expected[:, 1:]) <= ATOL
+    assert max_diff(out_cls, expected) <= ATOL
+
+
+def test_dinov2_scale_factor_mode_matches_reference_transformers_4_40(dinov2_dir):
+    model = Dinov2Model.from_pretrained(dinov2_dir).eval()
+    model.embeddings.interpolate_pos_encoding = interpolate_like_transformers_4_40(model.embeddings)
+    x = pixels(224)
+    expected = torch_outputs(model, x).last_hidden_state[:, 1:]
+    scale_factor = load_tower(dinov2_dir, 224, pos_interpolation="scale_factor")(jnp.asarray(x))
+    size = load_tower(dinov2_dir, 224, pos_interpolation="size")(jnp.asarray(x))
+    assert max_diff(scale_factor, expected) <= ATOL
+    # The two modes are different models: a checkpoint must record which one it was trained with.
+    assert float(jnp.abs(scale_factor - size).max()) > 0.05
+
+
+def test_dinov2_position_resize_differs_between_modes_and_is_skipped_at_the_pretrained_grid(dinov2_dir):
+    size = load_tower(dinov2_dir, 224, pos_interpolation="size")
+    scale_factor = load_tower(dinov2_dir, 224, pos_interpolation="scale_factor")
+    assert float(jnp.abs(size.position_embeddings() - scale_factor.position_embeddings()).max()) > 0.1
+    native = load_tower(dinov2_dir, 518, pos_interpolation="scale_factor")
+    np.testing.assert_array_equal(np.asarray(native.position_embeddings()),
+                                  np.asarray(native.position_embedding[...]))
+
+
+def test_dinov2_every_selectable_layer_matches_hidden_states(dinov2_dir):
+    model = Dinov2Model.from_pretrained(dinov2_dir).eval()
+    x = pixels(224, batch=1, seed=1)
+    hidden = torch_outputs(model, x).hidden_states  # embeddings + 3 block outputs, before the final norm
+    for layer in (0, 1, 3, -2, -4):
+        tower = load_tower(dinov2_dir, 224, feature_layer=layer, feature_select="cls_patch")
+        assert max_diff(tower(jnp.asarray(x)), hidden[layer]) <= ATOL, layer
+
+
+def test_clip_hidden_states_and_final_output_match_transformers(clip_dir):
+    model = CLIPVisionModel.from_pretrained(clip_dir).eval()
+    x = pixels(56)
+    out = torch_outputs(model, x)
+    assert len(out.hidden_states) == 4
+    # -1 is transformers' last_hidden_state, which CLIP does not normalise (post_layernorm is for the pooled CLS).
+    for layer, expected in [(-1, out.last_hidden_state), (0, out.hidden_states[0]), (1, out.hidden_states[1]),
+                            (3, out.hidden_states[3]), (-2, out.hidden_states[-2]), (-4, out.hidden_states[0])]:
+        tower = load_tower(clip_dir, 56, feature_layer=layer, feature_select="cls_patch")
+        assert max_diff(tower(jnp.asarray(x)), expected) <= ATOL, layer
+    patch_only = load_tower(clip_dir, 56, feature_layer=-2)
+    assert patch_only(jnp.asarray(x)).shape == (2, 16, 32)
+    assert max_diff(patch_only(jnp.asarray(x)), out.hidden_states[-2][:, 1:]) <= ATOL
+
+
+def test_siglip_hidden_states_and_final_output_match_transformers(siglip_dir):
+    model = SiglipVisionModel.from_pretrained(siglip_dir).eval()
+    x = pixels(60)
+    out = torch_outputs(model, x)
+    for layer, expected in [(-1, out.last_hidden_state), (0, out.hidden_states[0]), (2, out.hidden_states[2]),
+                            (3, out.hidden_states[3]), (-2, out.hidden_states[-2])]:
+        tower = load_tower(siglip_dir, 60, feature_layer=layer)
+        result = tower(jnp.asarray(x))
+        assert result.shape == (2, 16, 32)  # no CLS: patch == cls_patch
+        assert max_diff(result, expected) <= ATOL, layer
+
+
+def test_siglip_attention_pooling_head_is_left_unused(siglip_dir):
+    with open(os.path.join(siglip_dir, "config.json")) as f:
+        tower = VisionTower(vision_config_from_hf(json.load(f), image_size=60), rngs=nnx.Rngs(0))
+    unused = load_hf_vision_weights(tower, CheckpointTensors(siglip_dir))
+    assert unused and all(name.startswith("head.") for name in unused)
+
+
+@pytest.mark.parametrize("select", ["patch", "cls_patch"])
+def test_output_token_count_follows_feature_select_and_model_image_tokens(dinov2_dir, clip_dir, siglip_dir, select):
+    for directory, size, cls in [(dinov2_dir, 224, True), (clip_dir, 56, True), (siglip_dir, 60, False)]:
+        tower = load_tower(directory, size, feature_select=select)
+        out = tower(jnp.asarray(pixels(size, batch=1)))
+        grid = tower.config.grid
+        assert out.shape[1] == grid * grid + int(select == "cls_patch" and cls) == tower.config.output_tokens
+        assert out.shape[1] == ModelConfig(vision=tower.config, resampler=ResamplerConfig("identity")).image_tokens
+
+
+def test_every_parameter_carries_logical_axes(clip_dir, dinov2_dir):
+    for directory, size in [(clip_dir, 56), (dinov2_dir, 224)]:
+        tower = load_tower(directory, size)
+        params = jax.tree.leaves(nnx.state(tower, nnx.Param), is_leaf=lambda v: isinstance(v, nnx.Variable))
+        assert params
+        for variable in params:
+            axes = variable.get_metadata().get("axes")
+            assert axes is not None and len(axes) == variable.ndim
+
+
+def test_jitted_split_merge_forward_equals_eager(dinov2_dir):
+    tower = load_tower(dinov2_dir, 224, pos_interpolation="scale_factor")
+    graphdef, state = nnx.split(tower)
+    x = jnp.asarray(pixels(224, batch=1))
+    jitted = jax.jit(lambda s, p: nnx.merge(graphdef, s)(p))(state, x)
+    np.testing.assert_allclose(np.asarray(jitted), np.asarray(tower(x)), atol=ATOL)
+
+
+def test_missing_tensor_is_named(clip_dir):
+    tower = load_tower(clip_dir, 56)
+    tensors = vision_hf_state_dict(tower)
+    del tensors["vision_model.encoder.layers.1.mlp.fc2.weight"]
+    with pytest.raises(ConversionError, match=r"vision_model\.encoder\.layers\.1\.mlp\.fc2\.weight.*missing"):
+        load_hf_vision_weights(tower, tensors)
+
+
+def test_wrong_shape_names_tensor_and_both_shapes(clip_dir):
+    tower = load_tower(clip_dir, 56)
+    tensors = vision_hf_state_dict(tower)
+    tensors["vision_model.encoder.layers.0.self_attn.q_proj.weight"] = np.zeros((32, 31), np.float32)
+    with pytest.raises(ConversionError, match=r"q_proj\.weight.*\(32, 31\).*\(32, 32\)"):
+        load_hf_vision_weights(tower, tensors)
+
+
+def test_state_dict_round_trip_is_bit_exact_for_every_kind(dinov2_dir, clip_dir, siglip_dir):
+    for directory, size in [(dinov2_dir, 224), (clip_dir, 56), (siglip_dir, 60)]:
+        tower = load_tower(directory, size)
+        exported = vision_hf_state_dict(tower, prefix="model.vision_tower.vision_tower.")
+        fresh = VisionTower(tower.config, rngs=nnx.Rngs(7))
+        assert load_hf_vision_weights(fresh, exported, prefix="model.vision_tower.vision_tower.") == []
+        again = vision_hf_state_dict(fresh, prefix="model.vision_tower.vision_tower.")
+        assert exported.keys() == again.keys()
+        for name in exported:
+            np.testing.assert_array_equal(exported[name], again[name])
+
+
+@pytest.mark.parametrize("kind", ["dinov2", "clip", "siglip"])
+def test_export_loads_in_transformers_with_the_same_output(kind, dinov2_dir, clip_dir, siglip_dir, tmp_path):
+    directory, size, model_class = {"dinov2": (dinov2_dir, 56, Dinov2Model), "clip": (clip_dir, 56, CLIPVisionModel),
+                                    "siglip": (siglip_dir, 60, SiglipVisionModel)}[kind]
+    tower = load_tower(directory, size, feature_select="cls_patch")
+    save_file(vision_hf_state_dict(tower), str(tmp_path / "model.safetensors"))
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(vision_hf_config(tower.config), f)
+    model = model_class.from_pretrained(str(tmp_path)).eval()
+    x = pixels(size, batch=1)
+    assert max_diff(tower(jnp.asarray(x)), torch_outputs(model, x).last_hidden_state) <= ATOL
+
+
+def test_bad_feature_layer_and_unsupported_checkpoints_are_rejected(clip_dir, dinov2_dir):
+    with open(os.path.join(clip_dir, "config.json")) as f:
+        config = vision_config_from_hf(json.load(f), image_size=56)
+    with pytest.raises(ConfigError, match="feature_layer"):
+        VisionTower(dataclasses.replace(config, feature_layer=4), rngs=nnx.Rngs(0))
+    with pytest.raises(ConfigError, match="feature_layer"):
+        VisionTower(dataclasses.replace(config, feature_layer=-5), rngs=nnx.Rngs(0))
+    with open(os.path.join(dinov2_dir, "config.json")) as f:
+        dinov2 = json.load(f)
+    with pytest.raises(ConversionError, match="use_swiglu_ffn"):
+        vision_config_from_hf(dict(dinov2, use_swiglu_ffn=True), image_size=224)
+    with pytest.raises(ConversionError, match="hidden_act"):
+        vision_config_from_hf(dict(dinov2, hidden_act="quick_gelu"), image_size=224)
+    with pytest.raises(ConversionError, match="model_type"):
+        vision_config_from_hf(dict(dinov2, model_type="vit"), image_size=224)
+
+
+def test_wrong_pixel_shape_is_rejected(clip_dir):
+    tower = load_tower(clip_dir, 56)
+    with pytest.raises(ValueError, match=r"\(B, 56, 56, 3\)"):
+        tower(jnp.zeros((1, 3, 56, 56)))
