@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import os
+import pickle
 
 import pytest
 
@@ -212,6 +213,25 @@ def test_invalid_jsonl_line_names_file_and_line(tmp_path):
     assert caught.value.reason == "json"
 
 
+def test_non_utf8_jsonl_line_names_file_and_line_and_can_be_skipped(tmp_path):
+    path = tmp_path / "data.jsonl"
+    good = json.dumps(text_record("fine", "g")).encode()
+    path.write_bytes(good + b"\n" + b'{"id": "x", "conversations": "\xff\xfe"}\n' + good + b"\n")
+    with pytest.raises(DataError, match="not UTF-8") as caught:
+        read_records(str(path))
+    assert str(path) in str(caught.value) and "line 2" in str(caught.value)
+    skips = SkipReport()
+    assert [record.where for record in read_records(str(path), on_bad_record="skip", skips=skips)] == ["line 1", "line 3"]
+    assert skips.counts == {"json": 1}
+
+
+def test_json_file_with_utf8_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps([text_record("caf\u00e9")], ensure_ascii=False).encode())
+    (record,) = read_records(str(path))
+    assert record.turns[1].text == "caf\u00e9"
+
+
 def test_invalid_json_file_names_the_error_position(tmp_path):
     path = tmp_path / "data.json"
     path.write_text('[\n  {"id": "a"},\n  {"id": "b",,}\n]')
@@ -287,3 +307,9 @@ def test_record_is_immutable():
     record = Record("f.json", "record 0", "x", (Turn("assistant", "a"),), None)
     with pytest.raises(dataclasses.FrozenInstanceError):
         record.image = "img.png"
+
+
+def test_records_survive_pickling_for_data_loader_workers():
+    record = Record("f.json", "record 0", "x", (Turn("user", ""), Turn("assistant", "a")), "img.png")
+    restored = pickle.loads(pickle.dumps(record))
+    assert restored == record and restored.modality == "image"

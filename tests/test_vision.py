@@ -55,12 +55,23 @@ def torch_outputs(model, x: np.ndarray, **kwargs):
         return model(pixel_values=torch.from_numpy(x).permute(0, 3, 1, 2), output_hidden_states=True, **kwargs)
 
 
+def abstract_tower(config) -> VisionTower:
+    """Parameters as shapes only (no random init): the loader fills every one of them."""
+    return nnx.eval_shape(lambda: VisionTower(config, rngs=nnx.Rngs(0)))
+
+
 def load_tower(directory: str, image_size: int, **options) -> VisionTower:
     with open(os.path.join(directory, "config.json")) as f:
         config = vision_config_from_hf(json.load(f), image_size=image_size, **options)
-    tower = VisionTower(config, rngs=nnx.Rngs(0))
+    tower = abstract_tower(config)
     load_hf_vision_weights(tower, CheckpointTensors(directory))
     return tower
+
+
+def run(tower: VisionTower, x: np.ndarray, method: str = "__call__"):
+    """The jitted split → merge forward (one compile instead of hundreds of eager op compiles)."""
+    graphdef, state = nnx.split(tower)
+    return jax.jit(lambda s, p: getattr(nnx.merge(graphdef, s), method)(p))(state, jnp.asarray(x))
 
 
 def max_diff(jax_out, torch_out) -> float:
@@ -109,13 +120,15 @@ def interpolate_like_transformers_4_40(embeddings_module):
 def test_dinov2_size_mode_matches_transformers_5_at_224_px(dinov2_dir):
     model = Dinov2Model.from_pretrained(dinov2_dir).eval()
     x = pixels(224)
-    expected = torch_outputs(model, x).last_hidden_state
-    patch = load_tower(dinov2_dir, 224, pos_interpolation="size")
-    with_cls = load_tower(dinov2_dir, 224, pos_interpolation="size", feature_select="cls_patch")
-    out_patch, out_cls = patch(jnp.asarray(x)), with_cls(jnp.asarray(x))
-    assert out_patch.shape == (2, 256, 32) and out_cls.shape == (2, 257, 32)
-    assert max_diff(out_patch, expected[:, 1:]) <= ATOL
-    assert max_diff(out_cls, expected) <= ATOL
+    expected = torch_outputs(model, x)
+    tower = load_tower(dinov2_dir, 224, pos_interpolation="size", feature_select="cls_patch")
+    out = run(tower, x)
+    assert out.shape == (2, 257, 32)
+    assert max_diff(out, expected.last_hidden_state) <= ATOL
+    hidden = run(tower, x, "hidden_states")  # embeddings + 3 block outputs, before the final norm
+    assert len(hidden) == len(expected.hidden_states) == 4
+    for ours, theirs in zip(hidden, expected.hidden_states):
+        assert max_diff(ours, theirs) <= ATOL
 
 
 def test_dinov2_scale_factor_mode_matches_reference_transformers_4_40(dinov2_dir):
@@ -123,8 +136,9 @@ def test_dinov2_scale_factor_mode_matches_reference_transformers_4_40(dinov2_dir
     model.embeddings.interpolate_pos_encoding = interpolate_like_transformers_4_40(model.embeddings)
     x = pixels(224)
     expected = torch_outputs(model, x).last_hidden_state[:, 1:]
-    scale_factor = load_tower(dinov2_dir, 224, pos_interpolation="scale_factor")(jnp.asarray(x))
-    size = load_tower(dinov2_dir, 224, pos_interpolation="size")(jnp.asarray(x))
+    scale_factor = run(load_tower(dinov2_dir, 224, pos_interpolation="scale_factor"), x)
+    size = run(load_tower(dinov2_dir, 224, pos_interpolation="size"), x)
+    assert scale_factor.shape == (2, 256, 32)
     assert max_diff(scale_factor, expected) <= ATOL
     # The two modes are different models: a checkpoint must record which one it was trained with.
     assert float(jnp.abs(scale_factor - size).max()) > 0.05
@@ -139,75 +153,85 @@ def test_dinov2_position_resize_differs_between_modes_and_is_skipped_at_the_pret
                                   np.asarray(native.position_embedding[...]))
 
 
-def test_dinov2_every_selectable_layer_matches_hidden_states(dinov2_dir):
-    model = Dinov2Model.from_pretrained(dinov2_dir).eval()
-    x = pixels(224, batch=1, seed=1)
-    hidden = torch_outputs(model, x).hidden_states  # embeddings + 3 block outputs, before the final norm
-    for layer in (0, 1, 3, -2, -4):
-        tower = load_tower(dinov2_dir, 224, feature_layer=layer, feature_select="cls_patch")
-        assert max_diff(tower(jnp.asarray(x)), hidden[layer]) <= ATOL, layer
-
-
-def test_clip_hidden_states_and_final_output_match_transformers(clip_dir):
+def test_feature_layer_selects_hidden_states_and_runs_no_later_block(clip_dir):
     model = CLIPVisionModel.from_pretrained(clip_dir).eval()
     x = pixels(56)
     out = torch_outputs(model, x)
-    assert len(out.hidden_states) == 4
+    hidden = out.hidden_states  # CLIP: [0] is after pre_layrnorm
     # -1 is transformers' last_hidden_state, which CLIP does not normalise (post_layernorm is for the pooled CLS).
-    for layer, expected in [(-1, out.last_hidden_state), (0, out.hidden_states[0]), (1, out.hidden_states[1]),
-                            (3, out.hidden_states[3]), (-2, out.hidden_states[-2]), (-4, out.hidden_states[0])]:
+    for layer, expected in [(-1, out.last_hidden_state), (0, hidden[0]), (1, hidden[1]), (-2, hidden[2]),
+                            (-4, hidden[0])]:
         tower = load_tower(clip_dir, 56, feature_layer=layer, feature_select="cls_patch")
-        assert max_diff(tower(jnp.asarray(x)), expected) <= ATOL, layer
+        assert max_diff(run(tower, x), expected) <= ATOL, layer
     patch_only = load_tower(clip_dir, 56, feature_layer=-2)
-    assert patch_only(jnp.asarray(x)).shape == (2, 16, 32)
-    assert max_diff(patch_only(jnp.asarray(x)), out.hidden_states[-2][:, 1:]) <= ATOL
+    assert max_diff(run(patch_only, x), hidden[-2][:, 1:]) <= ATOL
+    # Blocks after the selected one are not run: breaking block 3 leaves layer -2 (= block 2) unchanged.
+    patch_only.layers[2].mlp.fc2.kernel.set_value(jnp.full((48, 32), jnp.nan))
+    assert max_diff(run(patch_only, x), hidden[-2][:, 1:]) <= ATOL
 
 
-def test_siglip_hidden_states_and_final_output_match_transformers(siglip_dir):
+def test_clip_hidden_states_match_transformers(clip_dir):
+    model = CLIPVisionModel.from_pretrained(clip_dir).eval()
+    x = pixels(56)
+    expected = torch_outputs(model, x).hidden_states
+    hidden = run(load_tower(clip_dir, 56), x, "hidden_states")
+    assert len(hidden) == len(expected) == 4
+    for ours, theirs in zip(hidden, expected):
+        assert max_diff(ours, theirs) <= ATOL
+
+
+def test_siglip_hidden_states_and_normed_final_output_match_transformers(siglip_dir):
     model = SiglipVisionModel.from_pretrained(siglip_dir).eval()
     x = pixels(60)
-    out = torch_outputs(model, x)
-    for layer, expected in [(-1, out.last_hidden_state), (0, out.hidden_states[0]), (2, out.hidden_states[2]),
-                            (3, out.hidden_states[3]), (-2, out.hidden_states[-2])]:
-        tower = load_tower(siglip_dir, 60, feature_layer=layer)
-        result = tower(jnp.asarray(x))
-        assert result.shape == (2, 16, 32)  # no CLS: patch == cls_patch
-        assert max_diff(result, expected) <= ATOL, layer
+    expected = torch_outputs(model, x)
+    tower = load_tower(siglip_dir, 60)
+    out = run(tower, x)
+    assert out.shape == (2, 16, 32)  # no CLS; 60 px / 14 px patches = 4×4, the last 4 px ignored
+    assert max_diff(out, expected.last_hidden_state) <= ATOL
+    hidden = run(tower, x, "hidden_states")
+    assert len(hidden) == len(expected.hidden_states) == 4
+    for ours, theirs in zip(hidden, expected.hidden_states):
+        assert max_diff(ours, theirs) <= ATOL
 
 
 def test_siglip_attention_pooling_head_is_left_unused(siglip_dir):
     with open(os.path.join(siglip_dir, "config.json")) as f:
-        tower = VisionTower(vision_config_from_hf(json.load(f), image_size=60), rngs=nnx.Rngs(0))
+        tower = abstract_tower(vision_config_from_hf(json.load(f), image_size=60))
     unused = load_hf_vision_weights(tower, CheckpointTensors(siglip_dir))
     assert unused and all(name.startswith("head.") for name in unused)
 
 
 @pytest.mark.parametrize("select", ["patch", "cls_patch"])
 def test_output_token_count_follows_feature_select_and_model_image_tokens(dinov2_dir, clip_dir, siglip_dir, select):
-    for directory, size, cls in [(dinov2_dir, 224, True), (clip_dir, 56, True), (siglip_dir, 60, False)]:
+    for directory, size, cls in [(dinov2_dir, 56, True), (clip_dir, 56, True), (siglip_dir, 60, False)]:
         tower = load_tower(directory, size, feature_select=select)
-        out = tower(jnp.asarray(pixels(size, batch=1)))
+        out = jax.eval_shape(tower, jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
         grid = tower.config.grid
         assert out.shape[1] == grid * grid + int(select == "cls_patch" and cls) == tower.config.output_tokens
         assert out.shape[1] == ModelConfig(vision=tower.config, resampler=ResamplerConfig("identity")).image_tokens
 
 
-def test_every_parameter_carries_logical_axes(clip_dir, dinov2_dir):
-    for directory, size in [(clip_dir, 56), (dinov2_dir, 224)]:
+def test_every_parameter_carries_logical_axes_and_is_in_the_weight_map(dinov2_dir, clip_dir, siglip_dir):
+    for directory, size in [(dinov2_dir, 56), (clip_dir, 56), (siglip_dir, 60)]:
         tower = load_tower(directory, size)
         params = jax.tree.leaves(nnx.state(tower, nnx.Param), is_leaf=lambda v: isinstance(v, nnx.Variable))
-        assert params
+        assert len(params) == len(vision_hf_state_dict(tower))
         for variable in params:
+            assert isinstance(variable[...], jax.Array)  # loaded, not left abstract
             axes = variable.get_metadata().get("axes")
             assert axes is not None and len(axes) == variable.ndim
 
 
-def test_jitted_split_merge_forward_equals_eager(dinov2_dir):
-    tower = load_tower(dinov2_dir, 224, pos_interpolation="scale_factor")
-    graphdef, state = nnx.split(tower)
-    x = jnp.asarray(pixels(224, batch=1))
-    jitted = jax.jit(lambda s, p: nnx.merge(graphdef, s)(p))(state, x)
-    np.testing.assert_allclose(np.asarray(jitted), np.asarray(tower(x)), atol=ATOL)
+def test_bfloat16_tower_tracks_float32(clip_dir):
+    x = pixels(56, batch=1)
+    fp32 = run(load_tower(clip_dir, 56), x)
+    with open(os.path.join(clip_dir, "config.json")) as f:
+        config = vision_config_from_hf(json.load(f), image_size=56)
+    bf16 = nnx.eval_shape(lambda: VisionTower(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    load_hf_vision_weights(bf16, CheckpointTensors(clip_dir))
+    out = run(bf16, x)
+    assert out.dtype == jnp.bfloat16
+    assert float(jnp.abs(out.astype(jnp.float32) - fp32).max()) < 0.1 * float(jnp.abs(fp32).max())
 
 
 def test_missing_tensor_is_named(clip_dir):
@@ -227,12 +251,13 @@ def test_wrong_shape_names_tensor_and_both_shapes(clip_dir):
 
 
 def test_state_dict_round_trip_is_bit_exact_for_every_kind(dinov2_dir, clip_dir, siglip_dir):
+    prefix = "model.vision_tower.vision_tower."
     for directory, size in [(dinov2_dir, 224), (clip_dir, 56), (siglip_dir, 60)]:
         tower = load_tower(directory, size)
-        exported = vision_hf_state_dict(tower, prefix="model.vision_tower.vision_tower.")
-        fresh = VisionTower(tower.config, rngs=nnx.Rngs(7))
-        assert load_hf_vision_weights(fresh, exported, prefix="model.vision_tower.vision_tower.") == []
-        again = vision_hf_state_dict(fresh, prefix="model.vision_tower.vision_tower.")
+        exported = vision_hf_state_dict(tower, prefix=prefix)
+        fresh = abstract_tower(tower.config)
+        assert load_hf_vision_weights(fresh, exported, prefix=prefix) == []
+        again = vision_hf_state_dict(fresh, prefix=prefix)
         assert exported.keys() == again.keys()
         for name in exported:
             np.testing.assert_array_equal(exported[name], again[name])
@@ -246,18 +271,18 @@ def test_export_loads_in_transformers_with_the_same_output(kind, dinov2_dir, cli
     save_file(vision_hf_state_dict(tower), str(tmp_path / "model.safetensors"))
     with open(tmp_path / "config.json", "w") as f:
         json.dump(vision_hf_config(tower.config), f)
-    model = model_class.from_pretrained(str(tmp_path)).eval()
+    model, info = model_class.from_pretrained(str(tmp_path), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
     x = pixels(size, batch=1)
-    assert max_diff(tower(jnp.asarray(x)), torch_outputs(model, x).last_hidden_state) <= ATOL
+    assert max_diff(run(tower, x), torch_outputs(model.eval(), x).last_hidden_state) <= ATOL
 
 
 def test_bad_feature_layer_and_unsupported_checkpoints_are_rejected(clip_dir, dinov2_dir):
     with open(os.path.join(clip_dir, "config.json")) as f:
         config = vision_config_from_hf(json.load(f), image_size=56)
-    with pytest.raises(ConfigError, match="feature_layer"):
-        VisionTower(dataclasses.replace(config, feature_layer=4), rngs=nnx.Rngs(0))
-    with pytest.raises(ConfigError, match="feature_layer"):
-        VisionTower(dataclasses.replace(config, feature_layer=-5), rngs=nnx.Rngs(0))
+    for layer in (4, -5):  # a 3-block tower has hidden_states[0..3]
+        with pytest.raises(ConfigError, match="feature_layer"):
+            abstract_tower(dataclasses.replace(config, feature_layer=layer))
     with open(os.path.join(dinov2_dir, "config.json")) as f:
         dinov2 = json.load(f)
     with pytest.raises(ConversionError, match="use_swiglu_ffn"):
@@ -271,4 +296,4 @@ def test_bad_feature_layer_and_unsupported_checkpoints_are_rejected(clip_dir, di
 def test_wrong_pixel_shape_is_rejected(clip_dir):
     tower = load_tower(clip_dir, 56)
     with pytest.raises(ValueError, match=r"\(B, 56, 56, 3\)"):
-        tower(jnp.zeros((1, 3, 56, 56)))
+        jax.eval_shape(tower, jax.ShapeDtypeStruct((1, 3, 56, 56), jnp.float32))

@@ -85,7 +85,7 @@ class ImageProcessing:
         if config.get("resample", _PIL_BICUBIC) != _PIL_BICUBIC:
             raise ConfigError(f"{path}: field 'resample' is {config['resample']!r}; only bicubic (3) is supported")
         crops = config.get("do_center_crop", "crop_size" in config)
-        key = "size"
+        key = "crop_size" if crops else "size"
         if key not in config:
             raise ConfigError(f"{path}: missing field {key!r}")
         side = _square_side(config[key], f"{path}: field {key!r}")
@@ -175,7 +175,7 @@ def load_image(path: str | os.PathLike, processing: ImageProcessing, *, record: 
                           "would decode as grey padding, so jaxllava refuses to load images (REFERENCE.md §1.5)")
     try:
         with Image.open(path) as opened:
-            opened.load()
+            pass
             rgb = to_rgb(ImageOps.exif_transpose(opened))
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
         raise DataError(f"image file not found ({e.strerror})", reason="missing_image", **location) from None

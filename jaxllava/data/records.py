@@ -153,16 +153,18 @@ def _raw_records(path: str) -> Iterator[tuple[str, Any]]:
         raise DataError("expected a .json (list of records) or .jsonl (one record per line) file",
                         file=path, reason="file")
     try:
-        handle = open(path, encoding="utf-8")
+        handle = open(path, "rb")  # json decodes bytes itself; per-line decode errors stay per line
     except OSError as error:
         raise DataError(f"cannot open: {error.strerror}", file=path, reason="file") from error
     with handle:
         if extension == ".json":
             try:
-                data = json.load(handle)
+                data = json.loads(handle.read())
             except json.JSONDecodeError as error:
                 raise DataError(f"invalid JSON at line {error.lineno} column {error.colno}: {error.msg}",
                                 file=path, reason="json") from error
+            except UnicodeDecodeError as error:
+                raise DataError(f"not UTF-8 text at byte {error.start}", file=path, reason="json") from error
             if not isinstance(data, list):
                 raise DataError(f"top level must be a JSON list of records, got {type(data).__name__}",
                                 file=path, reason="json")
@@ -175,6 +177,9 @@ def _raw_records(path: str) -> Iterator[tuple[str, Any]]:
                 yield f"line {number}", json.loads(line)
             except json.JSONDecodeError as error:
                 yield f"line {number}", DataError(f"invalid JSON at column {error.colno}: {error.msg}",
+                                                  file=path, record=f"line {number}", reason="json")
+            except UnicodeDecodeError as error:
+                yield f"line {number}", DataError(f"not UTF-8 text at byte {error.start} of the line",
                                                   file=path, record=f"line {number}", reason="json")
 
 

@@ -9,8 +9,8 @@ Variants (transformers `Dinov2Model`, `CLIPVisionModel`, `SiglipVisionModel`):
   clip    class embedding, `pre_layrnorm` before the blocks, quick-GELU, no
           bias on the patch projection. Its `post_layernorm` normalises only the
           pooled CLS output, so transformers' last_hidden_state is NOT normed and
-          neither is ours; the post norm is not loaded (LLaVA reads
-          hidden_states[-2] anyway).
+          neither is ours (LLaVA reads hidden_states[-2] anyway); the post norm
+          is loaded and kept only for export.
   siglip  no CLS, tanh-GELU, post LayerNorm on every token (= last_hidden_state).
           The attention-pooling `head.*` produces a pooled embedding that no
           LLaVA-style model reads, so it is not loaded (its keys come back as
@@ -185,6 +185,10 @@ class VisionTower(nnx.Module):
         self.layers = nnx.List([VisionBlock(config, dtype=dtype, rngs=rngs) for _ in range(config.num_layers)])
         self.final_norm = (LayerNorm(d, eps=eps, axes=("vision_embed",), dtype=dtype)
                            if config.kind in ("dinov2", "siglip") else None)
+        # CLIP's post_layernorm normalises only the pooled CLS output, which no feature here
+        # reads; it is kept (unused) so that an export reproduces the checkpoint.
+        self.pooled_norm = (LayerNorm(d, eps=eps, axes=("vision_embed",), dtype=dtype)
+                            if config.kind == "clip" else None)
 
     def _blocks_to_run(self) -> int:
         layer, total = self.config.feature_layer, self.config.num_layers
@@ -218,10 +222,18 @@ class VisionTower(nnx.Module):
             x = self.pre_norm(x)
         return constrain(x, ACT)
 
+    def hidden_states(self, pixels: jax.Array, num_blocks: int | None = None) -> list[jax.Array]:
+        """transformers' `hidden_states`: [block input, block 1 output, ...], none final-normed.
+
+        Runs the first `num_blocks` blocks (all by default); CLS included when the tower has one.
+        """
+        states = [self.embed(pixels)]
+        for block in self.layers[: self.config.num_layers if num_blocks is None else num_blocks]:
+            states.append(block(states[-1]))
+        return states
+
     def __call__(self, pixels: jax.Array) -> jax.Array:
-        x = self.embed(pixels)
-        for block in self.layers[: self._blocks_to_run()]:
-            x = block(x)
+        x = self.hidden_states(pixels, self._blocks_to_run())[-1]
         if self.config.feature_layer == -1 and self.final_norm is not None:
             x = self.final_norm(x)
         if self.config.has_cls and self.config.feature_select == "patch":
@@ -378,9 +390,8 @@ def vision_weight_map(tower: VisionTower) -> list[tuple[str, nnx.Param, _Layout]
                     + _dense(f"{n}.self_attn.out_proj", block.attention.out)
                     + _norm(f"{n}.layer_norm2", block.norm2)
                     + _dense(f"{n}.mlp.fc1", block.mlp.fc1) + _dense(f"{n}.mlp.fc2", block.mlp.fc2))
-    if tower.final_norm is not None:
-        entries += _norm("post_layernorm", tower.final_norm)
-    return entries
+    post_norm = tower.final_norm if tower.final_norm is not None else tower.pooled_norm
+    return entries + _norm("post_layernorm", post_norm)
 
 
 def _tower_prefix(tower: VisionTower, tensors, prefix: str) -> str:
@@ -424,7 +435,7 @@ def load_hf_vision_weights(tower: VisionTower, tensors, *, prefix: str = "") -> 
 
     Strict: a missing tensor or a shape mismatch raises ConversionError naming the
     tensor and both shapes. Returns the unused checkpoint keys under `prefix`
-    (DINOv2 mask_token, CLIP post_layernorm, SigLIP head.*, or anything unexpected)
+    (DINOv2 mask_token, SigLIP head.*, or anything unexpected)
     for the caller to check.
     """
     inner = _tower_prefix(tower, tensors, prefix)
@@ -436,5 +447,6 @@ def vision_hf_state_dict(tower: VisionTower, *, prefix: str = "") -> dict[str, n
     """Tower parameters under transformers' legacy names (CLIP/SigLIP nested in `vision_model.`),
     which transformers 4 and 5 both load."""
     inner = prefix if tower.config.kind == "dinov2" else f"{prefix}vision_model."
-    return {inner + name: np.asarray(layout.to_hf(np.asarray(param[...])))
+    # contiguous: safetensors writes a transposed view's memory, not its logical order
+    return {inner + name: np.ascontiguousarray(layout.to_hf(np.asarray(param[...])))
             for name, param, layout in vision_weight_map(tower)}

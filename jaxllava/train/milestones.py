@@ -1,0 +1,62 @@
+"""BabyLM word milestones and the word budget.
+
+BabyLM asks for checkpoints at 1M…10M words (every 1M), 20M…100M (every 10M) and
+200M…1000M (every 100M), counted as total words seen, repeats included, and named
+`chck_<N>M` (BABYLM_EVAL.md; the reference's callback used the same 28 points,
+REFERENCE.md §3.3). Here the count is the words of the samples actually trained on,
+added after each optimizer step, and the tracker's state is saved in every
+checkpoint, so a resumed run neither repeats nor skips a milestone (the reference
+recounted by file position and re-parsed directory names on resume, §7.16-17).
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+M = 1_000_000
+
+BABYLM_MILESTONES: tuple[int, ...] = (
+    tuple(range(1 * M, 10 * M + 1, 1 * M))
+    + tuple(range(20 * M, 100 * M + 1, 10 * M))
+    + tuple(range(200 * M, 1000 * M + 1, 100 * M))
+)
+
+
+def format_words(words: int) -> str:
+    """'10M', '1.5M', '1000M', '500k', '750': BabyLM counts in millions, smaller in thousands."""
+    if words >= M:
+        return f"{words / M:.3f}".rstrip("0").rstrip(".") + "M"
+    if words >= 1000:
+        return f"{words / 1000:.3f}".rstrip("0").rstrip(".") + "k"
+    return str(words)
+
+
+def milestone_name(words: int) -> str:
+    """BabyLM's revision name for a milestone: `chck_10M`."""
+    return f"chck_{format_words(words)}"
+
+
+def budget_reached(words: int, budget: Optional[int]) -> bool:
+    """True once `words` reached the budget: checked after every optimizer step, so a
+    run stops at most one step past it."""
+    return budget is not None and words >= budget
+
+
+class MilestoneTracker:
+    """Reports each milestone once, the first time the word count reaches it."""
+
+    def __init__(self, milestones: Sequence[int] = BABYLM_MILESTONES, done: Iterable[int] = ()):
+        self.milestones = tuple(sorted(milestones))
+        self.done: set[int] = set(done)
+
+    def update(self, words: int) -> list[int]:
+        """Milestones reached by `words` and not reported before (several if one step crossed several)."""
+        crossed = [m for m in self.milestones if m <= words and m not in self.done]
+        self.done.update(crossed)
+        return crossed
+
+    def state(self) -> dict:
+        return {"done": sorted(self.done)}
+
+    @classmethod
+    def from_state(cls, state: dict, milestones: Sequence[int] = BABYLM_MILESTONES) -> "MilestoneTracker":
+        return cls(milestones, done=state.get("done", ()))

@@ -1,0 +1,119 @@
+"""metrics.jsonl rows, TensorBoard event files, the TTY-only progress line, FLOPs and MFU."""
+from __future__ import annotations
+
+import glob
+import io
+import json
+import struct
+import types
+
+import numpy as np
+import pytest
+from tensorboardX.proto import event_pb2
+
+from jaxllava.model.config import LlamaConfig
+from jaxllava.train.metrics import MetricsLogger, lm_flops_per_token, mfu, peak_flops
+
+
+def read_events(logdir: str) -> list[event_pb2.Event]:
+    """Parse TFRecord event files (u64 length, u32 crc, payload, u32 crc)."""
+    events = []
+    for path in glob.glob(f"{logdir}/events.out.tfevents.*"):
+        data = open(path, "rb").read()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            payload = data[offset + 12:offset + 12 + length]
+            events.append(event_pb2.Event.FromString(payload))
+            offset += 12 + length + 4
+    return events
+
+
+class FakeTTY(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def row(loss: float, words: int):
+    return {"loss": np.float32(loss), "lr": 1e-3, "tokens": 512, "words_seen": words, "text_samples": 3,
+            "image_samples": 1, "tokens_per_s": 1000.0}
+
+
+def test_rows_are_appended_as_json_lines_with_python_numbers(tmp_path):
+    logger = MetricsLogger(str(tmp_path), tensorboard=False, progress=False)
+    logger.log(1, row(2.5, 100))
+    logger.log(2, row(2.25, 200))
+    logger.close()
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[1]["loss"] == 2.25 and rows[1]["words_seen"] == 200 and rows[0]["image_samples"] == 1
+
+
+def test_non_finite_values_are_written_as_strings_so_the_file_stays_json(tmp_path):
+    logger = MetricsLogger(str(tmp_path), tensorboard=False, progress=False)
+    logger.log(1, {"loss": float("nan"), "grad_norm": float("inf")})
+    logger.close()
+    loaded = json.loads(open(tmp_path / "metrics.jsonl").read())
+    assert loaded["loss"] == "nan" and loaded["grad_norm"] == "inf"
+
+
+def test_resume_drops_rows_logged_after_the_checkpoint(tmp_path):
+    logger = MetricsLogger(str(tmp_path), tensorboard=False, progress=False)
+    for step in (1, 2, 3, 4):
+        logger.log(step, {"loss": 1.0})
+    logger.close()
+    resumed = MetricsLogger(str(tmp_path), tensorboard=False, progress=False, resume_step=2)
+    resumed.log(3, {"loss": 0.5})
+    resumed.close()
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 1.0), (3, 0.5)]
+
+
+def test_tensorboard_event_file_holds_the_scalars(tmp_path):
+    logger = MetricsLogger(str(tmp_path), tensorboard=True, progress=False)
+    logger.log(5, row(3.0, 10))
+    logger.log(6, row(2.0, 20))
+    logger.close()
+    scalars = {(e.step, v.tag): v.simple_value for e in read_events(str(tmp_path / "tensorboard"))
+               for v in e.summary.value}
+    assert scalars[(5, "train/loss")] == pytest.approx(3.0)
+    assert scalars[(6, "train/words_seen")] == pytest.approx(20)
+    assert (6, "train/lr") in scalars
+
+
+def test_progress_line_only_on_a_terminal(tmp_path):
+    tty = FakeTTY()
+    logger = MetricsLogger(str(tmp_path / "a"), tensorboard=False, progress=True, total_steps=10, stream=tty)
+    logger.log(1, row(2.5, 100))
+    logger.log(2, row(2.4, 200))
+    logger.close()
+    assert "step 2/10" in tty.getvalue() and "loss 2.4000" in tty.getvalue() and "ETA" in tty.getvalue()
+
+    pipe = io.StringIO()  # not a TTY (CI logs, redirected output)
+    logger = MetricsLogger(str(tmp_path / "b"), tensorboard=False, progress=True, total_steps=10, stream=pipe)
+    logger.log(1, row(2.5, 100))
+    logger.close()
+    assert pipe.getvalue() == ""
+
+
+def test_flops_per_token_is_six_n_plus_attention_term():
+    lm = LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=40, num_layers=2, num_heads=4,
+                     num_kv_heads=2)
+    head_dim = 4
+    per_layer = 16 * 4 * head_dim * 2 + 16 * 2 * head_dim * 2 + 3 * 16 * 40
+    n = 2 * per_layer + 16 * 100
+    assert lm_flops_per_token(lm, seq_len=32) == 6 * n + 12 * 2 * 4 * head_dim * 32
+    assert lm_flops_per_token(lm, 64) > lm_flops_per_token(lm, 32)
+
+
+def test_peak_flops_knows_hopper_and_ampere_and_not_cpu():
+    gpu = lambda kind: types.SimpleNamespace(platform="gpu", device_kind=kind)  # noqa: E731
+    assert peak_flops(gpu("NVIDIA H100 80GB HBM3")) == pytest.approx(989.4e12)
+    assert peak_flops(gpu("NVIDIA H100 PCIe")) == pytest.approx(756e12)
+    assert peak_flops(gpu("NVIDIA H200")) == pytest.approx(989.4e12)
+    assert peak_flops(gpu("NVIDIA A100-SXM4-80GB")) == pytest.approx(312e12)
+    assert peak_flops(gpu("Tesla T4")) is None
+    import jax
+    assert peak_flops(jax.devices()[0]) is None  # the CPU test machine
+    assert mfu(1e6, 1e9, jax.devices()) is None
+    assert mfu(1e6, 1e9, [gpu("NVIDIA A100-SXM4-40GB")] * 2) == pytest.approx(1e15 / (2 * 312e12))
