@@ -178,23 +178,23 @@ def noun_phrase(rng: random.Random, nouns, number: str, *, det: str | None = Non
     return words + [noun]
 
 
-def number(rng: random.Random) -> str:
+def random_number(rng: random.Random) -> str:
     return rng.choice(("sg", "pl"))
 
 
-def pick_verb(forms: tuple[str, str], number_: str) -> str:
-    return forms[0] if number_ == "sg" else forms[1]
+def pick_verb(forms: tuple[str, str], number: str) -> str:
+    return forms[0] if number == "sg" else forms[1]
 
 
-def predicate(rng: random.Random, number_: str) -> tuple[list[str], int]:
-    """Words of a verb phrase and the index of the verb that must agree."""
+def predicate(rng: random.Random, number: str) -> list[str]:
+    """A verb phrase whose first word is the verb that agrees with the subject."""
     kind = rng.choice(("intransitive", "transitive", "copula"))
     if kind == "intransitive":
-        return [pick_verb(rng.choice(INTRANSITIVE), number_)], 0
+        return [pick_verb(rng.choice(INTRANSITIVE), number)]
     if kind == "copula":
-        return [pick_verb(COPULA, number_), rng.choice(ADJECTIVES)], 0
-    obj = noun_phrase(rng, rng.choice((ANIMALS, THINGS)), number(rng), adjective_p=0.2)
-    return [pick_verb(rng.choice(TRANSITIVE), number_)] + obj, 0
+        return [pick_verb(COPULA, number), rng.choice(ADJECTIVES)]
+    obj = noun_phrase(rng, rng.choice((ANIMALS, THINGS)), random_number(rng), adjective_p=0.2)
+    return [pick_verb(rng.choice(TRANSITIVE), number)] + obj
 
 
 def agreement_sentence(rng: random.Random, *, with_pp: bool,
@@ -205,24 +205,23 @@ def agreement_sentence(rng: random.Random, *, with_pp: bool,
     attractor) has a random number, or the subject's other number when
     `opposite_attractor`.
     """
-    n = number(rng)
+    n = random_number(rng)
     subject = noun_phrase(rng, ANIMALS, n)
     if with_pp:
-        attractor_number = {"sg": "pl", "pl": "sg"}[n] if opposite_attractor else number(rng)
+        attractor_number = {"sg": "pl", "pl": "sg"}[n] if opposite_attractor else random_number(rng)
         attractor = noun_phrase(rng, rng.choice((ANIMALS, THINGS)), attractor_number, adjective_p=0.1)
         subject += [rng.choice(PREPOSITIONS)] + attractor
-    verb_phrase, verb_at = predicate(rng, n)
-    return subject + verb_phrase + ["."], len(subject) + verb_at
+    return subject + predicate(rng, n) + ["."], len(subject)
 
 
 def modal_sentence(rng: random.Random) -> list[str]:
     # "can" does not agree, so only the determiner marks number.
-    return noun_phrase(rng, ANIMALS, number(rng)) + ["can", rng.choice(INTRANSITIVE)[1], "."]
+    return noun_phrase(rng, ANIMALS, random_number(rng)) + ["can", rng.choice(INTRANSITIVE)[1], "."]
 
 
 def filler_sentence(rng: random.Random) -> list[str]:
     """Child-directed frames: imperatives and questions (questions agree too)."""
-    n = number(rng)
+    n = random_number(rng)
     np_ = noun_phrase(rng, rng.choice((ANIMALS, THINGS)), n)
     frame = rng.choice(("look", "where", "see", "here"))
     if frame == "look":
@@ -265,13 +264,13 @@ def subject_verb_pair(rng: random.Random, *, with_pp: bool) -> tuple[str, str]:
 
 
 def determiner_noun_pair(rng: random.Random) -> tuple[str, str]:
-    n = number(rng)
+    n = random_number(rng)
     det = rng.choice(DEMONSTRATIVES[n])
     if rng.random() < 0.5:
         words = noun_phrase(rng, ANIMALS, n, det=det) + ["can", rng.choice(INTRANSITIVE)[1], "."]
         noun_at = len(words) - 4
     else:
-        subject_number = number(rng)
+        subject_number = random_number(rng)
         words = (noun_phrase(rng, ANIMALS, subject_number) + [pick_verb(rng.choice(TRANSITIVE), subject_number)]
                  + noun_phrase(rng, rng.choice((ANIMALS, THINGS)), n, det=det) + ["."])
         noun_at = len(words) - 2

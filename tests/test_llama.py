@@ -32,9 +32,9 @@ CONFIGS = {
     "mqa_biases_wide_heads": dict(num_key_value_heads=1, head_dim=16, attention_bias=True, mlp_bias=True),
 }
 FP32_TOLERANCE = 1e-5
-# bf16 compute (fp32 params, fp32 RMSNorm statistics and softmax) vs fp32 compute: bf16 keeps
-# 8 mantissa bits (relative step 2^-8 ≈ 0.4 %); over two layers the logits stay within 3 % of
-# the largest logit magnitude.
+# bf16 compute (fp32 params; RMSNorm statistics, RoPE and softmax in fp32) vs fp32 compute:
+# bf16 keeps 8 mantissa bits (relative step 2^-8 ≈ 0.4 %); on these two-layer models the
+# largest logit error measured 1.7 % of the largest logit magnitude; the bound is 3 %.
 BF16_RELATIVE_TOLERANCE = 3e-2
 
 
@@ -99,33 +99,32 @@ def test_logits_match_transformers_on_right_padded_rows(tmp_path, name):
     np.testing.assert_allclose(ours[real], ref[real], rtol=0, atol=FP32_TOLERANCE)
 
 
-def test_packed_row_gives_each_segment_its_own_logits(tmp_path):
+def test_packed_rows_give_each_segment_its_own_logits(tmp_path):
     hf = _hf_model(tmp_path, "gqa_tied_llama3_rope")
     model = _load(tmp_path)
-    lengths, seq_len = [23, 31, 9], 70
+    rows, seq_len = [[23, 31, 9], [40, 44]], 84  # the second row is full: no padding at all
     rng = np.random.RandomState(1)
-    segments = [rng.randint(3, VOCAB, n).astype(np.int32) for n in lengths]
-    ids = np.zeros((1, seq_len), np.int32)
-    segment_ids = np.zeros((1, seq_len), np.int32)
-    positions = np.zeros((1, seq_len), np.int32)
-    start = 0
-    for k, tokens in enumerate(segments):
-        ids[0, start:start + len(tokens)] = tokens
-        segment_ids[0, start:start + len(tokens)] = k + 1
-        positions[0, start:start + len(tokens)] = np.arange(len(tokens))
-        start += len(tokens)
+    ids, segment_ids, positions = (np.zeros((len(rows), seq_len), np.int32) for _ in range(3))
+    spans = []
+    for b, lengths in enumerate(rows):
+        start = 0
+        for k, n in enumerate(lengths):
+            tokens = rng.randint(3, VOCAB, n).astype(np.int32)
+            ids[b, start:start + n] = tokens
+            segment_ids[b, start:start + n] = k + 1
+            positions[b, start:start + n] = np.arange(n)
+            spans.append((b, start, tokens))
+            start += n
     packed = _logits(model, ids, segment_ids, positions)
     assert np.isfinite(packed).all()
-    start = 0
-    for tokens in segments:
+    for b, start, tokens in spans:
         alone = _hf_logits(hf, tokens[None, :])[0]
-        np.testing.assert_allclose(packed[0, start:start + len(tokens)], alone, rtol=0, atol=FP32_TOLERANCE)
-        start += len(tokens)
+        np.testing.assert_allclose(packed[b, start:start + len(tokens)], alone, rtol=0, atol=FP32_TOLERANCE)
 
 
 def test_bf16_compute_stays_close_to_fp32(tmp_path):
     _hf_model(tmp_path, "mha_untied")
-    ids, segment_ids, positions, real = _right_padded([84, 60], seq_len=84)
+    ids, segment_ids, positions, real = _right_padded([84, 57], seq_len=84)  # as the parity test: same compile
     fp32 = _logits(_load(tmp_path, dtype=jnp.float32), ids, segment_ids, positions)
     bf16_model = _load(tmp_path, dtype=jnp.bfloat16)
     bf16 = _logits(bf16_model, ids, segment_ids, positions)
@@ -150,13 +149,13 @@ def test_remat_policies_keep_outputs_and_gradients(tmp_path):
     _hf_model(tmp_path, "gqa_tied_llama3_rope")
     ids, segment_ids, positions, _ = _right_padded([24, 17], seq_len=24)
     args = (jnp.asarray(ids), jnp.asarray(segment_ids), jnp.asarray(positions))
-    results = {}
+    fns, params = {}, {}
     for policy in ("none", "full", "save_dots"):
-        fn, params = _loss_and_grads(_load(tmp_path, remat=policy), *args)
-        traced = jax.jit(fn).trace(params)
-        jaxpr = str(traced.jaxpr)
+        fns[policy], params[policy] = _loss_and_grads(_load(tmp_path, remat=policy), *args)
+        jaxpr = str(jax.make_jaxpr(fns[policy])(params[policy]))
         assert ("checkpoint" in jaxpr or "remat" in jaxpr) == (policy != "none"), policy
-        results[policy] = traced.lower().compile()(params)
+    # one compilation for the three variants (compiles dominate this file's run time)
+    results = jax.jit(lambda ps: {k: fns[k](p) for k, p in ps.items()})(params)
     loss, grads = results["none"]
     for policy in ("full", "save_dots"):
         np.testing.assert_allclose(results[policy][0], loss, rtol=0, atol=1e-6)
@@ -183,14 +182,15 @@ def test_wrong_shape_names_tensor_and_both_shapes(tmp_path):
 
 
 def test_prefixed_keys_load_and_foreign_keys_are_reported_unused(tmp_path):
-    hf = _hf_model(tmp_path, "mha_untied")
-    tensors = {"language_model." + k: v for k, v in CheckpointTensors(str(tmp_path)).items()}
+    _hf_model(tmp_path, "mha_untied")
+    original = dict(CheckpointTensors(str(tmp_path)).items())
+    tensors = {"language_model." + k: v for k, v in original.items()}
     tensors["vision_tower.patch_embed.weight"] = np.zeros((4, 3), np.float32)
     model = Llama(llama_config_from_hf(read_config(str(tmp_path))), dtype=jnp.float32, rngs=nnx.Rngs(0))
     assert load_hf_llama_weights(model, tensors, prefix="language_model.") == ["vision_tower.patch_embed.weight"]
-    ids, segment_ids, positions, _ = _right_padded([12], seq_len=12)
-    np.testing.assert_allclose(_logits(model, ids, segment_ids, positions), _hf_logits(hf, ids),
-                               rtol=0, atol=FP32_TOLERANCE)
+    exported = llama_hf_state_dict(model)
+    assert all(np.array_equal(exported[k], v) for k, v in original.items())
+    assert sorted(llama_hf_state_dict(model, prefix="language_model.")) == sorted(set(tensors) - {"vision_tower.patch_embed.weight"})
 
 
 @pytest.mark.parametrize("name", ["mha_untied", "gqa_tied_llama3_rope"])

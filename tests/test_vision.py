@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -23,7 +24,7 @@ from jaxllava.model.vision import (VisionTower, load_hf_vision_weights, vision_c
                                    vision_hf_state_dict)
 
 ATOL = 1e-5
-TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4)
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
 
 
 def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -68,10 +69,15 @@ def load_tower(directory: str, image_size: int, **options) -> VisionTower:
     return tower
 
 
-def run(tower: VisionTower, x: np.ndarray, method: str = "__call__"):
-    """The jitted split → merge forward (one compile instead of hundreds of eager op compiles)."""
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _jitted(graphdef, method, state, *args):
+    return getattr(nnx.merge(graphdef, state), method)(*args)
+
+
+def run(tower: VisionTower, *args, method: str = "__call__"):
+    """The jitted split → merge call, compiled once per tower config (eager mode compiles every op)."""
     graphdef, state = nnx.split(tower)
-    return jax.jit(lambda s, p: getattr(nnx.merge(graphdef, s), method)(p))(state, jnp.asarray(x))
+    return _jitted(graphdef, method, state, *(jnp.asarray(a) for a in args))
 
 
 def max_diff(jax_out, torch_out) -> float:
@@ -125,8 +131,8 @@ def test_dinov2_size_mode_matches_transformers_5_at_224_px(dinov2_dir):
     out = run(tower, x)
     assert out.shape == (2, 257, 32)
     assert max_diff(out, expected.last_hidden_state) <= ATOL
-    hidden = run(tower, x, "hidden_states")  # embeddings + 3 block outputs, before the final norm
-    assert len(hidden) == len(expected.hidden_states) == 4
+    hidden = run(tower, x, method="hidden_states")  # embeddings + 2 block outputs, before the final norm
+    assert len(hidden) == len(expected.hidden_states) == 3
     for ours, theirs in zip(hidden, expected.hidden_states):
         assert max_diff(ours, theirs) <= ATOL
 
@@ -145,39 +151,39 @@ def test_dinov2_scale_factor_mode_matches_reference_transformers_4_40(dinov2_dir
 
 
 def test_dinov2_position_resize_differs_between_modes_and_is_skipped_at_the_pretrained_grid(dinov2_dir):
-    size = load_tower(dinov2_dir, 224, pos_interpolation="size")
-    scale_factor = load_tower(dinov2_dir, 224, pos_interpolation="scale_factor")
-    assert float(jnp.abs(size.position_embeddings() - scale_factor.position_embeddings()).max()) > 0.1
+    size = run(load_tower(dinov2_dir, 224, pos_interpolation="size"), method="position_embeddings")
+    scale_factor = run(load_tower(dinov2_dir, 224, pos_interpolation="scale_factor"), method="position_embeddings")
+    assert size.shape == scale_factor.shape == (1 + 16 * 16, 32)
+    assert float(jnp.abs(size - scale_factor).max()) > 0.1
     native = load_tower(dinov2_dir, 518, pos_interpolation="scale_factor")
-    np.testing.assert_array_equal(np.asarray(native.position_embeddings()),
+    np.testing.assert_array_equal(np.asarray(run(native, method="position_embeddings")),
                                   np.asarray(native.position_embedding[...]))
 
 
 def test_feature_layer_selects_hidden_states_and_runs_no_later_block(clip_dir):
     model = CLIPVisionModel.from_pretrained(clip_dir).eval()
     x = pixels(56)
-    out = torch_outputs(model, x)
-    hidden = out.hidden_states  # CLIP: [0] is after pre_layrnorm
-    # -1 is transformers' last_hidden_state, which CLIP does not normalise (post_layernorm is for the pooled CLS).
-    for layer, expected in [(-1, out.last_hidden_state), (0, hidden[0]), (1, hidden[1]), (-2, hidden[2]),
-                            (-4, hidden[0])]:
-        tower = load_tower(clip_dir, 56, feature_layer=layer, feature_select="cls_patch")
-        assert max_diff(run(tower, x), expected) <= ATOL, layer
-    patch_only = load_tower(clip_dir, 56, feature_layer=-2)
-    assert max_diff(run(patch_only, x), hidden[-2][:, 1:]) <= ATOL
-    # Blocks after the selected one are not run: breaking block 3 leaves layer -2 (= block 2) unchanged.
-    patch_only.layers[2].mlp.fc2.kernel.set_value(jnp.full((48, 32), jnp.nan))
-    assert max_diff(run(patch_only, x), hidden[-2][:, 1:]) <= ATOL
+    hidden = torch_outputs(model, x).hidden_states  # CLIP: [0] is after pre_layrnorm; [2] == last_hidden_state
+    assert max_diff(run(load_tower(clip_dir, 56, feature_layer=1, feature_select="cls_patch"), x), hidden[1]) <= ATOL
+    assert max_diff(run(load_tower(clip_dir, 56, feature_layer=-3, feature_select="cls_patch"), x), hidden[0]) <= ATOL
+    second_last = load_tower(clip_dir, 56, feature_layer=-2)  # LLaVA's mm_vision_select_layer
+    assert max_diff(run(second_last, x), hidden[-2][:, 1:]) <= ATOL
+    # Blocks after the selected one are not run: breaking the last block leaves layer -2 unchanged.
+    second_last.layers[1].mlp.fc2.kernel.set_value(jnp.full((48, 32), jnp.nan))
+    assert max_diff(run(second_last, x), hidden[-2][:, 1:]) <= ATOL
 
 
 def test_clip_hidden_states_match_transformers(clip_dir):
     model = CLIPVisionModel.from_pretrained(clip_dir).eval()
     x = pixels(56)
-    expected = torch_outputs(model, x).hidden_states
-    hidden = run(load_tower(clip_dir, 56), x, "hidden_states")
-    assert len(hidden) == len(expected) == 4
-    for ours, theirs in zip(hidden, expected):
+    expected = torch_outputs(model, x)
+    tower = load_tower(clip_dir, 56)
+    hidden = run(tower, x, method="hidden_states")
+    assert len(hidden) == len(expected.hidden_states) == 3
+    for ours, theirs in zip(hidden, expected.hidden_states):
         assert max_diff(ours, theirs) <= ATOL
+    # -1 is transformers' last_hidden_state, which CLIP does not normalise (post_layernorm is for the pooled CLS).
+    assert max_diff(run(tower, x), expected.last_hidden_state[:, 1:]) <= ATOL
 
 
 def test_siglip_hidden_states_and_normed_final_output_match_transformers(siglip_dir):
@@ -188,8 +194,8 @@ def test_siglip_hidden_states_and_normed_final_output_match_transformers(siglip_
     out = run(tower, x)
     assert out.shape == (2, 16, 32)  # no CLS; 60 px / 14 px patches = 4×4, the last 4 px ignored
     assert max_diff(out, expected.last_hidden_state) <= ATOL
-    hidden = run(tower, x, "hidden_states")
-    assert len(hidden) == len(expected.hidden_states) == 4
+    hidden = run(tower, x, method="hidden_states")
+    assert len(hidden) == len(expected.hidden_states) == 3
     for ours, theirs in zip(hidden, expected.hidden_states):
         assert max_diff(ours, theirs) <= ATOL
 
@@ -280,7 +286,7 @@ def test_export_loads_in_transformers_with_the_same_output(kind, dinov2_dir, cli
 def test_bad_feature_layer_and_unsupported_checkpoints_are_rejected(clip_dir, dinov2_dir):
     with open(os.path.join(clip_dir, "config.json")) as f:
         config = vision_config_from_hf(json.load(f), image_size=56)
-    for layer in (4, -5):  # a 3-block tower has hidden_states[0..3]
+    for layer in (3, -4):  # a 2-block tower has hidden_states[0..2]
         with pytest.raises(ConfigError, match="feature_layer"):
             abstract_tower(dataclasses.replace(config, feature_layer=layer))
     with open(os.path.join(dinov2_dir, "config.json")) as f:

@@ -149,6 +149,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
         raise _UnsupportedImage(f"mode {image.mode} cannot be converted to RGB: {e}") from e
 
 
+_EXIF_ORIENTATION = 0x0112
+
+
 def pad_to_square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     """Centre `image` on a square of `background`; offset (long - short) // 2 (LLaVA `expand2square`)."""
     width, height = image.size
@@ -175,8 +178,11 @@ def load_image(path: str | os.PathLike, processing: ImageProcessing, *, record: 
                           "would decode as grey padding, so jaxllava refuses to load images (REFERENCE.md §1.5)")
     try:
         with Image.open(path) as opened:
-            pass
-            rgb = to_rgb(ImageOps.exif_transpose(opened))
+            opened.load()
+            # exif_transpose copies the image even when there is nothing to undo;
+            # checking the tag first saves a full-image copy per sample.
+            oriented = opened if opened.getexif().get(_EXIF_ORIENTATION, 1) == 1 else ImageOps.exif_transpose(opened)
+            rgb = to_rgb(oriented)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
         raise DataError(f"image file not found ({e.strerror})", reason="missing_image", **location) from None
     except _UnsupportedImage as e:

@@ -307,7 +307,7 @@ def vision_hf_config(config: VisionConfig) -> dict:
                                   f"from mlp_ratio")
         return dict(common, model_type="dinov2", architectures=["Dinov2Model"], qkv_bias=True,
                     mlp_ratio=config.intermediate_size // config.hidden_size, layerscale_value=1.0,
-                    use_swiglu_ffn=False)
+                    use_swiglu_ffn=False, use_mask_token=False)
     if config.kind == "clip":
         return dict(common, model_type="clip_vision_model", architectures=["CLIPVisionModel"],
                     intermediate_size=config.intermediate_size)
@@ -420,7 +420,7 @@ def load_tensors_into(entries, tensors, prefix: str, source: str) -> set[str]:
             raise ConversionError(f"{source}: tensor {full!r} has shape {tuple(array.shape)} in the checkpoint, "
                                   f"the model expects {tuple(expected)}")
         value = np.asarray(layout.to_model(array), dtype=param.dtype)
-        sharding = getattr(param[...], "sharding", None)
+        sharding = getattr(param.get_value(), "sharding", None)  # an abstract (eval_shape) model has none yet
         param.set_value(jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value))
         used.add(full)
     return used

@@ -201,9 +201,6 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
-    def latest_step(self) -> Optional[int]:
-        return self._manager.latest_step()
-
     def restore(self, step: int, abstract_state: Any) -> Restored:
         """Restore `step` onto `abstract_state` (ShapeDtypeStructs carrying target shardings)."""
         args = ocp.args.Composite(**{
@@ -216,10 +213,20 @@ class Checkpointer:
         return Restored(step=step, state=restored[STATE], meta=dict(restored[META]),
                         data_state=dict(restored[DATA]), run=dict(restored[RUN]))
 
+    def complete_steps(self) -> list[int]:
+        """Steps whose directory holds Orbax's commit metadata and every item (a directory
+        someone made by hand, or one from a non-atomic copy, is not a checkpoint)."""
+        def complete(step: int) -> bool:
+            root = os.path.join(self.directory, str(step))
+            return os.path.exists(os.path.join(root, "_CHECKPOINT_METADATA")) and all(
+                os.path.isdir(os.path.join(root, item)) for item in (STATE, META, DATA, RUN))
+
+        return [step for step in self.all_steps() if complete(step)]
+
     def restore_latest(self, abstract_state: Any) -> Optional[Restored]:
         """The latest complete checkpoint, or None when the run has none."""
-        step = self.latest_step()
-        return None if step is None else self.restore(step, abstract_state)
+        steps = self.complete_steps()
+        return self.restore(steps[-1], abstract_state) if steps else None
 
     def _read_meta(self, step: int) -> Optional[dict]:
         path = os.path.join(self.directory, str(step), META, "metadata")
