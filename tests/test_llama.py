@@ -55,8 +55,9 @@ def _hf_model(directory, name: str, seed: int = 0) -> transformers.LlamaForCausa
 
 
 def _load(directory, *, dtype=jnp.float32, remat="none") -> Llama:
-    model = Llama(llama_config_from_hf(read_config(str(directory))), dtype=dtype, attention_impl="xla",
-                  remat=remat, rngs=nnx.Rngs(0))
+    """Loaded into an abstract model (shapes only, no random init): every parameter comes from the file."""
+    config = llama_config_from_hf(read_config(str(directory)))
+    model = nnx.eval_shape(lambda: Llama(config, dtype=dtype, attention_impl="xla", remat=remat, rngs=nnx.Rngs(0)))
     assert load_hf_llama_weights(model, CheckpointTensors(str(directory))) == []
     return model
 

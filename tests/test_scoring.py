@@ -230,6 +230,18 @@ def test_first_piece_is_scored_only_with_bos_and_eos_is_never_scored():
             assert ids[-1] == tokenizer.eos_token_id and not mask[-1]
 
 
+def test_offset_rule_shifts_start_by_the_first_token_start_like_the_pipeline():
+    # dataset.py: start_char_idx = len(sentence) - len(completion) + offsets[0][0]. A pre-tokenizer
+    # that drops spaces gives a leading-space sentence offsets[0][0] == 1, which pushes the start
+    # one character into the completion and drops its first one-letter word.
+    tokenizer = _word_tokenizer(bos=False)
+    item = MinimalPairItem(id="u_0", uid="u", sentences=(" a b c", " a c b"), completions=("b c", "c b"),
+                           metadata={"UID": "u"}, source="t")
+    encoded = encode_candidates(tokenizer, [item])
+    assert tokenizer(" a b c", return_offsets_mapping=True)["offset_mapping"][0] == (1, 2)
+    assert encoded.target_mask[0].tolist() == [False, False, True]
+
+
 def test_ewok_mask_decodes_to_the_space_and_target():
     for variant in ("nobos", "bos", "bos_eos"):
         tokenizer = _bpe(variant)
@@ -255,6 +267,13 @@ def test_scores_do_not_depend_on_batch_size_or_buckets():
     assert scores.dtype == np.float64 and scores.shape == (encoded.num_rows,)
     assert np.ptp(baseline) > 1.0
 
+    # Padding positions cannot leak into a score, even as -inf logits (the pipeline's
+    # `log_probs * mask` would turn those into NaN).
+    def inf_on_padding(ids, seg, pos):
+        return jnp.where(seg[..., None] == 1, logits_fn(ids, seg, pos), -jnp.inf)
+    scores = score_encoded(inf_on_padding, encoded, batch_size=3, buckets=(16, 64))
+    np.testing.assert_allclose(scores, baseline, atol=1e-4, rtol=0)
+
 
 def test_closure_and_partial_logits_fn_give_the_same_scores():
     tokenizer = _bpe("nobos")
@@ -263,6 +282,19 @@ def test_closure_and_partial_logits_fn_give_the_same_scores():
     via_partial = score_encoded(jax.tree_util.Partial(_toy_apply, params), encoded, buckets=(64,))
     via_closure = score_encoded(lambda i, s, p: _toy_apply(params, i, s, p), encoded, buckets=(64,))
     np.testing.assert_allclose(via_partial, via_closure, atol=1e-6, rtol=0)
+
+
+def test_logits_with_prepended_positions_keep_the_last_ones_like_the_pipeline():
+    # compute_results.py: a model that prepends positions (e.g. image vectors) is scored on the last T.
+    tokenizer = _bpe("bos")
+    encoded = encode_candidates(tokenizer, _items()[:3])
+    logits_fn = jax.tree_util.Partial(_toy_apply, _toy_params(len(tokenizer)))
+
+    def with_prefix(ids, seg, pos):
+        logits = logits_fn(ids, seg, pos)
+        return jnp.concatenate([jnp.full_like(logits[:, :3], 5.0), logits], axis=1)
+    np.testing.assert_allclose(score_encoded(with_prefix, encoded, buckets=(64,)),
+                               score_encoded(logits_fn, encoded, buckets=(64,)), atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------------------- (c) ties
@@ -291,6 +323,10 @@ def test_identical_pairs_and_a_constant_model_score_all_correct():
     constant = lambda ids, seg, pos: jnp.zeros((*ids.shape, vocab_size), jnp.float32)  # noqa: E731
     results = evaluate(constant, tokenizer, same_length, buckets=(16,))
     assert results.correct.all() and results.average == 100.0 and results.ties == len(same_length)
+
+    nan_model = lambda ids, seg, pos: jnp.full((*ids.shape, vocab_size), jnp.nan)  # noqa: E731
+    results = evaluate(nan_model, tokenizer, _items(), buckets=(64,))
+    assert results.correct.all() and results.nonfinite == len(_items())  # NaN in slot 0 wins, as in torch.max
 
     identical = [it for it in _items() if it.sentences[0] == it.sentences[1]]
     results = evaluate(jax.tree_util.Partial(_toy_apply, _toy_params(vocab_size)), tokenizer, identical,

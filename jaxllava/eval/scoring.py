@@ -116,16 +116,16 @@ def encode_candidates(tokenizer: Any, items: Sequence[MinimalPairItem], *, proto
 
     sentences = [s for item in items for s in item.sentences]
     completions = [c for item in items for c in item.completions]
-    rows_item = [item for item in items for _ in item.sentences]
+    item_of_row = [item for item in items for _ in item.sentences]
     if protocol == "2025":
         encoded = _encode_2025(tokenizer, [prefix + s for s in sentences], completions)
     else:
         encoded = _encode_2024(tokenizer, sentences, completions)
 
     token_ids, target_mask = [], []
-    for (ids, mask), item in zip(encoded, rows_item):
+    for (ids, mask), item in zip(encoded, item_of_row):
         if len(ids) == 0:  # the pipeline would fail on offsets[0]
-            raise DataError("a candidate tokenises to no tokens", record=item.source, record_id=item.id,
+            raise DataError("a candidate has no tokens to score", record=item.source, record_id=item.id,
                             field="sentences")
         token_ids.append(np.asarray(ids, np.int32))
         target_mask.append(np.asarray(mask, bool))

@@ -4,6 +4,10 @@ Supports `model.safetensors`, sharded `model.safetensors.index.json`, and
 `pytorch_model.bin` (+ sharded index) when torch is installed. Tensors are read
 lazily so a loader can stream them into the model one at a time (peak host
 memory stays near one copy of the model).
+
+bfloat16 tensors come back as `ml_dtypes.bfloat16` arrays (numpy has no bfloat16
+of its own and safetensors' numpy reader rejects them), from both formats, so the
+caller sees the stored dtype and converts exactly.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import json
 import os
 from typing import Iterator
 
+import ml_dtypes
 import numpy as np
 
 from jaxllava.errors import ConversionError
@@ -79,13 +84,47 @@ class CheckpointTensors:
         if self._format == "safetensors":
             from safetensors import safe_open
             with safe_open(path, framework="numpy") as f:
+                if f.get_slice(name).get_dtype() == "BF16":
+                    return _read_bf16_safetensor(path, name)
                 return f.get_tensor(name)
         tensor = self._torch_load(path)[name]
-        return tensor.float().numpy() if str(tensor.dtype) == "torch.bfloat16" else tensor.numpy()
+        if str(tensor.dtype) == "torch.bfloat16":
+            import torch
+            return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return tensor.numpy()
+
+    def dtype(self, name: str) -> np.dtype:
+        """The stored dtype of a tensor, read from the file header where the format allows."""
+        if name not in self._file_of:
+            raise ConversionError(f"{self.directory}: tensor {name!r} is missing from the checkpoint")
+        if self._format == "safetensors" and os.path.exists(self._file_of[name]):
+            from safetensors import safe_open
+            with safe_open(self._file_of[name], framework="numpy") as f:
+                code = f.get_slice(name).get_dtype()
+            if code in _SAFETENSORS_DTYPES:
+                return np.dtype(_SAFETENSORS_DTYPES[code])
+        return self[name].dtype
 
     def items(self) -> Iterator[tuple[str, np.ndarray]]:
         for name in self._file_of:
             yield name, self[name]
+
+
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+                       "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+                       "BOOL": np.bool_}
+
+
+def _read_bf16_safetensor(path: str, name: str) -> np.ndarray:
+    """One bfloat16 tensor of a safetensors file: 8-byte little-endian header size, JSON
+    header with dtype/shape/data_offsets, then the raw data (the documented format)."""
+    with open(path, "rb") as f:
+        header_size = int.from_bytes(f.read(8), "little")
+        entry = json.loads(f.read(header_size))[name]
+        start, end = entry["data_offsets"]
+        f.seek(8 + header_size + start)
+        data = f.read(end - start)
+    return np.frombuffer(data, dtype=ml_dtypes.bfloat16).reshape(entry["shape"])
 
 
 def read_config(directory: str) -> dict:

@@ -253,7 +253,8 @@ def load_hf_llama_weights(model: Llama, tensors: TensorSource | Mapping[str, np.
     before every transformers name (e.g. for a Llama nested in a larger model).
     Every parameter must be present with the right shape, else `ConversionError`
     naming the tensor and both shapes; nothing is ever left at its random init
-    (REFERENCE.md §7 item 30). A parameter that already has a sharding keeps it.
+    (REFERENCE.md §7 item 30). A parameter that already has a sharding keeps it;
+    `model` may be abstract (`nnx.eval_shape(lambda: Llama(...))`) to skip the random init.
     Returns the checkpoint names that were not used, sorted.
     """
     used = set()
@@ -269,8 +270,10 @@ def load_hf_llama_weights(model: Llama, tensors: TensorSource | Mapping[str, np.
             raise ConversionError(f"tensor {name!r}: checkpoint shape {array.shape}, "
                                   f"model expects {expected} (from the LlamaConfig)")
         value = np.ascontiguousarray(array.T if kernel else array).astype(variable.dtype)
-        sharding = getattr(variable[...], "sharding", None)
-        _variable_at(model, path)[...] = jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value)
+        # an abstract model (nnx.eval_shape) holds ShapeDtypeStructs, whose sharding may be None
+        sharding = getattr(variable.get_value(), "sharding", None)
+        _variable_at(model, path).set_value(jax.device_put(value, sharding) if sharding is not None
+                                            else jnp.asarray(value))
         used.add(name)
     return sorted(name for name in tensors.keys() if name not in used)
 
@@ -279,7 +282,7 @@ def llama_hf_state_dict(model: Llama, *, prefix: str = "") -> dict[str, np.ndarr
     """transformers-layout state dict (numpy, torch (out, in) Linear weights) of `model`."""
     out = {}
     for path, variable in _params(model):
-        array = np.asarray(jax.device_get(variable[...]))
+        array = np.asarray(jax.device_get(variable.get_value()))
         out[hf_name(path, prefix)] = np.ascontiguousarray(array.T if _is_linear_kernel(path) else array)
     return out
 

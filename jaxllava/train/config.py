@@ -127,13 +127,17 @@ class CheckpointConfig:
     every_steps: int = 1000  # 0: only milestone, signal and final checkpoints
     keep_last: int = 3  # regular checkpoints kept; milestone checkpoints are kept forever
     async_save: bool = True  # write in a background thread while training goes on
-    milestones: bool = True  # save at each BabyLM word milestone (1M, 2M, ..., 1B)
+    milestones: bool = True  # save at each word milestone
+    # Word counts that are milestones; None: BabyLM's 1M..10M, 20M..100M, 200M..1000M.
+    milestone_words: Optional[tuple[int, ...]] = None
 
     def __post_init__(self):
         if self.every_steps < 0:
             raise ConfigError(f"every_steps must be >= 0, got {self.every_steps}")
         if self.keep_last < 1:
             raise ConfigError(f"keep_last must be >= 1, got {self.keep_last}")
+        if self.milestone_words is not None and any(w < 1 for w in self.milestone_words):
+            raise ConfigError(f"milestone_words must be positive, got {self.milestone_words}")
 
 
 @dataclasses.dataclass(frozen=True)

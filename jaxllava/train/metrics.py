@@ -56,12 +56,12 @@ def lm_flops_per_token(lm_config, seq_len: int) -> float:
     return 6.0 * matmul_params + 12.0 * layers * heads * q * seq_len
 
 
-def mfu(tokens_per_s: float, flops_per_token: float, devices) -> Optional[float]:
+def mfu(model_flops_per_s: float, devices) -> Optional[float]:
     """Model FLOPs utilisation over `devices`, or None where their peak is unknown."""
     peaks = [peak_flops(d) for d in devices]
     if not peaks or any(p is None for p in peaks):
         return None
-    return tokens_per_s * flops_per_token / sum(peaks)
+    return model_flops_per_s / sum(peaks)
 
 
 def _format_duration(seconds: float) -> str:

@@ -1,0 +1,292 @@
+"""transformers checkpoints in and out: `convert import-hf` and `convert export-hf --what lm`.
+
+Import streams tensor by tensor: the model is built abstract (shapes only,
+`nnx.eval_shape`), each checkpoint tensor is read, checked (floating dtype,
+shape) and placed into its parameter, so peak host memory stays near one copy
+of the model (figures: benchmarks/convert_memory.py). Only the parts no
+checkpoint provides (the projector, a resampler with weights) get a fresh
+random initialisation, from `train.seed`, and the report says so.
+
+Vocabulary growth: when the tokenizer (with the image placeholders `<im_start>`,
+`<im_patch>`, `<im_end>` added as in training) has more tokens than the LM's
+embedding, the new input AND output rows are set to the mean of the existing
+rows, as the reference's stage 1 did (`initialize_embedings`, REFERENCE.md §1.3).
+Only tokens the tokenizer lists as added may grow the vocabulary; a base
+vocabulary larger than the embedding means the tokenizer belongs to another model.
+
+Every checkpoint tensor ends up mapped, or unused for a stated reason (RoPE
+buffers, DINOv2's pre-training mask token, ...); anything else is an error.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Iterable, Optional
+
+import jax
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from jaxllava.convert.checkpoint_io import (atomic_output_dir, load_checkpoint_params, model_from_params,
+                                            write_params_checkpoint)
+from jaxllava.errors import ConversionError
+from jaxllava.model.hf_weights import CheckpointTensors, read_config
+from jaxllava.model.llama import llama_config_from_hf, llama_config_to_hf, llama_hf_state_dict, load_hf_llama_weights
+from jaxllava.model.vision import load_hf_vision_weights, vision_config_from_hf
+
+EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
+FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64), np.dtype(ml_dtypes.bfloat16))
+
+# Checkpoint tensors that are no model parameter, and why (name suffix or prefix → reason).
+KNOWN_UNUSED = (
+    ("rotary_emb.inv_freq", "RoPE buffer of older transformers checkpoints; recomputed from rope_theta"),
+    ("embeddings.mask_token", "DINOv2 pre-training mask token; never used for features"),
+    ("head.", "SigLIP attention-pooling head; LLaVA-style features never read it"),
+    ("text_model.", "text tower of a two-tower CLIP/SigLIP checkpoint"),
+    ("text_projection.", "text projection of a two-tower checkpoint"),
+    ("visual_projection.", "contrastive projection of a two-tower checkpoint; features are read before it"),
+    ("logit_scale", "contrastive temperature of a two-tower checkpoint"),
+    ("logit_bias", "contrastive bias of a two-tower checkpoint"),
+)
+
+
+class ImportSource:
+    """A CheckpointTensors seen by the loaders: dtype-checked, records what was read, and
+    optionally grows vocabulary rows (mean of the existing rows) of the named tensors."""
+
+    def __init__(self, tensors: CheckpointTensors, *, grow_rows: Optional[dict[str, tuple[int, int]]] = None):
+        self.tensors = tensors
+        self.directory = tensors.directory
+        self.grow_rows = grow_rows or {}  # name → (rows in the checkpoint, rows wanted)
+        self.read: dict[str, dict] = {}
+
+    def keys(self):
+        return self.tensors.keys()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        array = self.tensors[name]
+        if array.dtype not in FLOAT_DTYPES:
+            raise ConversionError(f"{self.directory}: tensor {name!r} (shape {tuple(array.shape)}) has dtype "
+                                  f"{array.dtype}; a weight must be float16, bfloat16, float32 or float64")
+        self.read[name] = {"shape": list(array.shape), "dtype": str(array.dtype)}
+        if name in self.grow_rows and array.shape[0] == self.grow_rows[name][0]:
+            array = grow_rows_with_mean(array, self.grow_rows[name][1])
+        return array
+
+
+def grow_rows_with_mean(array: np.ndarray, rows: int) -> np.ndarray:
+    """(V, D) → (rows, D): new rows = mean of the existing ones (computed in float64), as the
+    reference's stage-1 `initialize_embedings` (REFERENCE.md §1.3)."""
+    mean = array.astype(np.float64).mean(axis=0).astype(np.float32)
+    grown = np.empty((rows, array.shape[1]), np.float32)
+    grown[: array.shape[0]] = array
+    grown[array.shape[0]:] = mean
+    return grown
+
+
+def unused_reason(name: str) -> Optional[str]:
+    for pattern, reason in KNOWN_UNUSED:
+        if name.endswith(pattern) or name.startswith(pattern) or f".{pattern}" in name:
+            return reason
+    return None
+
+
+def classify_unused(names: Iterable[str], source: str, extra_reasons=None) -> dict[str, str]:
+    """name → reason for every leftover tensor; an unexplained one is a ConversionError."""
+    reasons, unexpected = {}, []
+    for name in sorted(names):
+        reason = (extra_reasons(name) if extra_reasons else None) or unused_reason(name)
+        if reason is None:
+            unexpected.append(name)
+        else:
+            reasons[name] = reason
+    if unexpected:
+        shown = ", ".join(repr(n) for n in unexpected[:10]) + (" ..." if len(unexpected) > 10 else "")
+        raise ConversionError(f"{source}: {len(unexpected)} unexpected tensor(s) that the model the config "
+                              f"describes has no parameter for: {shown}")
+    return reasons
+
+
+def config_differences(section: str, configured, actual) -> list[str]:
+    """Notes on the fields where the checkpoint's architecture replaces the configured one."""
+    if configured is None:
+        return []
+    notes = []
+    for field in dataclasses.fields(actual):
+        before, after = getattr(configured, field.name), getattr(actual, field.name)
+        if before != after:
+            notes.append(f"{section}.{field.name}: config {before!r} replaced by the checkpoint's {after!r}")
+    return notes
+
+
+def grow_vocabulary(tokenizer, vocab_size: int, source: str) -> tuple[int, list[str]]:
+    """The vocabulary size the model needs for `tokenizer`, and the tokens that grow it."""
+    size = len(tokenizer)
+    if size <= vocab_size:
+        return vocab_size, []
+    added = {int(i): str(t) for i, t in tokenizer.added_tokens_decoder.items()}
+    foreign = [i for i in range(vocab_size, size) if i not in added]
+    if foreign:
+        raise ConversionError(f"{source}: the tokenizer has {size} tokens but the LM's embedding has "
+                              f"{vocab_size} rows, and ids {foreign[:5]}{' ...' if len(foreign) > 5 else ''} "
+                              f"are base-vocabulary tokens, not added ones: the tokenizer does not belong to "
+                              f"this LM (vocabulary sizes disagree)")
+    return size, [added[i] for i in range(vocab_size, size)]
+
+
+def fresh_parts(model_config, seed: int, names: Iterable[str]) -> dict:
+    """Random initial Param states of the named LlavaModel parts, from `seed`. jit drops the
+    initialisation of every other part (its outputs are unused), so no full model is materialised."""
+    from jaxllava.model.llava import LlavaModel
+
+    names = tuple(names)
+
+    @jax.jit
+    def init():
+        model = LlavaModel(model_config, rngs=nnx.Rngs(seed))
+        return {name: nnx.state(getattr(model, name), nnx.Param) for name in names}
+
+    return init()
+
+
+def _abstract_model(model_config):
+    from jaxllava.model.llava import LlavaModel
+
+    return nnx.eval_shape(lambda: LlavaModel(model_config, rngs=nnx.Rngs(0)))
+
+
+def _tokenizer_source(tokenizer_dir: Optional[str], lm_dir: str, config) -> str:
+    if tokenizer_dir:
+        return tokenizer_dir
+    if any(os.path.exists(os.path.join(lm_dir, f)) for f in ("tokenizer.json", "tokenizer.model",
+                                                              "tokenizer_config.json")):
+        return lm_dir
+    if config.data.tokenizer:
+        return config.data.tokenizer
+    raise ConversionError(f"{lm_dir}: no tokenizer files there; pass --tokenizer DIR or set data.tokenizer")
+
+
+def import_hf(config, out: str, lm_dir: str, vision_dir: Optional[str] = None,
+              tokenizer_dir: Optional[str] = None) -> dict:
+    """Write a jaxllava checkpoint at `out` from transformers directories; returns the report.
+
+    `config` (ExperimentConfig) gives everything a checkpoint does not: data,
+    optimisation, the vision input size and feature selection, resampler and
+    projector kinds. The LM and tower architectures come from the checkpoints'
+    config.json; where they differ from `config`, the report notes it.
+    """
+    from jaxllava.data.samples import load_tokenizer
+
+    if config.model.vision is not None and not vision_dir:
+        raise ConversionError(f"the config has a model.vision section ({config.model.vision.kind}) but no "
+                              f"--vision directory was given: a tower is never left at a random init")
+    if vision_dir and config.model.vision is None:
+        raise ConversionError(f"--vision {vision_dir} given but the config has no model.vision section "
+                              f"(it sets the input image_size and the feature selection)")
+    lm_tensors = CheckpointTensors(lm_dir)
+    lm_hf_config = read_config(lm_dir)
+    lm_config = llama_config_from_hf(lm_hf_config)
+    tokenizer_path = _tokenizer_source(tokenizer_dir, lm_dir, config)
+    tokenizer = load_tokenizer(tokenizer_path)
+    vocab_size, new_tokens = grow_vocabulary(tokenizer, lm_config.vocab_size, tokenizer_path)
+    notes = config_differences("model.lm", config.model.lm, dataclasses.replace(lm_config, vocab_size=vocab_size))
+    grown_lm_config = dataclasses.replace(lm_config, vocab_size=vocab_size)
+
+    vision_config = None
+    if vision_dir:
+        v = config.model.vision
+        vision_config = vision_config_from_hf(read_config(vision_dir), image_size=v.image_size,
+                                              pos_interpolation=v.pos_interpolation, feature_layer=v.feature_layer,
+                                              feature_select=v.feature_select, frozen=v.frozen)
+        notes += config_differences("model.vision", v, vision_config)
+    model_config = dataclasses.replace(config.model, lm=grown_lm_config, vision=vision_config)
+    config = dataclasses.replace(config, model=model_config)
+
+    model = _abstract_model(model_config)
+    grow = {}
+    if new_tokens:
+        grow = {EMBED: (lm_config.vocab_size, vocab_size)}
+        if not lm_config.tie_word_embeddings:
+            grow[LM_HEAD] = (lm_config.vocab_size, vocab_size)
+    lm_source = ImportSource(lm_tensors, grow_rows=grow)
+    lm_unused = load_hf_llama_weights(model.lm, lm_source)
+    tied = (lambda n: "tied to model.embed_tokens.weight (tie_word_embeddings)"
+            if n == LM_HEAD and lm_config.tie_word_embeddings else None)
+    report = {"what": "import-hf", "lm": {"directory": os.path.abspath(lm_dir), "mapped": lm_source.read,
+                                          "unused": classify_unused(lm_unused, lm_dir, tied)}}
+    if vision_dir:
+        vision_source = ImportSource(CheckpointTensors(vision_dir))
+        vision_unused = load_hf_vision_weights(model.vision, vision_source)
+        report["vision"] = {"directory": os.path.abspath(vision_dir), "mapped": vision_source.read,
+                            "unused": classify_unused(vision_unused, vision_dir)}
+        fresh = fresh_parts(model_config, config.train.seed, ("projector", "resampler"))
+        initialised = []
+        for name, state in fresh.items():
+            if jax.tree.leaves(state):
+                nnx.update(getattr(model, name), state)
+                initialised.append(name)
+        report["initialised"] = {name: f"random (train.seed={config.train.seed}): no checkpoint provides it"
+                                 for name in initialised}
+    params = nnx.state(model, nnx.Param).to_pure_dict()
+
+    meta = {"imported_from": {"format": "transformers", "lm": os.path.abspath(lm_dir),
+                              "vision": os.path.abspath(vision_dir) if vision_dir else None,
+                              "tokenizer": os.path.abspath(tokenizer_path)}}
+    if new_tokens:
+        meta["model.lm"] = {"vocab_size": {"checkpoint": lm_config.vocab_size, "now": vocab_size},
+                            "new_tokens": new_tokens,
+                            "new_rows_init": "mean of the existing rows, input and output (REFERENCE.md §1.3)"}
+        notes.append(f"model.lm.vocab_size grown {lm_config.vocab_size} -> {vocab_size} for {new_tokens}; "
+                     f"new embedding and output rows = mean of the existing rows")
+    report["notes"] = notes
+    report["meta"] = meta
+    write_params_checkpoint(out, config, params, tokenizer, meta, report=report)
+    return report
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def save_safetensors(tensors: dict[str, np.ndarray], path: str) -> None:
+    from safetensors.numpy import save_file
+
+    # transformers reads a safetensors file only when its metadata says format "pt"
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def save_export_tokenizer(config, directory: str) -> None:
+    from jaxllava.data.samples import load_tokenizer
+
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    if len(tokenizer) > config.model.lm.vocab_size:
+        raise ConversionError(f"{config.data.tokenizer}: the tokenizer has {len(tokenizer)} tokens but the model's "
+                              f"vocab_size is {config.model.lm.vocab_size} (vocabulary sizes disagree)")
+    tokenizer.save_pretrained(directory)
+
+
+def write_provenance(directory: str, checkpoint: str, run: dict) -> None:
+    with open(os.path.join(directory, "jaxllava_provenance.json"), "w", encoding="utf-8") as f:
+        json.dump({"exported_from": os.path.abspath(checkpoint), "run": run}, f, indent=2)
+
+
+def export_lm(checkpoint: str, out: str) -> dict:
+    """A transformers `LlamaForCausalLM` directory (config.json, model.safetensors, tokenizer)
+    that `AutoModelForCausalLM.from_pretrained(out)` and the BabyLM pipeline load."""
+    config, params, run = load_checkpoint_params(checkpoint)
+    model = model_from_params(config.model, params)
+    tensors = llama_hf_state_dict(model.lm)
+    del params
+    with atomic_output_dir(out) as tmp:
+        save_safetensors(tensors, os.path.join(tmp, "model.safetensors"))
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(llama_config_to_hf(config.model.lm), f, indent=2)
+        save_export_tokenizer(config, tmp)
+        write_provenance(tmp, checkpoint, run)
+    notes = [] if config.model.vision is None else [
+        "the vision tower and projector are not part of an LM export (use --what reference)"]
+    return {"what": "export-hf lm", "out": os.path.abspath(out), "tensors": len(tensors), "notes": notes}

@@ -1,0 +1,222 @@
+"""LLaVA composition: the reference's image path restated in PyTorch, text-only isolation, mask checks."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from jaxllava.errors import ConfigError, DataError
+from jaxllava.model.config import LlamaConfig, ModelConfig, ProjectorConfig, ResamplerConfig
+from jaxllava.model.hf_weights import CheckpointTensors, read_config
+from jaxllava.model.llama import llama_config_from_hf, load_hf_llama_weights
+from jaxllava.model.llava import LlavaModel, check_image_mask, merge_image_features
+from jaxllava.model.projectors import load_projector_weights
+from jaxllava.model.vision import load_hf_vision_weights, vision_config_from_hf
+
+VOCAB, LM_WIDTH, IMAGE_SIZE, PATCH = 89, 48, 32, 8  # 4×4 grid → N = 16 image tokens
+N = (IMAGE_SIZE // PATCH) ** 2
+TINY_LM = LlamaConfig(vocab_size=VOCAB, hidden_size=LM_WIDTH, intermediate_size=64, num_layers=2, num_heads=4,
+                      num_kv_heads=2, max_position_embeddings=64)
+
+
+def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Weights well away from transformers' init (norm scales ≠ 1, biases ≠ 0) so a misplaced tensor shows."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            is_scale = name.endswith("lambda1") or ("norm" in name and name.endswith("weight"))
+            p.copy_(1.0 + 0.2 * noise if is_scale else 0.15 * noise)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The reference composition in PyTorch: Dinov2Model → mlp2x_gelu → LlamaForCausalLM, saved to disk."""
+    lm_dir, vision_dir = tmp_path_factory.mktemp("lm"), tmp_path_factory.mktemp("dinov2")
+    lm = _randomize(transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=LM_WIDTH, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=100.0, max_position_embeddings=64)), 0)
+    lm.save_pretrained(str(lm_dir))
+    dino = _randomize(transformers.Dinov2Model(transformers.Dinov2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2, image_size=IMAGE_SIZE,
+        patch_size=PATCH)), 1)
+    dino.save_pretrained(str(vision_dir))
+    # REFERENCE.md §1.6: Sequential(Linear(vision, lm), GELU() [exact erf], Linear(lm, lm))
+    projector = _randomize(torch.nn.Sequential(torch.nn.Linear(32, LM_WIDTH), torch.nn.GELU(),
+                                               torch.nn.Linear(LM_WIDTH, LM_WIDTH)), 2)
+    return dict(lm=lm, dino=dino, projector=projector, lm_dir=str(lm_dir), vision_dir=str(vision_dir))
+
+
+def _torch_logits(ref, ids, attention_mask, pixels, image_mask, image_rows) -> np.ndarray:
+    """REFERENCE.md §1.10: embed the ids, overwrite each image row's placeholder span with its
+    projected patch features (DINOv2 last_hidden_state without CLS), run the LM on the embeddings."""
+    with torch.no_grad():
+        features = ref["dino"](pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2)).last_hidden_state[:, 1:]
+        visual = ref["projector"](features)
+        embeds = ref["lm"].model.embed_tokens(torch.from_numpy(ids.astype(np.int64))).clone()
+        for b in np.flatnonzero(image_rows):
+            embeds[b, torch.from_numpy(image_mask[b])] = visual[b]
+        return ref["lm"](inputs_embeds=embeds, attention_mask=torch.from_numpy(attention_mask.astype(np.int64))
+                         ).logits.numpy()
+
+
+def _jax_model(ref) -> LlavaModel:
+    vision = vision_config_from_hf(read_config(ref["vision_dir"]), image_size=IMAGE_SIZE)
+    config = ModelConfig(lm=llama_config_from_hf(read_config(ref["lm_dir"])), vision=vision,
+                         resampler=ResamplerConfig(kind="identity"), projector=ProjectorConfig(kind="mlp2x_gelu"),
+                         dtype="float32", attention_impl="xla")
+    assert config.image_tokens == N
+    model = LlavaModel(config, rngs=nnx.Rngs(0))
+    assert load_hf_llama_weights(model.lm, CheckpointTensors(ref["lm_dir"])) == []
+    assert load_hf_vision_weights(model.vision, CheckpointTensors(ref["vision_dir"])) == [
+        "embeddings.mask_token"]
+    torch_projector = {k: v.numpy() for k, v in ref["projector"].state_dict().items()}  # 0.weight, 2.bias, ...
+    assert load_projector_weights(model.projector, torch_projector, prefix="") == []
+    return model
+
+
+def _image_microbatch(seed=0):
+    """Three rows of 40: an image at the start, an image after a text prefix, and an empty
+    filler row (no image: the last microbatch of an epoch) holding text only."""
+    rng = np.random.RandomState(seed)
+    rows, seq_len = 3, 40
+    ids = rng.randint(3, VOCAB, (rows, seq_len)).astype(np.int32)
+    lengths = np.array([40, 33, 21])
+    real = np.arange(seq_len)[None, :] < lengths[:, None]
+    ids = np.where(real, ids, 0)
+    image_mask = np.zeros((rows, seq_len), bool)
+    image_mask[0, 1:1 + N] = True
+    image_mask[1, 7:7 + N] = True
+    image_rows = np.array([True, True, False])
+    pixels = rng.randn(rows, IMAGE_SIZE, IMAGE_SIZE, 3).astype(np.float32)
+    pixels[2] = 0.0
+    segment_ids = real.astype(np.int32)
+    positions = np.where(real, np.arange(seq_len)[None, :], 0).astype(np.int32)
+    return dict(input_ids=ids, segment_ids=segment_ids, positions=positions, pixels=pixels, image_mask=image_mask,
+                image_rows=image_rows, real=real)
+
+
+@jax.jit
+def _forward(graphdef, state, arrays):
+    model = nnx.merge(graphdef, state)
+    return model(arrays["input_ids"], segment_ids=arrays["segment_ids"], positions=arrays["positions"],
+                 pixels=arrays.get("pixels"), image_mask=arrays.get("image_mask"))
+
+
+def _device(batch, names):
+    return {k: jnp.asarray(batch[k]) for k in names}
+
+
+TEXT_FIELDS = ("input_ids", "segment_ids", "positions")
+IMAGE_FIELDS = TEXT_FIELDS + ("pixels", "image_mask")
+
+
+def test_image_microbatch_logits_match_the_torch_reference(reference):
+    model = _jax_model(reference)
+    batch = _image_microbatch()
+    check_image_mask(batch["image_mask"], batch["image_rows"], model.config.image_tokens)
+    ours = np.asarray(_forward(*nnx.split(model), _device(batch, IMAGE_FIELDS)))
+    ref = _torch_logits(reference, batch["input_ids"], batch["real"], batch["pixels"], batch["image_mask"],
+                        batch["image_rows"])
+    real = batch["real"]
+    assert np.abs(ref[real]).max() > 1.0
+    np.testing.assert_allclose(ours[real], ref[real], rtol=0, atol=1e-5)
+    # the images matter: the same ids without the splice give different logits on image rows
+    text_only = np.asarray(_forward(*nnx.split(model), _device(batch, TEXT_FIELDS)))
+    assert np.abs(text_only[:2][real[:2]] - ours[:2][real[:2]]).max() > 1e-2
+    np.testing.assert_allclose(text_only[2][real[2]], ours[2][real[2]], rtol=0, atol=1e-6)
+
+
+def _uses_vision_params(model: LlavaModel, batch, names) -> bool:
+    """Whether the forward's jaxpr reads any vision/resampler/projector parameter."""
+    is_vision = lambda path, node: isinstance(node, nnx.Param) and path[0] in ("vision", "resampler", "projector")
+    graphdef, vision_params, rest = nnx.split(model, is_vision, ...)
+    arrays = _device(batch, names)
+    closed = jax.make_jaxpr(lambda vp: nnx.merge(graphdef, vp, rest)(
+        arrays["input_ids"], segment_ids=arrays["segment_ids"], positions=arrays["positions"],
+        pixels=arrays.get("pixels"), image_mask=arrays.get("image_mask")))(vision_params)
+    inputs = {id(v) for v in closed.jaxpr.invars}  # by identity: literals are unhashable
+    assert len(inputs) == len(jax.tree.leaves(vision_params)) > 0
+    read = [v for eqn in closed.jaxpr.eqns for v in eqn.invars] + list(closed.jaxpr.outvars)
+    return any(id(v) in inputs for v in read)
+
+
+def test_text_only_call_never_reads_vision_parameters(reference):
+    model = _jax_model(reference)
+    batch = _image_microbatch()
+    assert not _uses_vision_params(model, batch, TEXT_FIELDS)
+    assert _uses_vision_params(model, batch, IMAGE_FIELDS)  # the check can see them when they are used
+
+
+def test_text_only_model_has_no_vision_parameters_and_runs():
+    model = LlavaModel(ModelConfig(lm=TINY_LM, vision=None, dtype="float32"), rngs=nnx.Rngs(0))
+    assert model.vision is None and model.resampler is None and model.projector is None
+    paths = [path for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+    assert paths and all(path[0] == "lm" for path in paths)
+    assert model.config.image_tokens == 0
+    batch = _image_microbatch()
+    batch["input_ids"] = batch["input_ids"] % VOCAB
+    logits = _forward(*nnx.split(model), _device(batch, TEXT_FIELDS))
+    assert logits.shape == (3, 40, VOCAB) and logits.dtype == jnp.float32
+    assert np.isfinite(np.asarray(logits)).all()
+    with pytest.raises(ConfigError, match="text-only model"):
+        model.embed_inputs(jnp.asarray(batch["input_ids"]), jnp.asarray(batch["pixels"]),
+                           jnp.asarray(batch["image_mask"]))
+
+
+def test_frozen_tower_gets_no_gradient_and_a_trainable_one_does(reference):
+    frozen = _jax_model(reference)
+    assert frozen.config.vision.frozen
+    thawed = dataclasses.replace(frozen.config, vision=dataclasses.replace(frozen.config.vision, frozen=False))
+    trainable = nnx.eval_shape(lambda: LlavaModel(thawed, rngs=nnx.Rngs(0)))
+    nnx.update(trainable, nnx.state(frozen))
+    batch = _device(_image_microbatch(), IMAGE_FIELDS)
+    splits = [nnx.split(model, nnx.Param, ...) for model in (frozen, trainable)]
+
+    @jax.jit  # one compilation for both models
+    def grads(params_pair):
+        def loss(params, graphdef, rest):
+            logits = nnx.merge(graphdef, params, rest)(
+                batch["input_ids"], segment_ids=batch["segment_ids"], positions=batch["positions"],
+                pixels=batch["pixels"], image_mask=batch["image_mask"])
+            return jnp.mean(logits ** 2)
+
+        return [jax.grad(loss)(params, graphdef, rest) for params, (graphdef, _, rest) in zip(params_pair, splits)]
+
+    def total(tree):
+        return sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(tree))
+
+    frozen_grads, trainable_grads = grads([params for _, params, _ in splits])
+    assert total(frozen_grads["vision"]) == 0.0 and total(frozen_grads["projector"]) > 0.0
+    assert total(trainable_grads["vision"]) > 0.0
+
+
+def test_merge_writes_the_kth_vector_to_the_kth_placeholder():
+    embeds = jnp.zeros((2, 6, 1))
+    features = jnp.asarray([[[1.0], [2.0], [3.0]], [[4.0], [5.0], [6.0]]])
+    mask = jnp.asarray([[False, True, True, True, False, False], [False] * 6])
+    merged = merge_image_features(embeds, features, mask)
+    np.testing.assert_array_equal(merged[..., 0], [[0, 1, 2, 3, 0, 0], [0, 0, 0, 0, 0, 0]])
+
+
+def test_image_mask_check_names_the_row_with_the_wrong_placeholder_count():
+    mask = np.zeros((3, 30), bool)
+    mask[0, 1:1 + N] = True
+    mask[1, 2:2 + N] = True
+    rows = np.array([True, True, False])
+    check_image_mask(mask, rows, N)  # consistent: no error
+    short = mask.copy()
+    short[1, 2] = False
+    with pytest.raises(DataError, match=rf"microbatch row 1.*'image_mask'.*{N - 1} image placeholder.*expects {N}"):
+        check_image_mask(short, rows, N)
+    stray = mask.copy()
+    stray[2, 5] = True
+    with pytest.raises(DataError, match=r"row 2.*row without an image has 1 image placeholder"):
+        check_image_mask(stray, rows, N)

@@ -1,0 +1,230 @@
+"""The train step: token-weighted loss over accumulated microbatches, frozen parts, sharding, compiles."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxllava.data.batch import IGNORE, BatchStats, ImageBatch, TextBatch
+from jaxllava.errors import TrainingError
+from jaxllava.model.config import LlamaConfig, ModelConfig, VisionConfig
+from jaxllava.model.llava import LlavaModel
+from jaxllava.model.sharding import make_mesh
+from jaxllava.train.config import OptimConfig
+from jaxllava.train.optimizer import path_str
+from jaxllava.train.step import TrainStep, check_finite, cross_entropy_sum
+
+VOCAB = 48
+MODEL = ModelConfig(
+    lm=LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                   num_kv_heads=2, max_position_embeddings=64),
+    vision=VisionConfig(kind="dinov2", image_size=16, patch_size=8, hidden_size=16, intermediate_size=32,
+                        num_layers=1, num_heads=2, pretrained_image_size=16),
+    dtype="float32", attention_impl="xla")
+N = MODEL.image_tokens  # 4 placeholders per image
+
+
+def text_batch(seed: int, rows: int = 4, length: int = 16, fill: float = 1.0) -> TextBatch:
+    """Random tokens; `fill` < 1 leaves a padded tail so microbatches differ in target counts."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(4, VOCAB, (rows, length)).astype(np.int32)
+    used = max(2, int(length * fill))
+    segment_ids = np.zeros((rows, length), np.int32)
+    segment_ids[:, :used] = 1
+    targets = np.full((rows, length), IGNORE, np.int32)
+    targets[:, :used - 1] = ids[:, 1:used]
+    positions = np.where(segment_ids > 0, np.arange(length, dtype=np.int32), 0).astype(np.int32)
+    stats = BatchStats("text", rows, length, rows, 0, int((targets != IGNORE).sum()), 0,
+                       int((segment_ids == 0).sum()))
+    return TextBatch(ids, targets, segment_ids, positions, stats)
+
+
+def image_batch(seed: int, rows: int = 2, length: int = 16) -> ImageBatch:
+    base = text_batch(seed, rows, length)
+    image_mask = np.zeros((rows, length), bool)
+    image_mask[:, 1:1 + N] = True
+    targets = base.targets.copy()
+    targets[:, :1 + N] = IGNORE  # nothing predicted from or onto the placeholders
+    pixels = np.random.default_rng(seed + 100).normal(size=(rows, 16, 16, 3)).astype(np.float32)
+    stats = BatchStats("image", rows, length, rows, 0, int((targets != IGNORE).sum()), rows * N, 0)
+    return ImageBatch(base.input_ids, targets, base.segment_ids, base.positions, pixels, image_mask,
+                      np.ones((rows,), bool), stats)
+
+
+def make_trainer(optim: OptimConfig = OptimConfig(lr=1e-2, warmup_steps=0), total_steps: int = 50, mesh=None,
+                 model_config: ModelConfig = MODEL):
+    model = LlavaModel(model_config, rngs=nnx.Rngs(0))
+    trainer = TrainStep(model, optim, total_steps, mesh or make_mesh(devices=jax.devices()[:1]), loss_chunk=8)
+    return trainer, trainer.init_state(nnx.split(model, nnx.Param, ...)[1])
+
+
+def flat(tree) -> dict[str, np.ndarray]:
+    return {path_str(kp): np.asarray(v) for kp, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def reference_token_mean(trainer: TrainStep, params, batches) -> float:
+    """Σ CE / Σ target tokens over all microbatches, from full logits (no chunking)."""
+    model = trainer.model(params)
+    total, count = 0.0, 0
+    for b in batches:
+        kwargs = {"segment_ids": b.segment_ids, "positions": b.positions}
+        if isinstance(b, ImageBatch):
+            kwargs.update(pixels=b.pixels, image_mask=b.image_mask)
+        logits = np.asarray(model(b.input_ids, **kwargs), np.float64)
+        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+            - logits.max(-1, keepdims=True)
+        valid = b.targets != IGNORE
+        picked = np.take_along_axis(logp, np.where(valid, b.targets, 0)[..., None], -1)[..., 0]
+        total += -picked[valid].sum()
+        count += int(valid.sum())
+    return total / count
+
+
+def test_loss_is_the_mean_over_all_target_tokens_of_the_step():
+    trainer, state = make_trainer()
+    batches = [text_batch(0, fill=1.0), text_batch(1, fill=0.25), image_batch(2)]
+    counts = [int((b.targets != IGNORE).sum()) for b in batches]
+    assert len(set(counts)) == 3  # a mean of per-microbatch means would differ (pitfall 24)
+    expected = reference_token_mean(trainer, state["params"], batches)
+    _, metrics = trainer(state, batches)
+    assert float(metrics["loss"]) == pytest.approx(expected, rel=1e-5)
+    assert int(metrics["target_tokens"]) == sum(counts)
+
+
+def test_accumulating_microbatches_equals_one_large_batch():
+    whole = text_batch(5, rows=8, fill=0.6)
+    halves = [TextBatch(*(getattr(whole, f)[sl] for f in ("input_ids", "targets", "segment_ids", "positions")),
+                        whole.stats) for sl in (slice(0, 3), slice(3, 8))]
+    trainer, state = make_trainer()
+    state_whole, m_whole = trainer(jax.tree.map(jnp.copy, state), [whole])
+    state_parts, m_parts = trainer(state, halves)
+    assert float(m_parts["loss"]) == pytest.approx(float(m_whole["loss"]), rel=1e-6)
+    a, b = flat(state_whole["params"]), flat(state_parts["params"])
+    for path in a:
+        np.testing.assert_allclose(a[path], b[path], rtol=1e-5, atol=1e-7, err_msg=path)
+
+
+def test_microbatch_without_targets_adds_nothing_instead_of_nan():
+    empty = text_batch(3)
+    empty = TextBatch(empty.input_ids, np.full_like(empty.targets, IGNORE), empty.segment_ids, empty.positions,
+                      empty.stats)
+    trainer, state = make_trainer()
+    expected = reference_token_mean(trainer, state["params"], [text_batch(4)])
+    _, metrics = trainer(state, [empty, text_batch(4)])
+    assert float(metrics["loss"]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_overfits_one_mixed_step():
+    trainer, state = make_trainer(OptimConfig(lr=3e-3, warmup_steps=0, schedule="constant"))
+    batches = [text_batch(0), image_batch(1)]
+    losses = []
+    for _ in range(40):
+        state, metrics = trainer(state, batches)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < 0.25 * losses[0], losses
+
+
+def test_frozen_vision_and_head_are_unchanged_and_per_part_rates_apply():
+    optim = OptimConfig(lr=1e-2, projector_lr=0.0, warmup_steps=0, freeze_lm_head=True)
+    trainer, state = make_trainer(optim)
+    before = flat(state["params"])
+    trainable, frozen = trainer.split_params(state["params"])
+    assert set(trainable.keys()) == {"lm", "projector"}  # only these are differentiated
+    assert "vision" in frozen and "lm_head" in frozen["lm"]
+    for _ in range(2):
+        state, _ = trainer(state, [text_batch(0), image_batch(1)])
+    after = flat(state["params"])
+    for path in before:
+        unchanged = np.array_equal(before[path], after[path])
+        expect_unchanged = path.startswith(("vision/", "projector/", "lm/lm_head/"))
+        assert unchanged == expect_unchanged, path
+
+
+def test_vision_tower_trains_when_unfrozen():
+    model = dataclasses.replace(MODEL, vision=dataclasses.replace(MODEL.vision, frozen=False))
+    trainer, state = make_trainer(OptimConfig(lr=1e-2, warmup_steps=0, train_vision=True), model_config=model)
+    before = {p: v for p, v in flat(state["params"]).items() if p.startswith("vision/")}
+    state, _ = trainer(state, [image_batch(1)])
+    after = flat(state["params"])
+    changed = [p for p in before if not np.array_equal(before[p], after[p])]
+    assert len(changed) > len(before) // 2, changed
+
+
+def test_chunked_cross_entropy_equals_unchunked_in_value_and_gradient():
+    rng = np.random.default_rng(0)
+    hidden = jnp.asarray(rng.normal(size=(2, 12, 8)), jnp.float32)
+    weight = jnp.asarray(rng.normal(size=(8, 20)), jnp.float32)
+    targets = jnp.asarray(np.where(rng.random((2, 12)) < 0.3, IGNORE, rng.integers(0, 20, (2, 12))), jnp.int32)
+
+    def loss(w, chunk):
+        return cross_entropy_sum(lambda h: h @ w, hidden, targets, chunk)
+
+    (ce_full, n_full), (ce_chunk, n_chunk) = loss(weight, 12), loss(weight, 4)
+    assert int(n_full) == int(n_chunk) == int((targets != IGNORE).sum())
+    np.testing.assert_allclose(float(ce_chunk), float(ce_full), rtol=1e-6)
+    g_full = jax.grad(lambda w: loss(w, 12)[0])(weight)
+    g_chunk = jax.grad(lambda w: loss(w, 4)[0])(weight)
+    np.testing.assert_allclose(g_chunk, g_full, rtol=1e-5, atol=1e-6)
+
+
+def test_non_finite_loss_is_a_training_error_naming_the_step():
+    trainer, state = make_trainer()
+    assert "lm/norm/scale" in flat(state["params"])
+    poisoned = jax.tree_util.tree_map_with_path(
+        lambda kp, x: x * np.nan if path_str(kp) == "lm/norm/scale" else x, state["params"])
+    _, metrics = trainer({**state, "params": poisoned}, [text_batch(0)])
+    with pytest.raises(TrainingError, match="step 7: non-finite loss=nan"):
+        check_finite(metrics, 7)
+
+
+def test_compiles_once_per_modality_and_bucket_then_never_again():
+    trainer, state = make_trainer()
+    mixes = [[text_batch(0, length=16), image_batch(1, length=16)], [text_batch(2, length=8)],
+             [image_batch(3, length=16), text_batch(4, length=8)]]
+    for batches in mixes:
+        state, _ = trainer(state, batches)
+    warm = trainer.compile_count()
+    assert warm == 3 + 1  # text@16, image@16, text@8, and the update
+    for batches in mixes * 2:
+        state, _ = trainer(state, batches)
+    assert trainer.compile_count() == warm
+
+
+SHARDED_SCRIPT = textwrap.dedent("""
+    import jax, numpy as np
+    from tests.test_train_step import make_trainer, text_batch, image_batch, flat
+    from jaxllava.model.sharding import make_mesh
+    assert jax.device_count() == 8
+    batches = [text_batch(0, rows=8), image_batch(1, rows=4), text_batch(2, rows=8, fill=0.5)]
+    results = []
+    for mesh in (make_mesh(devices=jax.devices()[:1]), make_mesh(data=2, fsdp=2, tensor=2)):
+        trainer, state = make_trainer(mesh=mesh)
+        losses = []
+        for _ in range(3):
+            state, metrics = trainer(state, batches)
+            losses.append(float(metrics["loss"]))
+        results.append((losses, flat(state["params"]), state))
+    (l1, p1, _), (l8, p8, s8) = results
+    np.testing.assert_allclose(l8, l1, rtol=2e-5)
+    for path in p1:
+        np.testing.assert_allclose(p8[path], p1[path], rtol=1e-4, atol=1e-5, err_msg=path)
+    kernel = s8["params"]["lm"]["layers"][0]["mlp"]["up_proj"]["kernel"].get_value()
+    assert len(kernel.sharding.device_set) == 8 and kernel.addressable_shards[0].data.shape != kernel.shape
+    print("SHARDED_OK", l1)
+""")
+
+
+def test_eight_device_sharded_step_equals_one_device():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env, cwd=root, capture_output=True,
+                            text=True, timeout=600)
+    assert "SHARDED_OK" in result.stdout, result.stderr[-4000:]
