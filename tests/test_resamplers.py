@@ -91,7 +91,8 @@ class TorchPerceiverLayer(torch.nn.Module):
         self.to_q = torch.nn.Linear(width, width, bias=False)
         self.to_kv = torch.nn.Linear(width, 2 * width, bias=False)
         self.to_out = torch.nn.Linear(width, width, bias=False)
-        self.ff = torch.nn.Sequential(torch.nn.LayerNorm(width, eps=eps), torch.nn.Linear(width, mult * width, bias=False),
+        self.ff = torch.nn.Sequential(torch.nn.LayerNorm(width, eps=eps),
+                                      torch.nn.Linear(width, mult * width, bias=False),
                                       torch.nn.GELU(), torch.nn.Linear(mult * width, width, bias=False))
 
     def forward(self, media, latents):
@@ -185,7 +186,8 @@ def test_token_packer_matches_a_torch_windowed_restatement(num_latents, window):
 
 
 def test_token_packer_query_sees_only_its_own_window():
-    # 16×16 grid, 4×4 queries, s = 4: query 0 owns patch rows 0–3 × columns 0–3; its bilinear q0 reads rows/cols 1–2.
+    # 16×16 grid, 4×4 queries, s = 4: query 0 owns patch rows 0–3 × columns 0–3;
+    # its bilinear q0 reads only rows/columns 1–2.
     packer = perturb(make_resampler(ResamplerConfig("token_packer", num_latents=16, num_heads=4), VISION,
                                     rngs=nnx.Rngs(3)), 3)
     forward = jax.jit(lambda x: packer(x))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from typing import Iterable, Optional
 
 import jax
@@ -39,16 +40,14 @@ from jaxllava.model.vision import load_hf_vision_weights, vision_config_from_hf
 EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64), np.dtype(ml_dtypes.bfloat16))
 
-# Checkpoint tensors that are no model parameter, and why (name suffix or prefix → reason).
+# Checkpoint tensors that are no model parameter, and why (regex on the name → reason).
 KNOWN_UNUSED = (
-    ("rotary_emb.inv_freq", "RoPE buffer of older transformers checkpoints; recomputed from rope_theta"),
-    ("embeddings.mask_token", "DINOv2 pre-training mask token; never used for features"),
-    ("head.", "SigLIP attention-pooling head; LLaVA-style features never read it"),
-    ("text_model.", "text tower of a two-tower CLIP/SigLIP checkpoint"),
-    ("text_projection.", "text projection of a two-tower checkpoint"),
-    ("visual_projection.", "contrastive projection of a two-tower checkpoint; features are read before it"),
-    ("logit_scale", "contrastive temperature of a two-tower checkpoint"),
-    ("logit_bias", "contrastive bias of a two-tower checkpoint"),
+    (r"(^|\.)rotary_emb\.inv_freq$", "RoPE buffer of older transformers checkpoints; recomputed from rope_theta"),
+    (r"(^|\.)embeddings\.mask_token$", "DINOv2 pre-training mask token; never used for features"),
+    (r"^(vision_model\.)?head\.", "SigLIP attention-pooling head; LLaVA-style features never read it"),
+    (r"^text_model\.", "text tower of a two-tower CLIP/SigLIP checkpoint"),
+    (r"^(text|visual)_projection\.", "projection head of a two-tower checkpoint; features are read before it"),
+    (r"^logit_(scale|bias)$", "contrastive temperature/bias of a two-tower checkpoint"),
 )
 
 
@@ -91,7 +90,7 @@ def grow_rows_with_mean(array: np.ndarray, rows: int) -> np.ndarray:
 
 def unused_reason(name: str) -> Optional[str]:
     for pattern, reason in KNOWN_UNUSED:
-        if name.endswith(pattern) or name.startswith(pattern) or f".{pattern}" in name:
+        if re.search(pattern, name):
             return reason
     return None
 

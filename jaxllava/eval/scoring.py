@@ -336,12 +336,17 @@ def evaluate(logits_fn: LogitsFn, tokenizer: Any, items: Sequence[MinimalPairIte
     encoded = encode_candidates(tokenizer, items, protocol=protocol, image_template=image_template)
     traces_before = compile_count()
     flat = score_encoded(logits_fn, encoded, batch_size=batch_size, buckets=buckets)
-    compiles = compile_count() - traces_before
+    return decide(items, encoded, flat, compiles=compile_count() - traces_before)
+
+
+def decide(items: Sequence[MinimalPairItem], encoded: EncodedSet, flat: np.ndarray, *,
+           compiles: int = 0) -> Results:
+    """Decisions and aggregates from the row scores of `encoded` (what `score_encoded` returns)."""
     scores = [flat[encoded.row_start[i]:encoded.row_start[i + 1]] for i in range(len(items))]
     chosen = np.array([choose(s) for s in scores], int)
     correct = chosen == 0
     accuracy, counts, average = aggregate(items, correct)
     ties = sum(int(np.sum(s == np.max(s)) > 1) for s in scores)
     nonfinite = sum(int(not np.all(np.isfinite(s))) for s in scores)
-    return Results(items, scores, chosen, correct, accuracy, counts, average, ties, nonfinite, protocol,
-                   image_template, compiles)
+    return Results(items, scores, chosen, correct, accuracy, counts, average, ties, nonfinite, encoded.protocol,
+                   encoded.image_template, compiles)

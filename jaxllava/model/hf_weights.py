@@ -28,6 +28,7 @@ class CheckpointTensors:
         self.directory = directory
         self._file_of: dict[str, str] = {}
         self._format = None
+        self._torch_cache: tuple[str, dict] | None = None  # the last .bin file read (one at a time)
         candidates = [
             ("model.safetensors.index.json", "safetensors"),
             ("model.safetensors", "safetensors"),
@@ -49,7 +50,6 @@ class CheckpointTensors:
         if self._format is None:
             raise ConversionError(f"{directory}: no model.safetensors, model.safetensors.index.json, "
                                   f"pytorch_model.bin or pytorch_model.bin.index.json found")
-        self._torch_cache: tuple[str, dict] | None = None
 
     def _keys_of_file(self, path: str) -> list[str]:
         if not os.path.exists(path):

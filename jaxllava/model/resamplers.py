@@ -16,6 +16,11 @@ place N is derived; the data pipeline writes exactly N placeholders per image).
                 (remainder rows/columns dropped, like torch avg_pool2d); a CLS token
                 stays in front.
 
+Attention width is the vision width Dv with head dim Dv / num_heads for both
+attention resamplers (flamingo-pytorch fixes dim_head = 64; the reference's
+TokenPacker worked in 1024 = DINOv2-L's width with 8 heads). No reference
+resampler weights are loaded: the reference never used trained ones (§1.7).
+
 Inputs carry a leading CLS token exactly when the tower has one and
 feature_select is "cls_patch" (n_in = grid² + 1). The token packer needs the
 grid alone and drops it; the perceiver attends to it like any other token.

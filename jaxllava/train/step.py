@@ -148,6 +148,7 @@ class TrainStep:
         trainable, _ = self.split_params(self._param_shapes)
         self.accum_shardings = {"grads": tree_shardings(trainable, mesh, rules), "ce": replicated,
                                 "tokens": replicated}
+        self._init = jax.jit(self._fresh_state, out_shardings=self.state_shardings)
         self._zeros = jax.jit(self._zeros_impl, out_shardings=self.accum_shardings)
         self._accumulate: dict[tuple, Callable] = {}  # one jitted function per modality (batch layout)
         self._update = jax.jit(self._update_impl, in_shardings=(self.state_shardings, self.accum_shardings),
@@ -168,7 +169,7 @@ class TrainStep:
 
     def init_state(self, params: nnx.State) -> dict:
         """The train state for fresh parameters, placed on the mesh."""
-        return jax.jit(self._fresh_state, out_shardings=self.state_shardings)(params)
+        return self._init(params)
 
     def abstract_state(self) -> dict:
         """ShapeDtypeStructs of the train state carrying their target shardings (for restore)."""
@@ -209,7 +210,7 @@ class TrainStep:
         updates, opt_state = self.tx.update(full_grads, state["opt_state"], params)
         trainable_updates, _ = self.split_params(updates)
         new_params = nnx.merge_state(optax.apply_updates(trainable, trainable_updates), frozen)
-        metrics = {"loss": accum["ce"] / tokens, "grad_norm": optax.global_norm(grads),
+        metrics = {"loss": accum["ce"] / tokens, "grad_norm": global_norm(grads),
                    "lr": self.schedule(state["step"]), "target_tokens": accum["tokens"]}
         return {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1,
                 "rng": state["rng"]}, metrics
@@ -243,6 +244,10 @@ class TrainStep:
     def compile_count(self) -> int:
         """Compiled variants so far: one per (modality, bucket length), plus the update."""
         return sum(f._cache_size() for f in (*self._accumulate.values(), self._update))
+
+
+def global_norm(tree) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
 def check_finite(metrics: dict[str, Any], step: int) -> None:

@@ -1,0 +1,268 @@
+"""The PyTorch reference's checkpoints in and out (`LlavaLlamaForCausalLM`, REFERENCE.md §5).
+
+Layout of a reference checkpoint directory (HF Trainer `checkpoint-*` or the final
+output_dir): config.json (`model_type: llava_llama` + `mm_*` fields),
+model.safetensors with
+
+  model.embed_tokens / model.layers.* / model.norm / lm_head   Baby Llama (fp32)
+  model.vision_tower.vision_tower.*                             transformers Dinov2Model (fp16)
+  model.mm_projector.{0,2}.{weight,bias}                        mlp2x_gelu
+  model.vision_resampler.*                                      TokenPacker (fast_slow_resampler)
+  model.{spatial_height,spatial_width,temporal}_*               stage-2 LAPE embeddings
+
+and the tokenizer with its added tokens (8 in stage 1, 314 in stage 2; the
+vocabulary is kept as is, REFERENCE.md §1.3).
+
+What becomes of each part (REFERENCE.md §1.4-1.10):
+- The DINOv2 tower's config is not in the checkpoint (the reference fetched it
+  from the hub by name). It is read from `--vision-config DIR` when given, else
+  from a `vision_tower_config` entry (written by our export), else inferred from
+  the tensor shapes with DINOv2's 64-wide heads; the report says which.
+  Features: always last_hidden_state (the reference ignored
+  mm_vision_select_layer), position embeddings interpolated like transformers
+  4.40 ("scale_factor"), input 224 px (the processor override, not saved).
+- The TokenPacker's output was multiplied by 0 in every recorded run except gen
+  16 (`use_downsample_image=False`, §1.7): it becomes the identity resampler and
+  its tensors are reported unused. `use_downsample_image=True` is refused.
+- LAPE (stage 2) added position terms to image features (§1.9); jaxllava has no
+  LAPE, so such a checkpoint is refused unless `drop_lape` is set (text-only use,
+  e.g. BLiMP, is unaffected by dropping it).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from typing import Optional
+
+from flax import nnx
+
+from jaxllava.convert.checkpoint_io import (atomic_output_dir, load_checkpoint_params, model_from_params,
+                                            read_meta, write_params_checkpoint)
+from jaxllava.convert.hf import ImportSource, classify_unused, save_export_tokenizer, save_safetensors, \
+    write_provenance
+from jaxllava.errors import ConversionError
+from jaxllava.model.config import ModelConfig, ProjectorConfig, ResamplerConfig
+from jaxllava.model.hf_weights import CheckpointTensors, read_config
+from jaxllava.model.llama import llama_config_from_hf, llama_config_to_hf, llama_hf_state_dict, load_hf_llama_weights
+from jaxllava.model.projectors import load_projector_weights, projector_hf_state_dict
+from jaxllava.model.vision import load_hf_vision_weights, vision_config_from_hf, vision_hf_config, \
+    vision_hf_state_dict
+
+VISION_PREFIX = "model.vision_tower.vision_tower."
+PROJECTOR_PREFIX = "model.mm_projector."
+RESAMPLER_PREFIX = "model.vision_resampler."
+LAPE = re.compile(r"^model\.(spatial_height|spatial_width|temporal)_")
+DINOV2_HEAD_DIM = 64  # every released DINOv2 (small/base/large/giant) uses 64-wide heads
+DINOV2_NAMES = {(384, 12): "facebook/dinov2-small", (768, 12): "facebook/dinov2-base",
+                (1024, 24): "facebook/dinov2-large", (1536, 40): "facebook/dinov2-giant"}
+REFERENCE_IMAGE_SIZE = 224  # DINO_PROCESSOR_RESOLUTION, never saved in the checkpoint (REFERENCE.md §1.5)
+JAXLLAVA_KEY = "jaxllava"  # our own config.json entry: what the reference never saved
+
+
+def infer_dinov2_config(tensors, prefix: str = VISION_PREFIX) -> dict:
+    """A transformers Dinov2Config dict from the tower's tensor shapes (heads: width / 64)."""
+    def shape(name):
+        if prefix + name not in tensors:
+            raise ConversionError(f"{tensors.directory}: tensor {prefix + name!r} is missing from the checkpoint")
+        return tuple(tensors[prefix + name].shape)
+
+    hidden, _, patch, _ = shape("embeddings.patch_embeddings.projection.weight")
+    positions = shape("embeddings.position_embeddings")[1] - 1
+    grid = math.isqrt(positions)
+    layer = re.compile(re.escape(prefix) + r"encoder\.layer\.(\d+)\.")
+    layers = {int(m.group(1)) for m in map(layer.match, tensors.keys()) if m}
+    mlp = shape("encoder.layer.0.mlp.fc1.weight")[0]
+    if hidden % DINOV2_HEAD_DIM or grid * grid != positions or mlp % hidden:
+        raise ConversionError(f"{tensors.directory}: cannot infer the DINOv2 tower's config from its shapes "
+                              f"(width {hidden}, {positions} positions, MLP {mlp}); pass --vision-config DIR "
+                              f"with the tower's config.json")
+    return {"model_type": "dinov2", "hidden_size": hidden, "num_hidden_layers": len(layers),
+            "num_attention_heads": hidden // DINOV2_HEAD_DIM, "patch_size": patch, "image_size": grid * patch,
+            "mlp_ratio": mlp // hidden, "layer_norm_eps": 1e-6, "hidden_act": "gelu", "qkv_bias": True,
+            "use_swiglu_ffn": False}
+
+
+def _vision_tower_config(hf_config: dict, tensors, vision_config_dir: Optional[str]) -> tuple[dict, str]:
+    if vision_config_dir:
+        return read_config(vision_config_dir), f"read from {os.path.abspath(vision_config_dir)}/config.json"
+    if "vision_tower_config" in hf_config:
+        return hf_config["vision_tower_config"], "read from config.json 'vision_tower_config'"
+    return infer_dinov2_config(tensors), (f"inferred from the tensor shapes (num_attention_heads = width / "
+                                          f"{DINOV2_HEAD_DIM}, layer_norm_eps 1e-6); pass --vision-config "
+                                          f"to use the tower's own config.json")
+
+
+def reference_model_config(hf_config: dict, tensors, *, vision_config_dir: Optional[str] = None,
+                           image_size: Optional[int] = None, base: ModelConfig = ModelConfig()
+                           ) -> tuple[ModelConfig, list[str]]:
+    """jaxllava ModelConfig of a reference checkpoint, with notes on what was assumed."""
+    notes = []
+    saved = hf_config.get(JAXLLAVA_KEY) or {}
+    lm = llama_config_from_hf(hf_config)
+    tower = hf_config.get("mm_vision_tower") or hf_config.get("vision_tower")
+    if not tower:
+        raise ConversionError("config.json: no 'mm_vision_tower': not a multimodal reference checkpoint "
+                              "(a text-only Llama imports with `convert import-hf`)")
+    if "dinov2" not in str(tower).lower():
+        raise ConversionError(f"config.json: mm_vision_tower {tower!r}: only the reference's DINOv2 tower is "
+                              f"supported (its other towers select features differently)")
+    tower_dict, origin = _vision_tower_config(hf_config, tensors, vision_config_dir)
+    notes.append(f"vision tower config {origin}")
+    size = image_size or saved.get("image_size") or REFERENCE_IMAGE_SIZE
+    feature_select = hf_config.get("mm_vision_select_feature", "patch")
+    if feature_select not in ("patch", "cls_patch"):
+        raise ConversionError(f"config.json: mm_vision_select_feature {feature_select!r} is not 'patch' or "
+                              f"'cls_patch'")
+    vision = vision_config_from_hf(tower_dict, image_size=size,
+                                   pos_interpolation=saved.get("pos_interpolation", "scale_factor"),
+                                   feature_layer=-1, feature_select=feature_select, frozen=True)
+    notes.append(f"vision input {size} px (the reference's 224-px processor override is not saved in its "
+                 f"checkpoint); features = last_hidden_state ({vision.feature_select}); mm_vision_select_layer "
+                 f"{hf_config.get('mm_vision_select_layer')} ignored as the reference ignored it; position "
+                 f"embeddings interpolated in {vision.pos_interpolation!r} mode")
+    if hf_config.get("mm_hidden_size", vision.hidden_size) != vision.hidden_size:
+        raise ConversionError(f"config.json: mm_hidden_size {hf_config['mm_hidden_size']} disagrees with the "
+                              f"vision tower's width {vision.hidden_size}")
+    if hf_config.get("use_downsample_image"):
+        raise ConversionError("config.json: use_downsample_image=true (gen 16): the image tokens came from the "
+                              "reference's TokenPacker, which jaxllava does not reproduce")
+    projector = ProjectorConfig(kind=hf_config.get("mm_projector_type", "linear"))
+    try:
+        projector.depth
+    except ValueError as e:
+        raise ConversionError(f"config.json: mm_projector_type: {e}") from None
+    model = dataclasses.replace(base, lm=lm, vision=vision, resampler=ResamplerConfig(kind="identity"),
+                                projector=projector)
+    return model, notes
+
+
+def _reference_unused_reason(name: str, drop_lape: bool) -> Optional[str]:
+    if name.startswith(RESAMPLER_PREFIX):
+        return ("reference resampler (TokenPacker): its output was multiplied by 0 (use_downsample_image=false, "
+                "REFERENCE.md §1.7), so the identity resampler reproduces the model exactly")
+    if LAPE.match(name) and drop_lape:
+        return ("stage-2 LAPE embedding, dropped on request (--drop-lape): text-only rows are unaffected, image "
+                "rows lose the additive position terms the reference gave them (REFERENCE.md §1.9)")
+    return None
+
+
+def import_reference(ref_dir: str, out: str, *, config=None, vision_config_dir: Optional[str] = None,
+                     image_size: Optional[int] = None, drop_lape: bool = False) -> dict:
+    """Write a jaxllava checkpoint at `out` from a reference checkpoint directory; returns the report.
+
+    `config`: an ExperimentConfig for everything the checkpoint does not say (data,
+    optimisation; default: the schema defaults); its model section is replaced.
+    """
+    from jaxllava.config import ExperimentConfig, config_to_dict
+    from jaxllava.data.samples import load_tokenizer
+    from jaxllava.model.llava import LlavaModel
+
+    config = config or ExperimentConfig()
+    hf_config = read_config(ref_dir)
+    tensors = CheckpointTensors(ref_dir)
+    lape = sorted(k for k in tensors.keys() if LAPE.match(k))
+    if lape and not drop_lape:
+        raise ConversionError(f"{ref_dir}: stage-2 LAPE tensors ({', '.join(lape[:3])}, ...) added position "
+                              f"terms to the reference's image features, which jaxllava does not implement; "
+                              f"pass --drop-lape to import anyway (text-only behaviour is unaffected)")
+    model_config, notes = reference_model_config(hf_config, tensors, vision_config_dir=vision_config_dir,
+                                                 image_size=image_size, base=config.model)
+    tokenizer = load_tokenizer(ref_dir)
+    if len(tokenizer) > model_config.lm.vocab_size:
+        raise ConversionError(f"{ref_dir}: the tokenizer has {len(tokenizer)} tokens but config.json vocab_size "
+                              f"is {model_config.lm.vocab_size} (vocabulary sizes disagree)")
+    data = dataclasses.replace(config.data, image=dataclasses.replace(
+        config.data.image, aspect="pad" if hf_config.get("image_aspect_ratio", "pad") == "pad" else "resize"))
+    config = dataclasses.replace(config, model=model_config, data=data)
+
+    model = nnx.eval_shape(lambda: LlavaModel(model_config, rngs=nnx.Rngs(0)))
+    source = ImportSource(tensors)
+    load_hf_llama_weights(model.lm, source)
+    lm_mapped = set(source.read)
+    load_hf_vision_weights(model.vision, source, prefix=VISION_PREFIX)
+    vision_mapped = set(source.read) - lm_mapped
+    load_projector_weights(model.projector, source, prefix=PROJECTOR_PREFIX)
+    projector_mapped = set(source.read) - lm_mapped - vision_mapped
+    unused = classify_unused(set(tensors.keys()) - set(source.read), ref_dir,
+                             lambda n: _reference_unused_reason(n, drop_lape))
+    params = nnx.state(model, nnx.Param).to_pure_dict()
+
+    def mapped(names, component):
+        return {n: {**source.read[n], "component": component} for n in sorted(names)}
+
+    stage = 2 if lape else 1
+    meta = {"imported_from": {"format": "reference", "directory": os.path.abspath(ref_dir)},
+            "reference": {"mm_vision_tower": hf_config.get("mm_vision_tower"), "stage": stage,
+                          "vocab_size": model_config.lm.vocab_size, "tokenizer_size": len(tokenizer),
+                          "lape_dropped": bool(lape)}}
+    report = {"what": "import-reference", "directory": os.path.abspath(ref_dir),
+              "mapped": {**mapped(lm_mapped, "lm"), **mapped(vision_mapped, "vision"),
+                         **mapped(projector_mapped, "projector")},
+              "unused": unused, "missing": [], "model": config_to_dict(model_config), "notes": notes,
+              "meta": meta}
+    write_params_checkpoint(out, config, params, tokenizer, meta, report=report)
+    return report
+
+
+def reference_hf_config(config, mm_vision_tower: Optional[str]) -> dict:
+    """config.json of a `LlavaLlamaForCausalLM` (REFERENCE.md §5) for the model `config` describes."""
+    model = config.model
+    vision = model.vision
+    name = mm_vision_tower or DINOV2_NAMES.get((vision.hidden_size, vision.num_layers),
+                                               f"dinov2-custom-{vision.hidden_size}x{vision.num_layers}")
+    hf = llama_config_to_hf(model.lm)
+    hf.update({
+        "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama", "use_cache": True,
+        "mm_vision_tower": name, "vision_tower_pretrained": None, "use_mm_proj": True,
+        "mm_projector_type": model.projector.kind, "mm_hidden_size": vision.hidden_size,
+        "mm_vision_select_layer": -1, "mm_vision_select_feature": vision.feature_select,
+        "mm_patch_merge_type": "flat", "mm_resampler_type": None, "use_downsample_image": False,
+        "mm_use_im_start_end": False, "mm_use_im_patch_token": True,
+        "image_aspect_ratio": "pad" if config.data.image.aspect == "pad" else "square",
+        "tokenizer_padding_side": "right", "tokenizer_model_max_length": model.lm.max_position_embeddings,
+        # What the reference never saved (REFERENCE.md §7 items 12, 29), for our own importer:
+        "image_token_num": model.image_tokens,
+        "vision_tower_config": vision_hf_config(vision),
+        JAXLLAVA_KEY: {"image_size": vision.image_size, "pos_interpolation": vision.pos_interpolation},
+    })
+    return hf
+
+
+def export_reference(checkpoint: str, out: str) -> dict:
+    """The full model in the reference's layout: LlavaLlamaForCausalLM names, mm_* config fields."""
+    config, params, run = load_checkpoint_params(checkpoint)
+    model_config = config.model
+    vision = model_config.vision
+    if vision is None:
+        raise ConversionError(f"{checkpoint}: a text-only checkpoint has no reference layout; use --what lm")
+    problems = []
+    if vision.kind != "dinov2":
+        problems.append(f"vision.kind {vision.kind!r} (the reference layout here covers its DINOv2 tower)")
+    if vision.feature_layer != -1:
+        problems.append(f"vision.feature_layer {vision.feature_layer} (the reference always used "
+                        f"last_hidden_state)")
+    if model_config.resampler.kind != "identity":
+        problems.append(f"resampler.kind {model_config.resampler.kind!r} (the reference's resampler "
+                        f"differs; only the identity maps exactly)")
+    if problems:
+        raise ConversionError(f"{checkpoint}: cannot be written in the reference's layout: {'; '.join(problems)}")
+    notes = []
+    if vision.pos_interpolation != "scale_factor":
+        notes.append(f"vision.pos_interpolation is {vision.pos_interpolation!r}: the reference (transformers "
+                     f"4.40) interpolates in 'scale_factor' mode and would compute different image features")
+    reference_meta = read_meta(checkpoint).get("reference") or {}
+    model = model_from_params(model_config, params)
+    tensors = {**llama_hf_state_dict(model.lm),
+               **vision_hf_state_dict(model.vision, prefix=VISION_PREFIX),
+               **projector_hf_state_dict(model.projector, prefix=PROJECTOR_PREFIX)}
+    del params
+    with atomic_output_dir(out) as tmp:
+        save_safetensors(tensors, os.path.join(tmp, "model.safetensors"))
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(reference_hf_config(config, reference_meta.get("mm_vision_tower")), f, indent=2)
+        save_export_tokenizer(config, tmp)
+        write_provenance(tmp, checkpoint, run)
+    return {"what": "export-hf reference", "out": os.path.abspath(out), "tensors": len(tensors), "notes": notes}

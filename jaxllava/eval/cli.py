@@ -1,0 +1,109 @@
+"""`python launch.py eval`: score minimal pairs with a jaxllava checkpoint.
+
+    python launch.py eval --checkpoint runs/tiny --task blimp=evaluation_data/full_eval/blimp_filtered \\
+        [--task ewok=.../ewok_filtered] [--image-template none --image-template "<image>\\n{text}"] \\
+        [--protocol 2025|2024] [--batch-size 64] [--out DIR]
+
+--checkpoint: a work directory (its latest complete step), a step directory or a
+`milestones/chck_<N>M` entry; the model and the tokenizer come from the checkpoint.
+--task NAME=PATH: a `*.jsonl` file or a directory of them, BLiMP/supplement or EWoK
+(told apart by their fields, evaluator.py); NAME names the outputs. --image-template:
+"none" (bare text) or a template ending in "{text}"; repeat it to report settings side
+by side; default bare text only. The model computes in float32 whatever its training
+dtype, as the official pipeline loads checkpoints in float32 (BABYLM_EVAL.md §1.2).
+
+Prints per task the accuracy per UID and field, the macro average over UIDs (the
+pipeline's number) beside chance, and the settings side by side; writes into --out
+(default `<workdir>/eval/<step>`) `summary.json` and, per task and setting,
+`predictions.jsonl`, `summary.json` and the pipeline's `best_temperature_report.txt`
+and `predictions.json` (evaluator.MinimalPairEvaluator.write).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import sys
+import time
+from typing import Optional, Sequence
+
+from jaxllava.errors import ConfigError
+
+NONE = "none"
+TASK_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # used in file paths and metric names
+
+
+def parse_tasks(specs: Sequence[str]) -> dict[str, str]:
+    """["blimp=path", ...] → {"blimp": "path"}; names must be unique and path-safe."""
+    tasks: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not path:
+            raise ConfigError(f"--task {spec!r}: expected NAME=PATH")
+        if not TASK_NAME.fullmatch(name):
+            raise ConfigError(f"--task {spec!r}: the name may hold only letters, digits, '_', '.' and '-'")
+        if name in tasks:
+            raise ConfigError(f"--task {spec!r}: the name {name!r} is given twice")
+        tasks[name] = path
+    if not tasks:
+        raise ConfigError("give at least one --task NAME=PATH")
+    return tasks
+
+
+def parse_image_templates(values: Optional[Sequence[str]]) -> tuple[bool, tuple[str, ...]]:
+    """(bare text?, templates) from the repeated --image-template values; none given: bare text only.
+
+    A shell passes "<image>\\n{text}" with a backslash and an "n"; that escape is read as a newline,
+    the reference's template (REFERENCE.md §4.1).
+    """
+    if not values:
+        return True, ()
+    bare = NONE in values
+    templates = tuple(v.replace("\\n", "\n") for v in values if v != NONE)
+    return bare, templates
+
+
+def default_out_dir(checkpoint: str) -> str:
+    from jaxllava.convert.checkpoint_io import resolve_checkpoint
+
+    location = resolve_checkpoint(checkpoint)
+    base = location.workdir or os.path.dirname(location.step_dir)
+    return os.path.join(base, "eval", str(location.step))
+
+
+def run_eval(args) -> int:
+    import jax
+
+    from jaxllava.convert.checkpoint_io import load_checkpoint_params, model_from_params, read_meta
+    from jaxllava.data.samples import load_tokenizer
+    from jaxllava.eval.evaluator import MinimalPairEvaluator
+
+    tasks = parse_tasks(args.task)
+    bare_text, templates = parse_image_templates(args.image_template)
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+
+    config, params, record = load_checkpoint_params(args.checkpoint)
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    evaluator = MinimalPairEvaluator(tasks, tokenizer, image_templates=templates, bare_text=bare_text,
+                                     protocol=args.protocol, batch_size=args.batch_size)
+    model = model_from_params(dataclasses.replace(config.model, dtype="float32"), jax.device_put(params))
+    del params
+
+    started = time.monotonic()
+    results = evaluator.evaluate(model)
+    seconds = time.monotonic() - started
+    print(evaluator.format(results))
+    pairs = sum(len(r.items) for settings in results.values() for r in settings.values())
+    print(f"\n{pairs} items scored in {seconds:.1f} s ({pairs / seconds:.1f} items/s, compilation included) "
+          f"on {jax.devices()[0].device_kind}")
+
+    out = args.out or default_out_dir(args.checkpoint)
+    meta = read_meta(args.checkpoint)
+    path = evaluator.write(results, out, extra={
+        "checkpoint": os.path.abspath(args.checkpoint), "step": meta.get("step"),
+        "words_seen": meta.get("words_seen"), "tokenizer": config.data.tokenizer, "dtype": "float32",
+        "batch_size": args.batch_size, "seconds": round(seconds, 3), "device": jax.devices()[0].device_kind,
+        "run_created": record.get("created")})
+    print(f"wrote {path} and per-task predictions under {out}", file=sys.stderr)
+    return 0

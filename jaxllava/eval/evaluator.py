@@ -1,0 +1,237 @@
+"""Minimal-pair evaluation of a model on a fixed task set: read and encode once, score many times.
+
+    evaluator = MinimalPairEvaluator({"blimp": "evaluation_data/full_eval/blimp_filtered"}, tokenizer,
+                                     image_templates=("<image>\\n{text}",))
+    results = evaluator.evaluate(model)   # {task: {setting: scoring.Results}}
+    evaluator.scalars(results)            # {"eval/blimp/text/accuracy": 61.2, ...}
+    evaluator.write(results, out_dir)     # predictions, summaries, pipeline-layout files
+
+Task kind: taken from the first line of the task's first `*.jsonl` file (the pipeline's
+`iterdir` order): a record with `Context1` or `Target1` is EWoK, anything else is BLiMP
+(original BLiMP and the supplement, told apart by `field` as the pipeline does). The
+reader then checks every line against that kind and names any malformed one by file
+and line, so a mixed or broken directory is an error, never a silent guess.
+
+Settings: "text" (bare sentences: the numbers the official pipeline reports) and one
+per image template, "image_template" (one) or "image_template_<k>" (several, k from 1).
+A template is literal text before the sentence, with no image (scoring.py); the
+reference evaluated with "<image>\\n{text}" through gen 19 (REFERENCE.md §4.1, §7.28).
+
+Training safety: `evaluate` reads the model's state and never writes it, draws no
+random numbers, and copies only the (B,) sums back to the host, so evaluating inside
+training leaves the run's numbers unchanged. Parameters are jit arguments
+(`scoring.module_logits_fn`): the shapes compiled on the first call, one per
+(batch, bucket), serve every later call and every checkpoint of the architecture.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from typing import Any, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxllava.errors import ConfigError, DataError
+from jaxllava.eval import report
+from jaxllava.eval.minimal_pairs import MinimalPairItem, Task, read_minimal_pairs
+from jaxllava.eval.scoring import (DEFAULT_BUCKETS, EncodedSet, Results, compile_count, decide, encode_candidates,
+                                   module_logits_fn, score_encoded)
+
+TEXT = "text"
+# EvalConfig's former `image_template: "append_image_token"` (the BabyLM pipeline option
+# the reference used) names this template (REFERENCE.md §4.1: image_template.json).
+LEGACY_TEMPLATES = {"append_image_token": "<image>\n{text}"}
+EWOK_KEYS = ("Context1", "Target1")
+
+
+def detect_task_kind(path: str | os.PathLike) -> Task:
+    """"ewok" when the first record of the task's first file has EWoK's fields, else "blimp"."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        first = next((p for p in path.iterdir() if p.suffix == ".jsonl"), None)  # read_files.py order
+    else:
+        first = path if path.is_file() else None
+    if first is None:
+        return "blimp"  # the reader reports the missing file or directory
+    with first.open("r", encoding="utf-8") as f:
+        line = f.readline()
+    try:
+        record = json.loads(line.strip())
+    except json.JSONDecodeError:
+        return "blimp"  # the reader reports the bad line with its number
+    return "ewok" if isinstance(record, dict) and any(k in record for k in EWOK_KEYS) else "blimp"
+
+
+def setting_names(image_templates: Sequence[str], bare_text: bool) -> dict[str, Optional[str]]:
+    """Setting name → template (None: bare text), in report order."""
+    templates = list(image_templates)
+    if len(set(templates)) != len(templates):
+        raise ConfigError(f"image templates are repeated: {templates}")
+    settings: dict[str, Optional[str]] = {TEXT: None} if bare_text else {}
+    if len(templates) == 1:
+        settings["image_template"] = templates[0]
+    else:
+        settings.update({f"image_template_{k}": t for k, t in enumerate(templates, start=1)})
+    if not settings:
+        raise ConfigError("nothing to evaluate: no bare-text setting and no image template")
+    return settings
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedTask:
+    kind: Task
+    path: str
+    items: list[MinimalPairItem]
+    encoded: dict[str, EncodedSet]  # setting → every candidate's token ids and target mask
+
+
+class MinimalPairEvaluator:
+    """Minimal-pair accuracy of a model on named tasks, under each setting, as the 2025 pipeline scores it.
+
+    tasks: name → a BLiMP/supplement/EWoK `*.jsonl` file or a directory of them.
+    tokenizer: the model's fast Hugging Face tokenizer.
+    image_templates: templates such as "<image>\\n{text}", reported beside bare text
+    (`bare_text=False` drops the bare-text setting). protocol: "2025" or "2024"
+    (scoring.py). batch_size, buckets: rows per device batch and padded lengths
+    (results do not depend on them beyond float noise).
+    """
+
+    def __init__(self, tasks: Mapping[str, str | os.PathLike], tokenizer: Any, *,
+                 image_templates: Sequence[str] = (), bare_text: bool = True, protocol: str = "2025",
+                 batch_size: int = 64, buckets: Sequence[int] = DEFAULT_BUCKETS):
+        if not tasks:
+            raise ConfigError("no minimal-pair tasks given")
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        self.tokenizer = tokenizer
+        self.settings = setting_names(image_templates, bare_text)
+        self.protocol = protocol
+        self.batch_size = batch_size
+        self.buckets = tuple(sorted(set(int(b) for b in buckets)))
+        self.tasks: dict[str, PreparedTask] = {}
+        for name, path in tasks.items():
+            kind = detect_task_kind(path)
+            items = read_minimal_pairs(path, kind)
+            if not items:
+                raise DataError("no minimal pairs in the task", file=str(path))
+            encoded = {setting: encode_candidates(tokenizer, items, protocol=protocol, image_template=template)
+                       for setting, template in self.settings.items()}
+            for setting, enc in encoded.items():
+                self._check_length(name, setting, items, enc)
+            self.tasks[name] = PreparedTask(kind, str(path), items, encoded)
+        self.max_token_id = max(int(ids.max()) for task in self.tasks.values()
+                                for enc in task.encoded.values() for ids in enc.token_ids)
+
+    @classmethod
+    def from_config(cls, eval_config: Any, tokenizer: Any) -> "MinimalPairEvaluator":
+        """The evaluator an `EvalConfig` describes (`tasks`, `image_templates`, `protocol`, `batch_size`).
+
+        Reads the former single `image_template` field where `image_templates` does not exist yet.
+        """
+        templates = getattr(eval_config, "image_templates", None)
+        if templates is None:
+            legacy = getattr(eval_config, "image_template", None)
+            templates = () if legacy is None else (LEGACY_TEMPLATES.get(legacy, legacy),)
+        return cls(eval_config.tasks, tokenizer, image_templates=tuple(templates),
+                   protocol=getattr(eval_config, "protocol", "2025"), batch_size=eval_config.batch_size)
+
+    def _check_length(self, task: str, setting: str, items: list[MinimalPairItem], encoded: EncodedSet) -> None:
+        # Fail before the first evaluation (maybe hours into training), naming the item.
+        for row, ids in enumerate(encoded.token_ids):
+            if len(ids) - 1 > self.buckets[-1]:
+                item = items[int(np.searchsorted(encoded.row_start, row, side="right")) - 1]
+                raise DataError(f"task {task!r} ({setting}): a candidate needs {len(ids) - 1} input positions, more "
+                                f"than the largest bucket {self.buckets[-1]}", record=item.source,
+                                record_id=item.id, field="sentences")
+
+    def evaluate(self, model: nnx.Module | Any) -> dict[str, dict[str, Results]]:
+        """Score every task under every setting: {task: {setting: Results}}.
+
+        model: an NNX module called as `model(input_ids, segment_ids=, positions=)` → logits
+        (LlavaModel, Llama), or a scoring `logits_fn`. The module is only read.
+        """
+        if isinstance(model, nnx.Module):
+            vocab_size = _vocab_size(model)
+            if vocab_size is not None and self.max_token_id >= vocab_size:
+                raise ConfigError(f"the tokenizer produces id {self.max_token_id} but the model has only "
+                                  f"{vocab_size} embedding rows")
+            # Host (numpy) parameters would be copied to the device on every batch.
+            logits_fn = jax.tree.map(lambda x: jnp.asarray(x) if isinstance(x, np.ndarray) else x,
+                                     module_logits_fn(model))
+        else:
+            logits_fn = model
+        out: dict[str, dict[str, Results]] = {}
+        for name, task in self.tasks.items():
+            out[name] = {}
+            for setting, encoded in task.encoded.items():
+                before = compile_count()
+                flat = score_encoded(logits_fn, encoded, batch_size=self.batch_size, buckets=self.buckets)
+                out[name][setting] = decide(task.items, encoded, flat, compiles=compile_count() - before)
+        return out
+
+    # ------------------------------------------------------------------------ reporting
+
+    @staticmethod
+    def scalars(results: Mapping[str, Mapping[str, Results]]) -> dict[str, float]:
+        """`eval/<task>/<setting>/accuracy`: the macro average over UIDs, in %, for metrics and TensorBoard."""
+        return {f"eval/{task}/{setting}/accuracy": float(r.average)
+                for task, settings in results.items() for setting, r in settings.items()}
+
+    def example(self, task: str, setting: str) -> dict[str, Any]:
+        """Exactly what the model reads for the task's first candidate (REFERENCE.md §7.28)."""
+        prepared = self.tasks[task]
+        template = self.settings[setting]
+        sentence = prepared.items[0].sentences[0]
+        encoded = prepared.encoded[setting]
+        return {"text": sentence if template is None else template.format(text=sentence),
+                "input_ids": encoded.token_ids[0].tolist(), "target_mask": encoded.target_mask[0].tolist()}
+
+    def summary(self, results: Mapping[str, Mapping[str, Results]]) -> dict[str, Any]:
+        """JSON-able: per task its kind, path and, per setting, the report summary and the exact input."""
+        return {task: {"kind": self.tasks[task].kind, "path": self.tasks[task].path,
+                       "settings": {setting: {**report.summary(r), "example": self.example(task, setting)}
+                                    for setting, r in settings.items()}}
+                for task, settings in results.items()}
+
+    def format(self, results: Mapping[str, Mapping[str, Results]]) -> str:
+        """Per task: the table of the first setting, then each other setting beside it."""
+        blocks = []
+        for task, settings in results.items():
+            names = list(settings)
+            first = settings[names[0]]
+            blocks.append(f"== {task} ({self.tasks[task].kind}, {len(first.items)} items), {names[0]}\n"
+                          + report.format_table(first))
+            for other in names[1:]:
+                blocks.append(f"== {task}: {names[0]} vs {other} ({self.settings[other]!r})\n"
+                              + report.format_comparison(first, settings[other], labels=(names[0], other))
+                              + f"\nchance {first.chance:.2f}")
+        return "\n\n".join(blocks)
+
+    def write(self, results: Mapping[str, Mapping[str, Results]], out_dir: str,
+              extra: Optional[Mapping[str, Any]] = None) -> str:
+        """Write `<out>/summary.json` and, per task and setting, `<out>/<task>/<setting>/`:
+        predictions.jsonl (one line per item), summary.json, and pipeline/ (the official
+        best_temperature_report.txt and predictions.json). Returns the summary path."""
+        for task, settings in results.items():
+            for setting, r in settings.items():
+                directory = os.path.join(out_dir, task, setting)
+                report.write_predictions(r, os.path.join(directory, "predictions.jsonl"))
+                report.write_summary(r, os.path.join(directory, "summary.json"))
+                report.write_pipeline_files(r, os.path.join(directory, "pipeline"))
+        os.makedirs(out_dir, exist_ok=True)
+        path = os.path.join(out_dir, "summary.json")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({**(extra or {}), "protocol": self.protocol, "settings": self.settings,
+                       "scalars": self.scalars(results), "tasks": self.summary(results)}, f, indent=2)
+            f.write("\n")
+        return path
+
+
+def _vocab_size(model: nnx.Module) -> Optional[int]:
+    config = getattr(model, "config", None)
+    return getattr(getattr(config, "lm", config), "vocab_size", None)
