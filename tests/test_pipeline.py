@@ -198,3 +198,24 @@ def test_image_records_need_a_vision_tower(files, word_tokenizer_dir):
     cfg = DataConfig(sources=(SourceConfig(images),), tokenizer=word_tokenizer_dir, buckets=(16, 32))
     with pytest.raises(DataError, match="vision tower"):
         DataPipeline(cfg, image_tokens=0, image_size=None)
+
+
+def test_worker_processes_yield_the_same_batches_and_restore_state(files, word_tokenizer_dir):
+    p = pipeline(files, word_tokenizer_dir)
+    expected = all_batches(p, num_workers=0)
+    it = p.iterator(num_workers=2)
+    try:
+        got = [next(it) for _ in range(6)]
+        state = it.get_state()
+    finally:
+        it.close()
+    resumed = pipeline(files, word_tokenizer_dir).iterator(num_workers=2)
+    try:
+        resumed.set_state(state)
+        got += [next(resumed) for _ in range(3)]
+    finally:
+        resumed.close()
+    for want, have in zip(expected, got):
+        assert want.stats == have.stats
+        for k in want.arrays():
+            np.testing.assert_array_equal(want.arrays()[k], have.arrays()[k])
