@@ -31,7 +31,7 @@ def test_dump_then_load_round_trips_a_nontrivial_config(tmp_path):
           sources: [{path: a.jsonl, weight: 2}, {path: b.json}]
           buckets: [64, 128]
         optim: {projector_lr: 1e-3, schedule: linear, grad_clip: null}
-        eval: {tasks: {blimp: data/blimp}, image_template: append_image_token}
+        eval: {tasks: {blimp: data/blimp}, image_templates: ["<image> {text}"], protocol: "2024"}
     """))
     again = load_config(write(tmp_path / "dumped.yaml", dump_yaml(config)))
     assert again == config
@@ -175,10 +175,15 @@ def test_literal_violation_lists_the_allowed_values(tmp_path):
         load_config(path)
 
 
-def test_optional_literal_accepts_null_and_rejects_other_strings():
-    assert build_config({"eval": {"image_template": None}}).eval.image_template is None
-    with pytest.raises(ConfigError, match="expected one of 'append_image_token' or null"):
-        build_config({"eval": {"image_template": "prepend"}})
+def test_optional_field_accepts_null_and_rejects_other_types():
+    assert build_config({"optim": {"warmup_steps": None}}).optim.warmup_steps is None
+    with pytest.raises(ConfigError, match=r"'optim.warmup_steps': expected int or null"):
+        build_config({"optim": {"warmup_steps": "ten"}})
+
+
+def test_literal_protocol_rejects_unknown_versions():
+    with pytest.raises(ConfigError, match="expected one of '2025', '2024'"):
+        build_config({"eval": {"protocol": "2023"}})
 
 
 def test_fixed_length_tuple_checks_its_length():

@@ -94,9 +94,10 @@ def run_eval(args) -> int:
     results = evaluator.evaluate(model)
     seconds = time.monotonic() - started
     print(evaluator.format(results))
-    pairs = sum(len(r.items) for settings in results.values() for r in settings.values())
-    print(f"\n{pairs} items scored in {seconds:.1f} s ({pairs / seconds:.1f} items/s, compilation included) "
-          f"on {jax.devices()[0].device_kind}")
+    items = sum(len(task.items) for task in evaluator.tasks.values())
+    settings = len(evaluator.settings)
+    print(f"\n{items} items x {settings} setting(s) scored in {seconds:.1f} s "
+          f"({items * settings / seconds:.1f} items/s, compilation included) on {jax.devices()[0].device_kind}")
 
     out = args.out or default_out_dir(args.checkpoint)
     meta = read_meta(args.checkpoint)

@@ -47,6 +47,10 @@ TEXT = "text"
 # the reference used) names this template (REFERENCE.md §4.1: image_template.json).
 LEGACY_TEMPLATES = {"append_image_token": "<image>\n{text}"}
 EWOK_KEYS = ("Context1", "Target1")
+# BLiMP candidates are mostly under 16 tokens (word-level: about 10 with BOS): a
+# 16-position bucket halves their padded compute against scoring's smallest (32),
+# for one more compiled shape.
+BUCKETS = (16,) + tuple(b for b in DEFAULT_BUCKETS if b > 16)
 
 
 def detect_task_kind(path: str | os.PathLike) -> Task:
@@ -103,11 +107,11 @@ class MinimalPairEvaluator:
 
     def __init__(self, tasks: Mapping[str, str | os.PathLike], tokenizer: Any, *,
                  image_templates: Sequence[str] = (), bare_text: bool = True, protocol: str = "2025",
-                 batch_size: int = 64, buckets: Sequence[int] = DEFAULT_BUCKETS):
+                 batch_size: int = 64, buckets: Sequence[int] = BUCKETS):
         if not tasks:
             raise ConfigError("no minimal-pair tasks given")
-        if batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if batch_size < 1 or not buckets or min(buckets) < 1:
+            raise ConfigError(f"batch_size and buckets must be positive, got {batch_size} and {tuple(buckets)}")
         self.tokenizer = tokenizer
         self.settings = setting_names(image_templates, bare_text)
         self.protocol = protocol

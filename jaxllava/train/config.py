@@ -146,9 +146,11 @@ class EvalConfig:
     tasks: dict[str, str] = dataclasses.field(default_factory=dict)
     every_steps: int = 0  # 0: never on a step schedule
     at_milestones: bool = True  # evaluate each milestone checkpoint
-    # BabyLM's `--image_template append_image_token` prefixes each sentence with the
-    # image token; the reference used it through gen 19 (§7 pitfall 28). None: bare text.
-    image_template: Optional[Literal["append_image_token"]] = None
+    # Literal text before each sentence, no image, e.g. "<image>\n{text}" (the reference's
+    # `--image_template append_image_token` through gen 19, REFERENCE.md §4.1, §7.28);
+    # each is scored and reported beside bare text.
+    image_templates: tuple[str, ...] = ()
+    protocol: Literal["2025", "2024"] = "2025"
     batch_size: int = 32
 
     def __post_init__(self):

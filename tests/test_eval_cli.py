@@ -1,0 +1,92 @@
+"""`launch.py eval` end to end on a tiny checkpoint written by the conversion path.
+
+The checkpoint is configs/tiny.yaml's LLaVA (tiny tower included) with random weights,
+stored by `checkpoint_io.write_params_checkpoint` with the bundled tokenizer.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+from flax import nnx
+
+import launch
+from jaxllava.config import load_config
+from jaxllava.convert.checkpoint_io import write_params_checkpoint
+from jaxllava.data.samples import load_tokenizer
+from jaxllava.errors import ConfigError
+from jaxllava.eval.cli import parse_image_templates, parse_tasks
+from jaxllava.eval.evaluator import MinimalPairEvaluator
+from jaxllava.model.llava import LlavaModel
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "data" / "sample"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """(work directory, the in-memory model it holds, a 30-pair task file)."""
+    root = tmp_path_factory.mktemp("eval_cli")
+    config = load_config(ROOT / "configs" / "tiny.yaml")
+    model = LlavaModel(config.model, rngs=nnx.Rngs(0))
+    workdir = write_params_checkpoint(str(root / "run"), config, nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+                                      str(SAMPLE / "tokenizer"), {"imported_from": "test"})
+    pairs = root / "pairs.jsonl"
+    pairs.write_text("\n".join((SAMPLE / "minimal_pairs.jsonl").read_text().splitlines()[::10]) + "\n")
+    return workdir, model, str(pairs)
+
+
+def test_eval_cli_scores_the_checkpoint_and_writes_every_output(checkpoint, capsys):
+    workdir, model, pairs = checkpoint
+    code = launch.main(["eval", "--checkpoint", workdir, "--task", f"pairs={pairs}", "--image-template", "none",
+                        "--image-template", "<image>\\n{text}", "--batch-size", "16"])
+    out = capsys.readouterr().out
+    assert code == 0
+
+    run = pathlib.Path(workdir) / "eval" / "0"  # default: <workdir>/eval/<step>
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["step"] == 0 and summary["dtype"] == "float32"
+    assert summary["settings"] == {"text": None, "image_template": "<image>\n{text}"}  # shell "\n" read as newline
+    lines = [json.loads(line) for line in (run / "pairs" / "text" / "predictions.jsonl").read_text().splitlines()]
+    assert len(lines) == 30 and lines[0]["id"] == "determiner_noun_agreement_0"
+
+    # The CLI scored the checkpoint's parameters: same scores as the model that was saved.
+    tokenizer = load_tokenizer(str(SAMPLE / "tokenizer"))
+    expected = MinimalPairEvaluator({"pairs": pairs}, tokenizer, batch_size=16).evaluate(model)["pairs"]["text"]
+    np.testing.assert_allclose([line["scores"] for line in lines], np.stack(expected.scores), atol=1e-5, rtol=0)
+    assert summary["scalars"]["eval/pairs/text/accuracy"] == pytest.approx(expected.average)
+
+    for setting in ("text", "image_template"):
+        setting_summary = json.loads((run / "pairs" / setting / "summary.json").read_text())
+        report = (run / "pairs" / setting / "pipeline" / "best_temperature_report.txt").read_text()
+        assert f"### AVERAGE ACCURACY\n{setting_summary['average']:.2f}\n" in report
+        official = json.loads((run / "pairs" / setting / "pipeline" / "predictions.json").read_text())
+        assert sum(len(v["predictions"]) for v in official.values()) == 30
+    assert f"{expected.average:.2f}" in out and "chance" in out and "50.00" in out
+    assert "text vs image_template" in out and "UID subject_verb_agreement" in out
+
+
+def test_eval_cli_exits_2_naming_the_file_and_line_of_a_malformed_task(checkpoint, tmp_path, capsys):
+    workdir, _, pairs = checkpoint
+    broken = tmp_path / "broken.jsonl"
+    lines = pathlib.Path(pairs).read_text().splitlines()
+    broken.write_text("\n".join([lines[0], lines[1][:-5], lines[2]]) + "\n")  # line 2 cut short
+    code = launch.main(["eval", "--checkpoint", workdir, "--task", f"broken={broken}", "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert f"file {broken}, line 2: invalid JSON" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_task_and_template_arguments_are_checked_before_any_loading(capsys):
+    assert launch.main(["eval", "--checkpoint", "/nonexistent", "--task", "pairs.jsonl"]) == 2
+    assert "expected NAME=PATH" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="given twice"):
+        parse_tasks(["a=x.jsonl", "a=y.jsonl"])
+    with pytest.raises(ConfigError, match="letters"):
+        parse_tasks(["a/b=x.jsonl"])
+    assert parse_tasks(["blimp=dir/", "ewok=e/"]) == {"blimp": "dir/", "ewok": "e/"}
+    assert parse_image_templates(None) == (True, ())
+    assert parse_image_templates(["<image>\\n{text}"]) == (False, ("<image>\n{text}",))  # template only
+    assert parse_image_templates(["none", "<image>\n{text}"]) == (True, ("<image>\n{text}",))

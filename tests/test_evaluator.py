@@ -1,0 +1,170 @@
+"""MinimalPairEvaluator: encode once, score any model of the architecture, touch nothing of training.
+
+Tiny text-only LlavaModels (configs/presets/lm/tiny.yaml sizes), the bundled tokenizer and a
+30-pair slice of the bundled minimal pairs; the EWoK file is synthetic (EWoK's shape only).
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import types
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxllava.config import load_config
+from jaxllava.data.samples import load_tokenizer
+from jaxllava.errors import ConfigError, DataError
+from jaxllava.eval import scoring
+from jaxllava.eval.evaluator import MinimalPairEvaluator, detect_task_kind
+from jaxllava.eval.minimal_pairs import read_minimal_pairs
+from jaxllava.model.llava import LlavaModel
+from jaxllava.train.config import EvalConfig
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TEMPLATE = "<image>\n{text}"
+EWOK_LINES = [  # hand-written, EWoK-shaped, in the bundled vocabulary
+    ("the cat sees the dog .", "the dog runs .", "the dogs runs ."),
+    ("my happy puppy jumps .", "two frogs eat .", "two frogs eats ."),
+    ("the girls have my cat .", "a duck sees your chairs .", "a duck see your chairs ."),
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(str(ROOT / "data" / "sample" / "tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tasks")
+    lines = (ROOT / "data" / "sample" / "minimal_pairs.jsonl").read_text().splitlines()[::10]
+    blimp = directory / "pairs.jsonl"
+    blimp.write_text("\n".join(lines) + "\n")
+    ewok = directory / "ewok" / "physical-dynamics.jsonl"
+    ewok.parent.mkdir()
+    ewok.write_text("".join(json.dumps({"Domain": "physical-dynamics", "ContextType": "t", "ContextDiff": "d",
+                                        "TargetDiff": "d", "Context1": c, "Context2": c, "Target1": t1,
+                                        "Target2": t2}) + "\n" for c, t1, t2 in EWOK_LINES))
+    return {"pairs": str(blimp), "ewok": str(ewok.parent)}
+
+
+def _model(seed: int, *overrides: str) -> LlavaModel:
+    config = load_config(ROOT / "configs" / "tiny.yaml", ["model.vision=null", *overrides])
+    return LlavaModel(config.model, rngs=nnx.Rngs(seed))
+
+
+def test_evaluator_scores_equal_scoring_evaluate_in_every_setting(tokenizer, tasks):
+    model = _model(0)
+    evaluator = MinimalPairEvaluator(tasks, tokenizer, image_templates=(TEMPLATE,), batch_size=16)
+    results = evaluator.evaluate(model)
+
+    assert {name: task.kind for name, task in evaluator.tasks.items()} == {"pairs": "blimp", "ewok": "ewok"}
+    assert list(results["pairs"]) == ["text", "image_template"]
+    for name, kind in (("pairs", "blimp"), ("ewok", "ewok")):
+        items = read_minimal_pairs(tasks[name], kind)
+        for setting, template in (("text", None), ("image_template", TEMPLATE)):
+            expected = scoring.evaluate(scoring.module_logits_fn(model), tokenizer, items, image_template=template,
+                                        batch_size=16, buckets=evaluator.buckets)
+            got = results[name][setting]
+            np.testing.assert_array_equal(np.stack(got.scores), np.stack(expected.scores))
+            assert got.average == expected.average and got.accuracy == expected.accuracy
+            assert got.image_template == template
+    assert results["ewok"]["text"].items[0].completions[0] == " " + EWOK_LINES[0][1]  # EWoK scores the target
+    assert np.ptp(np.stack(results["pairs"]["text"].scores)) > 1.0  # real, spread scores
+
+
+def test_scores_do_not_depend_on_batch_size_or_buckets_through_the_evaluator(tokenizer, tasks):
+    model = _model(1)
+    # Every row fits 16 positions: one padded shape (5, 24) here, (16, 16) and (6, 16) in the large one.
+    small = MinimalPairEvaluator(tasks, tokenizer, image_templates=(TEMPLATE,), batch_size=5, buckets=(24,))
+    large = MinimalPairEvaluator(tasks, tokenizer, image_templates=(TEMPLATE,), batch_size=16)
+    a, b = small.evaluate(model), large.evaluate(model)
+    for task in tasks:
+        for setting in ("text", "image_template"):
+            np.testing.assert_allclose(np.stack(a[task][setting].scores), np.stack(b[task][setting].scores),
+                                       atol=1e-4, rtol=0)
+            np.testing.assert_array_equal(a[task][setting].chosen, b[task][setting].chosen)
+
+
+def test_evaluation_leaves_the_model_bitwise_unchanged_and_draws_no_random_numbers(tokenizer, tasks):
+    model = _model(2)
+    before = [np.array(x) for x in jax.tree.leaves(nnx.state(model))]  # every variable, not only params
+    MinimalPairEvaluator({"pairs": tasks["pairs"]}, tokenizer, batch_size=16).evaluate(model)
+    after = jax.tree.leaves(nnx.state(model))
+    assert len(before) == len(after) and all(np.array_equal(x, np.asarray(y)) for x, y in zip(before, after))
+
+    ids = np.zeros((2, 8), np.int32)
+    jaxpr = str(jax.make_jaxpr(scoring.module_logits_fn(model))(ids, np.ones_like(ids), ids))
+    assert "dot_general" in jaxpr  # the real forward pass was traced
+    assert not any(word in jaxpr for word in ("random_bits", "random_seed", "random_wrap", "threefry"))
+
+
+def test_a_second_checkpoint_reuses_every_compiled_shape(tokenizer, tasks):
+    # batch_size 7 is used by no other test, so the first call compiles here.
+    evaluator = MinimalPairEvaluator(tasks, tokenizer, image_templates=(TEMPLATE,), batch_size=7,
+                                     buckets=(16, 32))
+    first = evaluator.evaluate(_model(3))
+    second = evaluator.evaluate(_model(4))
+    compiled = sum(r.compiles for settings in first.values() for r in settings.values())
+    assert 1 <= compiled <= len(evaluator.buckets)  # at most one shape per bucket, across tasks and settings
+    assert all(r.compiles == 0 for settings in second.values() for r in settings.values())
+    assert not np.allclose(np.stack(first["pairs"]["text"].scores), np.stack(second["pairs"]["text"].scores))
+
+
+def test_from_config_reads_the_current_field_and_the_proposed_one(tokenizer, tasks):
+    legacy = MinimalPairEvaluator.from_config(
+        EvalConfig(tasks={"pairs": tasks["pairs"]}, image_template="append_image_token", batch_size=4), tokenizer)
+    assert legacy.settings == {"text": None, "image_template": TEMPLATE} and legacy.batch_size == 4
+    bare = MinimalPairEvaluator.from_config(EvalConfig(tasks={"pairs": tasks["pairs"]}), tokenizer)
+    assert bare.settings == {"text": None}
+    proposed = types.SimpleNamespace(tasks={"pairs": tasks["pairs"]}, image_templates=(TEMPLATE, "Say: {text}"),
+                                     batch_size=8, protocol="2024")
+    with pytest.raises(ConfigError, match="2025"):  # templates exist for the 2025 protocol only
+        MinimalPairEvaluator.from_config(proposed, tokenizer)
+    proposed.protocol = "2025"
+    assert MinimalPairEvaluator.from_config(proposed, tokenizer).settings == {
+        "text": None, "image_template_1": TEMPLATE, "image_template_2": "Say: {text}"}
+
+
+def test_task_kind_comes_from_the_fields_and_a_stray_line_names_its_file_and_line(tokenizer, tasks, tmp_path):
+    assert detect_task_kind(tasks["pairs"]) == "blimp" and detect_task_kind(tasks["ewok"]) == "ewok"
+    first, second = (ROOT / "data" / "sample" / "minimal_pairs.jsonl").read_text().splitlines()[:2]
+    ewok_line = json.dumps({"Domain": "d", "Context1": "a", "Context2": "b", "Target1": "c", "Target2": "d"})
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("\n".join([first, ewok_line, second]) + "\n")
+    with pytest.raises(DataError, match=rf"{mixed}.*line 2.*sentence_good"):
+        MinimalPairEvaluator({"mixed": str(mixed)}, tokenizer)
+
+
+def test_exact_model_input_is_recorded_and_scalars_name_task_and_setting(tokenizer, tasks):
+    # REFERENCE.md §7.28: the reference's eval formatting drifted unrecorded.
+    evaluator = MinimalPairEvaluator({"pairs": tasks["pairs"]}, tokenizer, image_templates=(TEMPLATE,),
+                                     batch_size=16)
+    sentence = evaluator.tasks["pairs"].items[0].sentences[0]
+    text = evaluator.example("pairs", "text")
+    assert text["input_ids"] == [tokenizer.bos_token_id] + tokenizer(sentence, add_special_tokens=False)["input_ids"]
+    assert text["target_mask"] == [False] + [True] * (len(text["input_ids"]) - 1)
+    assert evaluator.example("pairs", "image_template")["text"] == "<image>\n" + sentence
+
+    results = evaluator.evaluate(_model(5))
+    assert evaluator.scalars(results) == {
+        "eval/pairs/text/accuracy": results["pairs"]["text"].average,
+        "eval/pairs/image_template/accuracy": results["pairs"]["image_template"].average}
+    summary = evaluator.summary(results)["pairs"]
+    assert summary["kind"] == "blimp" and summary["settings"]["image_template"]["image_template"] == TEMPLATE
+    assert summary["settings"]["text"]["by"]["UID"]["subject_verb_agreement"]["n"] == 10
+    table = evaluator.format(results)
+    assert "chance" in table and "text vs image_template" in table and "subject_verb_agreement" in table
+
+
+def test_bad_lengths_and_vocabularies_are_refused_before_scoring(tokenizer, tasks):
+    with pytest.raises(DataError, match=rf"{tasks['pairs']}:1.*largest bucket 4"):
+        MinimalPairEvaluator({"pairs": tasks["pairs"]}, tokenizer, buckets=(4,))
+    evaluator = MinimalPairEvaluator({"pairs": tasks["pairs"]}, tokenizer)
+    with pytest.raises(ConfigError, match="embedding rows"):
+        evaluator.evaluate(_model(0, "model.lm.vocab_size=100"))  # the bundled tokenizer has 165 tokens
+    with pytest.raises(ConfigError, match="nothing to evaluate"):
+        MinimalPairEvaluator({"pairs": tasks["pairs"]}, tokenizer, bare_text=False)
