@@ -93,26 +93,9 @@ class CheckpointTensors:
             return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         return tensor.numpy()
 
-    def dtype(self, name: str) -> np.dtype:
-        """The stored dtype of a tensor, read from the file header where the format allows."""
-        if name not in self._file_of:
-            raise ConversionError(f"{self.directory}: tensor {name!r} is missing from the checkpoint")
-        if self._format == "safetensors" and os.path.exists(self._file_of[name]):
-            from safetensors import safe_open
-            with safe_open(self._file_of[name], framework="numpy") as f:
-                code = f.get_slice(name).get_dtype()
-            if code in _SAFETENSORS_DTYPES:
-                return np.dtype(_SAFETENSORS_DTYPES[code])
-        return self[name].dtype
-
     def items(self) -> Iterator[tuple[str, np.ndarray]]:
         for name in self._file_of:
             yield name, self[name]
-
-
-_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-                       "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-                       "BOOL": np.bool_}
 
 
 def _read_bf16_safetensor(path: str, name: str) -> np.ndarray:
