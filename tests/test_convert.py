@@ -7,7 +7,6 @@ import shutil
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -89,6 +88,13 @@ def test_import_then_export_gives_bit_identical_llama_and_dinov2_tensors(sources
         assert exported_lm[name].dtype == array.dtype, name
         np.testing.assert_array_equal(exported_lm[name], array, err_msg=name)
 
+    # the BabyLM pipeline pins transformers 4.51, which cannot read transformers 5's tokenizer_config fields
+    with open(tmp_path / "lm" / "tokenizer_config.json") as f:
+        tokenizer_config = json.load(f)
+    assert tokenizer_config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert not {"extra_special_tokens", "backend", "is_local"} & set(tokenizer_config)
+    assert set(tokenizer_config["additional_special_tokens"]) >= {"<im_start>", "<im_patch>", "<im_end>"}
+
     assert launch.main(["convert", "export-hf", "--checkpoint", imported, "--out", str(tmp_path / "full"),
                         "--what", "reference"]) == 0
     exported = load_file(str(tmp_path / "full" / "model.safetensors"))
@@ -164,26 +170,26 @@ def test_new_tokenizer_rows_get_the_mean_of_existing_rows_in_embedding_and_head(
 
 
 def test_sharded_bfloat16_and_torch_bin_checkpoints_import_exactly(sources, tmp_path):
-    bf16 = str(tmp_path / "bf16")
-    randomize(transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=TOKENS, **LLAMA)), 0) \
-        .to(torch.bfloat16).save_pretrained(bf16, max_shard_size="20KB")
-    assert os.path.exists(os.path.join(bf16, "model.safetensors.index.json"))
-    import_hf(text_config(), str(tmp_path / "a"), bf16, tokenizer_dir=sources["tokenizer"])
-    _, params, _ = load_checkpoint_params(str(tmp_path / "a"))
-    reference = transformers.LlamaForCausalLM.from_pretrained(bf16)
-    embed = reference.model.embed_tokens.weight.detach().float().numpy()
-    np.testing.assert_array_equal(params["lm"]["embed_tokens"]["embedding"], embed)
+    model = randomize(transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=TOKENS, **LLAMA)), 0)
+    model = model.to(torch.bfloat16)
+    sharded = str(tmp_path / "sharded")
+    model.save_pretrained(sharded, max_shard_size="20KB")
+    assert os.path.exists(os.path.join(sharded, "model.safetensors.index.json"))
+    import_hf(text_config(), str(tmp_path / "a"), sharded, tokenizer_dir=sources["tokenizer"])
+    _, from_safetensors, _ = load_checkpoint_params(str(tmp_path / "a"))
+    weights = {k: v.float().numpy() for k, v in model.state_dict().items()}
+    np.testing.assert_array_equal(from_safetensors["lm"]["embed_tokens"]["embedding"],
+                                  weights["model.embed_tokens.weight"])
+    np.testing.assert_array_equal(from_safetensors["lm"]["layers"][1]["mlp"]["down_proj"]["kernel"],
+                                  weights["model.layers.1.mlp.down_proj.weight"].T)
 
-    bin_dir = save_llama(tmp_path / "bin")  # transformers 5 writes no .bin any more: convert by hand
-    safetensors_file = os.path.join(bin_dir, "model.safetensors")
-    torch.save({k: torch.from_numpy(v) for k, v in load_file(safetensors_file).items()},
-               os.path.join(bin_dir, "pytorch_model.bin"))
-    os.remove(safetensors_file)
-    import_hf(text_config(), str(tmp_path / "b"), bin_dir, tokenizer_dir=sources["tokenizer"])
+    bin_dir = tmp_path / "bin"  # transformers 5 no longer writes .bin files: torch.save by hand
+    os.makedirs(bin_dir)
+    shutil.copy(os.path.join(sharded, "config.json"), bin_dir)
+    torch.save(model.state_dict(), str(bin_dir / "pytorch_model.bin"))
+    import_hf(text_config(), str(tmp_path / "b"), str(bin_dir), tokenizer_dir=sources["tokenizer"])
     _, from_bin, _ = load_checkpoint_params(str(tmp_path / "b"))
-    _, from_safetensors, _ = load_checkpoint_params(
-        str(import_hf_once(sources, tmp_path / "c")))
-    jax.tree.map(np.testing.assert_array_equal, from_bin["lm"], from_safetensors["lm"])
+    jax.tree.map(np.testing.assert_array_equal, from_bin, from_safetensors)
 
 
 def import_hf_once(sources, out):
@@ -211,19 +217,33 @@ def test_load_accepts_workdir_step_directory_and_milestone_entries(imported, tmp
         load_checkpoint_params(os.path.join(work, "milestones", "chck_30M"))
 
 
+def test_training_checkpoint_params_are_read_without_optimizer_state(imported, tmp_path):
+    """The training loop's layout (params as an nnx.State, optimizer state beside them) reads back too,
+    here placed with explicit shardings."""
+    from jaxllava.config import config_to_dict
+    from jaxllava.train.checkpoint import Checkpointer
+    from jaxllava.train.config import CheckpointConfig
+
+    config, params, _ = load_checkpoint_params(imported)
+    state = nnx.state(model_from_params(config.model, params), nnx.Param)
+    trained = jax.tree.map(lambda x: jnp.asarray(x) + 1.0, state)
+    checkpointer = Checkpointer(str(tmp_path / "run"), CheckpointConfig(async_save=False))
+    checkpointer.save(7, {"params": trained, "opt_state": {"mu": trained}, "step": jnp.int32(7)},
+                      meta={"words_seen": 1}, data_state={}, run_record={"config": config_to_dict(config)})
+    checkpointer.close()
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    _, restored, _ = load_checkpoint_params(str(tmp_path / "run"), shardings=jax.tree.map(lambda _: device, params))
+    assert isinstance(restored["lm"]["norm"]["scale"], jax.Array)
+    jax.tree.map(lambda got, want: np.testing.assert_array_equal(np.asarray(got), want + 1.0), restored, params)
+
+
 def test_stored_params_that_disagree_with_the_stored_config_are_refused(sources, tmp_path):
     config = text_config()
-    params = nnx.state(model_from_abstract(config.model), nnx.Param).to_pure_dict()
+    params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), checkpoint_io.abstract_params(config.model))
     params["lm"]["norm"]["scale"] = np.ones((7,), np.float32)
     write_params_checkpoint(str(tmp_path / "bad"), config, params, sources["tokenizer"], {})
     with pytest.raises(ConversionError, match=r"'lm/norm/scale' has shape \(7,\).*expects \(64,\)"):
         load_checkpoint_params(str(tmp_path / "bad"))
-
-
-def model_from_abstract(model_config):
-    from jaxllava.model.llava import LlavaModel
-
-    return LlavaModel(model_config, rngs=nnx.Rngs(0))
 
 
 # ----------------------------------------------------------------------------- errors
@@ -254,7 +274,7 @@ def test_missing_weights_file_is_named(sources, tmp_path):
     save_llama(sharded, max_shard_size="20KB")
     shard = sorted(f for f in os.listdir(sharded) if f.startswith("model-"))[0]
     os.remove(sharded / shard)
-    with pytest.raises(ConversionError, match=f"{shard}: file named by the checkpoint index is missing"):
+    with pytest.raises(ConversionError, match=f"{shard}: file holding tensor 'model.embed_tokens.weight' is missing"):
         import_text(sources, str(sharded), tmp_path / "out")
     assert not os.path.exists(tmp_path / "out")
 

@@ -41,13 +41,18 @@ _ITEMS = ("state", "meta", "data", "run")
 # ----------------------------------------------------------------------------- atomic output
 
 
+def ensure_new_output(out: str) -> None:
+    """Refuse an existing output path (checked first, before any work, and again when writing)."""
+    if os.path.lexists(out):
+        raise ConversionError(f"{os.path.abspath(out)}: output already exists; refusing to overwrite it")
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: str) -> Iterator[str]:
     """Yield a fresh temporary sibling of `out`; rename it to `out` when the block succeeds,
     delete it when the block raises. `out` must not exist (nothing is ever overwritten)."""
     out = os.path.abspath(out)
-    if os.path.lexists(out):
-        raise ConversionError(f"{out}: output already exists; refusing to overwrite it")
+    ensure_new_output(out)
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
@@ -118,7 +123,7 @@ def abstract_params(model_config) -> dict:
     from jaxllava.model.llava import LlavaModel
 
     model = nnx.eval_shape(lambda: LlavaModel(model_config, rngs=nnx.Rngs(0)))
-    return nnx.state(model, nnx.Param).to_pure_dict()
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
 def _flat(tree: Any) -> dict[str, Any]:
@@ -127,13 +132,21 @@ def _flat(tree: Any) -> dict[str, Any]:
     return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): leaf for path, leaf in leaves}
 
 
-def _check_stored_params(state_dir: str, expected: dict) -> None:
+def _stored_layout(state_dir: str, expected: dict) -> bool:
+    """Check the stored params against the model the config describes; True when each
+    parameter is stored as `{"value": array}` (an nnx.State of Variables rather than the
+    pure dict of the contract; both are read)."""
     import orbax.checkpoint as ocp
+    from etils import epath
 
-    stored_tree = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
+    metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(state_dir))
+    stored_tree = getattr(metadata, "tree", metadata)  # a tree-metadata object, or the tree (older Orbax)
     if "params" not in stored_tree:
         raise ConversionError(f"{state_dir}: the state item has no 'params' (keys: {sorted(stored_tree)})")
     stored, wanted = _flat(stored_tree["params"]), _flat(expected)
+    wrapped = bool(stored) and all(name.endswith("/value") for name in stored)
+    if wrapped:
+        stored = {name[: -len("/value")]: leaf for name, leaf in stored.items()}
     missing = sorted(set(wanted) - set(stored))
     unexpected = sorted(set(stored) - set(wanted))
     if missing or unexpected:
@@ -144,6 +157,7 @@ def _check_stored_params(state_dir: str, expected: dict) -> None:
         if tuple(stored[name].shape) != tuple(want.shape):
             raise ConversionError(f"{state_dir}: parameter {name!r} has shape {tuple(stored[name].shape)} in the "
                                   f"checkpoint, the config's model expects {tuple(want.shape)}")
+    return wrapped
 
 
 def read_run_record(step_dir: str) -> dict:
@@ -186,16 +200,21 @@ def load_checkpoint_params(path: str, *, shardings: Any = None):
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, tokenizer=tokenizer))
     target = abstract_params(config.model)
     state_dir = os.path.join(location.step_dir, _STATE)
-    _check_stored_params(state_dir, target)
+    wrapped = _stored_layout(state_dir, target)
     if shardings is None:
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
     else:
         restore_args = jax.tree.map(lambda x, s: ocp.ArrayRestoreArgs(sharding=s, global_shape=x.shape),
                                     target, shardings)
+    if wrapped:
+        target, restore_args = (jax.tree.map(lambda x: {"value": x}, tree) for tree in (target, restore_args))
     restored = ocp.PyTreeCheckpointer().restore(
         state_dir, args=ocp.args.PyTreeRestore(item={"params": target}, restore_args={"params": restore_args},
-                                               partial_restore=True))
-    return config, restored["params"], record
+                                               partial_restore=True))["params"]
+    if wrapped:
+        restored = jax.tree.map(lambda leaf: leaf["value"], restored,
+                                is_leaf=lambda x: isinstance(x, dict) and set(x) == {"value"})
+    return config, restored, record
 
 
 def model_from_params(model_config, params: dict):
@@ -212,16 +231,61 @@ def model_from_params(model_config, params: dict):
 # ----------------------------------------------------------------------------- writing
 
 
-def _save_tokenizer(tokenizer, directory: str, vocab_size: int) -> int:
-    from jaxllava.data.samples import load_tokenizer
+# Files a transformers tokenizer directory may hold (copied verbatim when nothing is added).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "spiece.model",
+                   "chat_template.jinja")
+# tokenizer_config.json keys written by transformers 5 that transformers 4.x (the BabyLM
+# pipeline pins 4.51.3) cannot read, or passes on as stray constructor arguments.
+_V5_ONLY_KEYS = ("backend", "is_local", "local_files_only")
 
-    if isinstance(tokenizer, str):
-        tokenizer = load_tokenizer(tokenizer)
+
+def copy_tokenizer(source: str, directory: str, vocab_size: int, *, portable: bool = False) -> int:
+    """Put the tokenizer of `source` into `directory`; returns its size.
+
+    When `source` already has the image placeholders, its files are copied verbatim
+    (a slow SentencePiece model survives); otherwise the placeholders are added as in
+    training (`load_tokenizer`) and the tokenizer is saved. A tokenizer with more
+    tokens than `vocab_size` is a ConversionError. `portable`: rewrite the
+    transformers-5-only fields of tokenizer_config.json so transformers 4.x loads it.
+    """
+    from transformers import AutoTokenizer
+
+    from jaxllava.data.samples import PLACEHOLDER_TOKENS, load_tokenizer
+
+    tokenizer = load_tokenizer(source)
     if len(tokenizer) > vocab_size:
-        raise ConversionError(f"tokenizer has {len(tokenizer)} tokens but model.lm.vocab_size is {vocab_size}: "
-                              f"ids from {vocab_size} on would have no embedding row")
-    tokenizer.save_pretrained(directory)
+        raise ConversionError(f"{source}: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                              f"{vocab_size} (vocabulary sizes disagree: ids from {vocab_size} on would have no "
+                              f"embedding row)")
+    os.makedirs(directory, exist_ok=True)
+    original = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    if all(token in original.get_vocab() for token in PLACEHOLDER_TOKENS):
+        for name in TOKENIZER_FILES:
+            if os.path.exists(os.path.join(source, name)):
+                shutil.copy(os.path.join(source, name), directory)
+    else:
+        tokenizer.save_pretrained(directory)
+    if portable:
+        _make_tokenizer_config_portable(os.path.join(directory, "tokenizer_config.json"))
     return len(tokenizer)
+
+
+def _make_tokenizer_config_portable(path: str) -> None:
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    if config.get("tokenizer_class") == "TokenizersBackend":  # transformers 5's generic fast tokenizer
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    extra = config.get("extra_special_tokens")
+    if isinstance(extra, list):  # 5.x writes a list; 4.x knows additional_special_tokens (4.x's own key is a dict)
+        config["additional_special_tokens"] = list(dict.fromkeys(config.get("additional_special_tokens", []) + extra))
+        del config["extra_special_tokens"]
+    for key in _V5_ONLY_KEYS:
+        config.pop(key, None)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
 
 
 def write_params_checkpoint(workdir: str, config, params: dict, tokenizer_dir, meta: dict, *,
@@ -230,9 +294,9 @@ def write_params_checkpoint(workdir: str, config, params: dict, tokenizer_dir, m
 
     `config`: the ExperimentConfig the params belong to; it is stored with
     `data.tokenizer` and `train.workdir` pointing into the new directory.
-    `tokenizer_dir`: a tokenizer directory or a loaded tokenizer, saved to
-    `<workdir>/tokenizer/` (image placeholders added as in training); it must not
-    have more tokens than `model.lm.vocab_size`. `meta`: JSON-able facts about the
+    `tokenizer_dir`: a tokenizer directory, copied to `<workdir>/tokenizer/`
+    (`copy_tokenizer`: image placeholders added as in training when missing); it
+    must not have more tokens than `model.lm.vocab_size`. `meta`: JSON-able facts about the
     import (e.g. {"imported_from": ...}). `report`: written as conversion_report.json.
     """
     from jaxllava.train.checkpoint import Checkpointer
@@ -244,7 +308,7 @@ def write_params_checkpoint(workdir: str, config, params: dict, tokenizer_dir, m
         config, data=dataclasses.replace(config.data, tokenizer=os.path.join(workdir, TOKENIZER_DIR)),
         train=dataclasses.replace(config.train, workdir=workdir))
     with atomic_output_dir(workdir) as tmp:
-        _save_tokenizer(tokenizer_dir, os.path.join(tmp, TOKENIZER_DIR), config.model.lm.vocab_size)
+        copy_tokenizer(tokenizer_dir, os.path.join(tmp, TOKENIZER_DIR), config.model.lm.vocab_size)
         record = run_record(config)
         record["conversion"] = meta
         checkpointer = Checkpointer(tmp, CheckpointConfig(async_save=False))

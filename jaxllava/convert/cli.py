@@ -18,6 +18,7 @@ import sys
 from typing import TextIO
 
 from jaxllava.convert.checkpoint_io import REPORT_JSON
+from jaxllava.errors import ConfigError
 
 
 def _parser(what: str) -> argparse.ArgumentParser:
@@ -87,7 +88,7 @@ def run_convert(args) -> int:
         if options.config:
             config = load_config(options.config, options.overrides)
         elif options.overrides:
-            raise SystemExit("--set needs --config")
+            raise ConfigError("convert import-reference: --set needs --config")
         else:
             config = ExperimentConfig()
         report = import_reference(options.dir, options.out, config=config, vision_config_dir=options.vision_config,

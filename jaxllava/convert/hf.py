@@ -30,8 +30,8 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from jaxllava.convert.checkpoint_io import (atomic_output_dir, load_checkpoint_params, model_from_params,
-                                            write_params_checkpoint)
+from jaxllava.convert.checkpoint_io import (atomic_output_dir, copy_tokenizer, ensure_new_output,
+                                            load_checkpoint_params, model_from_params, write_params_checkpoint)
 from jaxllava.errors import ConversionError
 from jaxllava.model.hf_weights import CheckpointTensors, read_config
 from jaxllava.model.llama import llama_config_from_hf, llama_config_to_hf, llama_hf_state_dict, load_hf_llama_weights
@@ -181,6 +181,7 @@ def import_hf(config, out: str, lm_dir: str, vision_dir: Optional[str] = None,
     """
     from jaxllava.data.samples import load_tokenizer
 
+    ensure_new_output(out)
     if config.model.vision is not None and not vision_dir:
         raise ConversionError(f"the config has a model.vision section ({config.model.vision.kind}) but no "
                               f"--vision directory was given: a tower is never left at a random init")
@@ -188,8 +189,7 @@ def import_hf(config, out: str, lm_dir: str, vision_dir: Optional[str] = None,
         raise ConversionError(f"--vision {vision_dir} given but the config has no model.vision section "
                               f"(it sets the input image_size and the feature selection)")
     lm_tensors = CheckpointTensors(lm_dir)
-    lm_hf_config = read_config(lm_dir)
-    lm_config = llama_config_from_hf(lm_hf_config)
+    lm_config = llama_config_from_hf(read_config(lm_dir))
     tokenizer_path = _tokenizer_source(tokenizer_dir, lm_dir, config)
     tokenizer = load_tokenizer(tokenizer_path)
     vocab_size, new_tokens = grow_vocabulary(tokenizer, lm_config.vocab_size, tokenizer_path)
@@ -231,7 +231,7 @@ def import_hf(config, out: str, lm_dir: str, vision_dir: Optional[str] = None,
                 initialised.append(name)
         report["initialised"] = {name: f"random (train.seed={config.train.seed}): no checkpoint provides it"
                                  for name in initialised}
-    params = nnx.state(model, nnx.Param).to_pure_dict()
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
     meta = {"imported_from": {"format": "transformers", "lm": os.path.abspath(lm_dir),
                               "vision": os.path.abspath(vision_dir) if vision_dir else None,
@@ -244,7 +244,7 @@ def import_hf(config, out: str, lm_dir: str, vision_dir: Optional[str] = None,
                      f"new embedding and output rows = mean of the existing rows")
     report["notes"] = notes
     report["meta"] = meta
-    write_params_checkpoint(out, config, params, tokenizer, meta, report=report)
+    write_params_checkpoint(out, config, params, tokenizer_path, meta, report=report)
     return report
 
 
@@ -259,13 +259,8 @@ def save_safetensors(tensors: dict[str, np.ndarray], path: str) -> None:
 
 
 def save_export_tokenizer(config, directory: str) -> None:
-    from jaxllava.data.samples import load_tokenizer
-
-    tokenizer = load_tokenizer(config.data.tokenizer)
-    if len(tokenizer) > config.model.lm.vocab_size:
-        raise ConversionError(f"{config.data.tokenizer}: the tokenizer has {len(tokenizer)} tokens but the model's "
-                              f"vocab_size is {config.model.lm.vocab_size} (vocabulary sizes disagree)")
-    tokenizer.save_pretrained(directory)
+    """The checkpoint's tokenizer, loadable by transformers 4.x (the BabyLM pipeline) and 5.x."""
+    copy_tokenizer(config.data.tokenizer, directory, config.model.lm.vocab_size, portable=True)
 
 
 def write_provenance(directory: str, checkpoint: str, run: dict) -> None:
@@ -276,6 +271,7 @@ def write_provenance(directory: str, checkpoint: str, run: dict) -> None:
 def export_lm(checkpoint: str, out: str) -> dict:
     """A transformers `LlamaForCausalLM` directory (config.json, model.safetensors, tokenizer)
     that `AutoModelForCausalLM.from_pretrained(out)` and the BabyLM pipeline load."""
+    ensure_new_output(out)
     config, params, run = load_checkpoint_params(checkpoint)
     model = model_from_params(config.model, params)
     tensors = llama_hf_state_dict(model.lm)

@@ -39,8 +39,8 @@ from typing import Optional
 
 from flax import nnx
 
-from jaxllava.convert.checkpoint_io import (atomic_output_dir, load_checkpoint_params, model_from_params,
-                                            read_meta, write_params_checkpoint)
+from jaxllava.convert.checkpoint_io import (atomic_output_dir, ensure_new_output, load_checkpoint_params,
+                                            model_from_params, read_meta, write_params_checkpoint)
 from jaxllava.convert.hf import ImportSource, classify_unused, save_export_tokenizer, save_safetensors, \
     write_provenance
 from jaxllava.errors import ConversionError
@@ -160,6 +160,7 @@ def import_reference(ref_dir: str, out: str, *, config=None, vision_config_dir: 
     from jaxllava.data.samples import load_tokenizer
     from jaxllava.model.llava import LlavaModel
 
+    ensure_new_output(out)
     config = config or ExperimentConfig()
     hf_config = read_config(ref_dir)
     tensors = CheckpointTensors(ref_dir)
@@ -174,8 +175,11 @@ def import_reference(ref_dir: str, out: str, *, config=None, vision_config_dir: 
     if len(tokenizer) > model_config.lm.vocab_size:
         raise ConversionError(f"{ref_dir}: the tokenizer has {len(tokenizer)} tokens but config.json vocab_size "
                               f"is {model_config.lm.vocab_size} (vocabulary sizes disagree)")
+    aspect = hf_config.get("image_aspect_ratio", "pad")
+    if aspect != "pad":
+        notes.append(f"image_aspect_ratio {aspect!r}: images will be resized to a square without padding")
     data = dataclasses.replace(config.data, image=dataclasses.replace(
-        config.data.image, aspect="pad" if hf_config.get("image_aspect_ratio", "pad") == "pad" else "resize"))
+        config.data.image, aspect="pad" if aspect == "pad" else "resize"))
     config = dataclasses.replace(config, model=model_config, data=data)
 
     model = nnx.eval_shape(lambda: LlavaModel(model_config, rngs=nnx.Rngs(0)))
@@ -188,7 +192,7 @@ def import_reference(ref_dir: str, out: str, *, config=None, vision_config_dir: 
     projector_mapped = set(source.read) - lm_mapped - vision_mapped
     unused = classify_unused(set(tensors.keys()) - set(source.read), ref_dir,
                              lambda n: _reference_unused_reason(n, drop_lape))
-    params = nnx.state(model, nnx.Param).to_pure_dict()
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
     def mapped(names, component):
         return {n: {**source.read[n], "component": component} for n in sorted(names)}
@@ -203,7 +207,7 @@ def import_reference(ref_dir: str, out: str, *, config=None, vision_config_dir: 
                          **mapped(projector_mapped, "projector")},
               "unused": unused, "missing": [], "model": config_to_dict(model_config), "notes": notes,
               "meta": meta}
-    write_params_checkpoint(out, config, params, tokenizer, meta, report=report)
+    write_params_checkpoint(out, config, params, ref_dir, meta, report=report)
     return report
 
 
@@ -233,6 +237,7 @@ def reference_hf_config(config, mm_vision_tower: Optional[str]) -> dict:
 
 def export_reference(checkpoint: str, out: str) -> dict:
     """The full model in the reference's layout: LlavaLlamaForCausalLM names, mm_* config fields."""
+    ensure_new_output(out)
     config, params, run = load_checkpoint_params(checkpoint)
     model_config = config.model
     vision = model_config.vision
