@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
+import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
@@ -116,3 +118,67 @@ def read_config(directory: str) -> dict:
         raise ConversionError(f"{path}: config.json is missing")
     with open(path) as f:
         return json.load(f)
+
+
+# ----------------------------------------------------------------------------- one loader for every module
+#
+# Each module declares its own key map as a list of entries (transformers name,
+# parameter, layout); `load_entries` and `entries_state_dict` are the only code
+# that moves tensors between the two layouts.
+
+
+class Layout:
+    """How one parameter is stored in a transformers checkpoint: a pair of inverse array maps."""
+
+    def __init__(self, to_model: Callable, to_hf: Callable):
+        self.to_model, self.to_hf = to_model, to_hf
+
+    def hf_shape(self, model_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return jax.eval_shape(self.to_hf, jax.ShapeDtypeStruct(model_shape, jnp.float32)).shape
+
+
+SAME = Layout(lambda a: a, lambda a: a)
+LINEAR = Layout(lambda w: w.T, lambda k: k.T)  # torch Linear (out, in) ↔ our kernel (in, out)
+
+Entry = tuple  # (transformers name relative to a prefix, nnx.Param, Layout)
+
+
+def source_name(tensors) -> str:
+    return getattr(tensors, "directory", "checkpoint")
+
+
+def load_entries(entries: Iterable[Entry], tensors, *, prefix: str = "") -> set[str]:
+    """Copy checkpoint tensors into parameters; strict. Returns the checkpoint names consumed.
+
+    Every entry must be present with its shape, else `ConversionError` naming the
+    tensor and both shapes: nothing is ever left at its random init (REFERENCE.md
+    §7 item 30). A parameter that already has a sharding keeps it; the model may be
+    abstract (`nnx.eval_shape`) to skip random initialisation.
+    """
+    source = source_name(tensors)
+    used = set()
+    for name, param, layout in entries:
+        full = prefix + name
+        expected = tuple(layout.hf_shape(tuple(param.shape)))
+        if full not in tensors:
+            raise ConversionError(f"{source}: tensor {full!r} (shape {expected}) is missing from the checkpoint")
+        array = np.asarray(tensors[full])
+        if tuple(array.shape) != expected:
+            raise ConversionError(f"{source}: tensor {full!r}: checkpoint shape {tuple(array.shape)}, "
+                                  f"model expects {expected}")
+        value = np.ascontiguousarray(layout.to_model(array)).astype(param.dtype)
+        sharding = getattr(param.get_value(), "sharding", None)  # an abstract (eval_shape) model has none
+        param.set_value(jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value))
+        used.add(full)
+    return used
+
+
+def unused_keys(tensors, used: set[str], prefix: str = "") -> list[str]:
+    return sorted(k for k in tensors.keys() if k.startswith(prefix) and k not in used)
+
+
+def entries_state_dict(entries: Iterable[Entry], *, prefix: str = "") -> dict[str, np.ndarray]:
+    """transformers-layout numpy arrays of the entries' parameters."""
+    # contiguous: safetensors writes a transposed view's memory, not its logical order
+    return {prefix + name: np.ascontiguousarray(layout.to_hf(np.asarray(jax.device_get(param.get_value()))))
+            for name, param, layout in entries}

@@ -18,7 +18,7 @@ F MLP width, V vocabulary.
 from __future__ import annotations
 
 import math
-from typing import Literal, Mapping, Protocol
+from typing import Literal, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +28,7 @@ from flax import nnx
 from jaxllava.errors import ConversionError
 from jaxllava.model.attention import Implementation, attention
 from jaxllava.model.config import LlamaConfig, RopeScaling
+from jaxllava.model.hf_weights import LINEAR, SAME, Entry, entries_state_dict, load_entries, unused_keys
 from jaxllava.model.layers import Dense, Embed, RMSNorm
 from jaxllava.model.sharding import constrain
 
@@ -222,69 +223,32 @@ def hf_name(path: tuple, prefix: str = "") -> str:
     return prefix + HF_GLOBAL_KEYS["/".join(map(str, path))]
 
 
-def _is_linear_kernel(path: tuple) -> bool:
-    return path[-1] == "kernel"
+def llama_weight_map(model: Llama) -> list[Entry]:
+    """(transformers name, parameter, layout) for every parameter of `model`: the one key map."""
+    entries = []
+    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        path = tuple(path)
+        node = model
+        for part in path[:-1]:
+            node = node[part] if isinstance(part, int) else getattr(node, part)
+        entries.append((hf_name(path), getattr(node, path[-1]), LINEAR if path[-1] == "kernel" else SAME))
+    return entries
 
 
-def _params(model: nnx.Module) -> list[tuple[tuple, nnx.Variable]]:
-    return [(tuple(path), variable) for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param))]
-
-
-def _variable_at(model: nnx.Module, path: tuple) -> nnx.Variable:
-    node = model
-    for part in path:
-        node = node[part] if isinstance(part, int) else getattr(node, part)
-    return node
-
-
-class TensorSource(Protocol):
-    def keys(self): ...
-
-    def __contains__(self, name: str) -> bool: ...
-
-    def __getitem__(self, name: str) -> np.ndarray: ...
-
-
-def load_hf_llama_weights(model: Llama, tensors: TensorSource | Mapping[str, np.ndarray], *,
-                          prefix: str = "") -> list[str]:
-    """Copy a transformers Llama state dict into `model` in place; strict.
+def load_hf_llama_weights(model: Llama, tensors, *, prefix: str = "") -> list[str]:
+    """Copy a transformers Llama state dict into `model` in place; strict (see `load_entries`).
 
     `tensors`: a `CheckpointTensors` or a name → array mapping. `prefix` is put
     before every transformers name (e.g. for a Llama nested in a larger model).
-    Every parameter must be present with the right shape, else `ConversionError`
-    naming the tensor and both shapes; nothing is ever left at its random init
-    (REFERENCE.md §7 item 30). A parameter that already has a sharding keeps it;
-    `model` may be abstract (`nnx.eval_shape(lambda: Llama(...))`) to skip the random init.
     Returns the checkpoint names that were not used, sorted.
     """
-    used = set()
-    for path, variable in _params(model):
-        name = hf_name(path, prefix)
-        kernel = _is_linear_kernel(path)
-        shape = tuple(variable.shape)
-        expected = shape[::-1] if kernel else shape
-        if name not in tensors:
-            raise ConversionError(f"tensor {name!r} (shape {expected}) is missing from the checkpoint")
-        array = np.asarray(tensors[name])
-        if array.shape != expected:
-            raise ConversionError(f"tensor {name!r}: checkpoint shape {array.shape}, "
-                                  f"model expects {expected} (from the LlamaConfig)")
-        value = np.ascontiguousarray(array.T if kernel else array).astype(variable.dtype)
-        # an abstract model (nnx.eval_shape) holds ShapeDtypeStructs, whose sharding may be None
-        sharding = getattr(variable.get_value(), "sharding", None)
-        _variable_at(model, path).set_value(jax.device_put(value, sharding) if sharding is not None
-                                            else jnp.asarray(value))
-        used.add(name)
-    return sorted(name for name in tensors.keys() if name not in used)
+    used = load_entries(llama_weight_map(model), tensors, prefix=prefix)
+    return unused_keys(tensors, used)
 
 
 def llama_hf_state_dict(model: Llama, *, prefix: str = "") -> dict[str, np.ndarray]:
     """transformers-layout state dict (numpy, torch (out, in) Linear weights) of `model`."""
-    out = {}
-    for path, variable in _params(model):
-        array = np.asarray(jax.device_get(variable.get_value()))
-        out[hf_name(path, prefix)] = np.ascontiguousarray(array.T if _is_linear_kernel(path) else array)
-    return out
+    return entries_state_dict(llama_weight_map(model), prefix=prefix)
 
 
 # transformers' LlamaConfig defaults, used when a config.json omits a field

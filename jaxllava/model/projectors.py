@@ -19,7 +19,7 @@ from flax import nnx
 from jaxllava.errors import ConfigError
 from jaxllava.model.config import ProjectorConfig
 from jaxllava.model.layers import Dense, gelu_exact
-from jaxllava.model.vision import LINEAR, SAME, load_tensors_into
+from jaxllava.model.hf_weights import LINEAR, SAME, entries_state_dict, load_entries, unused_keys
 
 # torch nn.Linear's default weight init, U(-1/sqrt(in), 1/sqrt(in)), which the reference used.
 TORCH_LINEAR_INIT = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
@@ -60,11 +60,9 @@ def _projector_weight_map(projector: Projector) -> list:
 
 def load_projector_weights(projector: Projector, tensors, *, prefix: str = "model.mm_projector.") -> list[str]:
     """Strict load (ConversionError names a missing tensor or both shapes); returns unused keys under prefix."""
-    used = load_tensors_into(_projector_weight_map(projector), tensors, prefix,
-                             getattr(tensors, "directory", "checkpoint"))
-    return sorted(k for k in tensors.keys() if k.startswith(prefix) and k not in used)
+    used = load_entries(_projector_weight_map(projector), tensors, prefix=prefix)
+    return unused_keys(tensors, used, prefix)
 
 
 def projector_hf_state_dict(projector: Projector, *, prefix: str = "model.mm_projector.") -> dict[str, np.ndarray]:
-    return {prefix + name: np.ascontiguousarray(layout.to_hf(np.asarray(param[...])))
-            for name, param, layout in _projector_weight_map(projector)}
+    return entries_state_dict(_projector_weight_map(projector), prefix=prefix)

@@ -48,6 +48,8 @@ from flax import nnx
 
 from jaxllava.errors import ConfigError, ConversionError
 from jaxllava.model.config import VisionConfig
+from jaxllava.model.hf_weights import (LINEAR, SAME, Entry, Layout, entries_state_dict, load_entries,
+                                       unused_keys)
 from jaxllava.model.layers import ACTIVATIONS, Dense, LayerNorm
 from jaxllava.model.sharding import constrain
 
@@ -315,25 +317,13 @@ def vision_hf_config(config: VisionConfig) -> dict:
                 intermediate_size=config.intermediate_size, vision_use_head=False)
 
 
-class _Layout:
-    """How one parameter is stored in a transformers checkpoint: a pair of inverse array maps."""
-
-    def __init__(self, to_model: Callable, to_hf: Callable):
-        self.to_model, self.to_hf = to_model, to_hf
-
-    def hf_shape(self, model_shape: tuple[int, ...]) -> tuple[int, ...]:
-        return jax.eval_shape(self.to_hf, jax.ShapeDtypeStruct(model_shape, jnp.float32)).shape
+ADD_TWO_AXES = Layout(lambda a: a.reshape(a.shape[2:]), lambda a: a.reshape((1, 1) + a.shape[-1:]))
+ADD_ONE_AXIS = Layout(lambda a: a.reshape(a.shape[1:]), lambda a: a.reshape((1,) + a.shape))
 
 
-SAME = _Layout(lambda a: a, lambda a: a)
-LINEAR = _Layout(lambda w: w.T, lambda k: k.T)  # torch (out, in) ↔ our (in, out)
-ADD_TWO_AXES = _Layout(lambda a: a.reshape(a.shape[2:]), lambda a: a.reshape((1, 1) + a.shape[-1:]))
-ADD_ONE_AXIS = _Layout(lambda a: a.reshape(a.shape[1:]), lambda a: a.reshape((1,) + a.shape))
-
-
-def _conv_layout(patch: int) -> _Layout:
+def _conv_layout(patch: int) -> Layout:
     # torch Conv2d weight (D, C, p, p) ↔ our (p·p·C, D) over patches flattened as (row, column, channel)
-    return _Layout(lambda w: w.transpose(2, 3, 1, 0).reshape(-1, w.shape[0]),
+    return Layout(lambda w: w.transpose(2, 3, 1, 0).reshape(-1, w.shape[0]),
                    lambda k: k.reshape(patch, patch, 3, -1).transpose(3, 2, 0, 1))
 
 
@@ -348,7 +338,7 @@ def _norm(hf_name: str, norm: LayerNorm) -> list:
     return [(f"{hf_name}.weight", norm.scale, SAME), (f"{hf_name}.bias", norm.bias, SAME)]
 
 
-def vision_weight_map(tower: VisionTower) -> list[tuple[str, nnx.Param, _Layout]]:
+def vision_weight_map(tower: VisionTower) -> list[Entry]:
     """(name relative to the tower, parameter, layout) for every parameter, in transformers' legacy names.
 
     DINOv2 uses the names `Dinov2Model.save_pretrained` writes (`attention.attention.query`);
@@ -404,32 +394,6 @@ def _tower_prefix(tower: VisionTower, tensors, prefix: str) -> str:
     return prefix
 
 
-def load_tensors_into(entries, tensors, prefix: str, source: str) -> set[str]:
-    """Copy checkpoint tensors into parameters (strict: every entry must be present with its shape).
-
-    Returns the checkpoint names consumed. Shared by the vision, resampler and projector loaders.
-    """
-    used = set()
-    for name, param, layout in entries:
-        full = prefix + name
-        if full not in tensors:
-            raise ConversionError(f"{source}: tensor {full!r} is missing from the checkpoint")
-        array = np.asarray(tensors[full])
-        expected = layout.hf_shape(tuple(param.shape))
-        if tuple(array.shape) != tuple(expected):
-            raise ConversionError(f"{source}: tensor {full!r} has shape {tuple(array.shape)} in the checkpoint, "
-                                  f"the model expects {tuple(expected)}")
-        value = np.asarray(layout.to_model(array), dtype=param.dtype)
-        sharding = getattr(param.get_value(), "sharding", None)  # an abstract (eval_shape) model has none yet
-        param.set_value(jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value))
-        used.add(full)
-    return used
-
-
-def _source_name(tensors) -> str:
-    return getattr(tensors, "directory", "checkpoint")
-
-
 def load_hf_vision_weights(tower: VisionTower, tensors, *, prefix: str = "") -> list[str]:
     """Load a transformers vision checkpoint (a CheckpointTensors or any name → array mapping).
 
@@ -438,15 +402,12 @@ def load_hf_vision_weights(tower: VisionTower, tensors, *, prefix: str = "") -> 
     (DINOv2 mask_token, SigLIP head.*, or anything unexpected)
     for the caller to check.
     """
-    inner = _tower_prefix(tower, tensors, prefix)
-    used = load_tensors_into(vision_weight_map(tower), tensors, inner, _source_name(tensors))
-    return sorted(k for k in tensors.keys() if k.startswith(prefix) and k not in used)
+    used = load_entries(vision_weight_map(tower), tensors, prefix=_tower_prefix(tower, tensors, prefix))
+    return unused_keys(tensors, used, prefix)
 
 
 def vision_hf_state_dict(tower: VisionTower, *, prefix: str = "") -> dict[str, np.ndarray]:
     """Tower parameters under transformers' legacy names (CLIP/SigLIP nested in `vision_model.`),
     which transformers 4 and 5 both load."""
     inner = prefix if tower.config.kind == "dinov2" else f"{prefix}vision_model."
-    # contiguous: safetensors writes a transposed view's memory, not its logical order
-    return {inner + name: np.ascontiguousarray(layout.to_hf(np.asarray(param[...])))
-            for name, param, layout in vision_weight_map(tower)}
+    return entries_state_dict(vision_weight_map(tower), prefix=inner)
