@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import subprocess
 import sys
@@ -16,20 +17,21 @@ from flax import nnx
 from jaxllava.data.batch import IGNORE, BatchStats, ImageBatch, TextBatch
 from jaxllava.errors import TrainingError
 from jaxllava.model.config import LlamaConfig, ModelConfig, VisionConfig
-from jaxllava.model.llava import LlavaModel
+from jaxllava.train.loop import create_model
 from jaxllava.model.sharding import make_mesh
 from jaxllava.train.config import OptimConfig
 from jaxllava.train.optimizer import path_str
-from jaxllava.train.step import TrainStep, check_finite, cross_entropy_sum
+from jaxllava.train.step import TrainStep, check_finite, cross_entropy_sum, device_arrays, host_metrics
 
 VOCAB = 48
 MODEL = ModelConfig(
-    lm=LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+    lm=LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
                    num_kv_heads=2, max_position_embeddings=64),
     vision=VisionConfig(kind="dinov2", image_size=16, patch_size=8, hidden_size=16, intermediate_size=32,
                         num_layers=1, num_heads=2, pretrained_image_size=16),
     dtype="float32", attention_impl="xla")
 N = MODEL.image_tokens  # 4 placeholders per image
+FAST_COMPILE = {"xla_backend_optimization_level": 0}  # halves CPU compile time; numerics unchanged
 
 
 def text_batch(seed: int, rows: int = 4, length: int = 16, fill: float = 1.0) -> TextBatch:
@@ -68,8 +70,8 @@ def make_trainer(optim: OptimConfig = OptimConfig(lr=1e-2, warmup_steps=0), tota
     mesh = mesh or make_mesh(devices=jax.devices()[:1])
     key = (optim, total_steps, model_config, tuple(mesh.devices.shape))
     if key not in _TRAINERS:
-        model = LlavaModel(model_config, rngs=nnx.Rngs(0))
-        trainer = TrainStep(model, optim, total_steps, mesh, loss_chunk=8)
+        model = create_model(model_config, mesh, seed=0, compiler_options=FAST_COMPILE)
+        trainer = TrainStep(model, optim, total_steps, mesh, loss_chunk=8, compiler_options=FAST_COMPILE)
         _TRAINERS[key] = trainer, nnx.split(model, nnx.Param, ...)[1]
     trainer, params = _TRAINERS[key]
     return trainer, trainer.init_state(jax.tree.map(jnp.copy, params))
@@ -111,16 +113,16 @@ def test_loss_is_the_mean_over_all_target_tokens_of_the_step():
 def test_accumulating_microbatches_equals_one_large_batch():
     whole = text_batch(5, rows=8, fill=0.6)
     halves = [TextBatch(*(getattr(whole, f)[sl] for f in ("input_ids", "targets", "segment_ids", "positions")),
-                        whole.stats) for sl in (slice(0, 3), slice(3, 8))]
-    # eps ≫ |g| makes AdamW's first step linear in the gradient, so parameters compare
-    # the gradients themselves (with a tiny eps, a 1e-9 gradient can flip an update's sign).
-    trainer, state = make_trainer(OptimConfig(lr=1e-2, warmup_steps=0, eps=1.0))
-    state_whole, m_whole = trainer(jax.tree.map(jnp.copy, state), [whole])
-    state_parts, m_parts = trainer(state, halves)
-    assert float(m_parts["loss"]) == pytest.approx(float(m_whole["loss"]), rel=1e-6)
-    a, b = flat(state_whole["params"]), flat(state_parts["params"])
+                        whole.stats) for sl in (slice(0, 4), slice(4, 8))]
+    trainer, state = make_trainer()
+    to_device = lambda batches: [device_arrays(b, trainer.mesh) for b in batches]  # noqa: E731
+    grads_whole, loss_whole = trainer.gradients(state, to_device([whole]))
+    grads_parts, loss_parts = trainer.gradients(state, to_device(halves))
+    assert float(loss_parts) == pytest.approx(float(loss_whole), rel=1e-6)
+    a, b = flat(grads_whole), flat(grads_parts)
+    assert set(a) == set(b) and len(a) > 5
     for path in a:
-        np.testing.assert_allclose(a[path], b[path], rtol=1e-5, atol=1e-7, err_msg=path)
+        np.testing.assert_allclose(b[path], a[path], rtol=1e-5, atol=1e-8, err_msg=path)
 
 
 def test_microbatch_without_targets_adds_nothing_instead_of_nan():
@@ -134,39 +136,38 @@ def test_microbatch_without_targets_adds_nothing_instead_of_nan():
 
 
 def test_overfits_one_mixed_step():
-    trainer, state = make_trainer(OptimConfig(lr=3e-3, warmup_steps=0, schedule="constant"))
+    trainer, state = make_trainer()
     batches = [text_batch(0), image_batch(1)]
     losses = []
-    for _ in range(40):
+    for _ in range(25):
         state, metrics = trainer(state, batches)
         losses.append(float(metrics["loss"]))
     assert losses[-1] < 0.25 * losses[0], losses
 
 
-def test_frozen_vision_and_head_are_unchanged_and_per_part_rates_apply():
-    optim = OptimConfig(lr=1e-2, projector_lr=0.0, warmup_steps=0, freeze_lm_head=True)
-    trainer, state = make_trainer(optim)
+def test_vision_tower_is_frozen_by_default():
+    trainer, state = make_trainer()
     before = flat(state["params"])
     trainable, frozen = trainer.split_params(state["params"])
-    assert set(trainable.keys()) == {"lm", "projector"}  # only these are differentiated
-    assert "vision" in frozen and "lm_head" in frozen["lm"]
-    for _ in range(2):
-        state, _ = trainer(state, [text_batch(0), image_batch(1)])
+    assert "vision" not in trainable and "vision" in frozen  # never differentiated
+    state, _ = trainer(state, [text_batch(0), image_batch(1)])
+    after = flat(state["params"])
+    for path in before:
+        assert np.array_equal(before[path], after[path]) == path.startswith("vision/"), path
+
+
+def test_trainable_parts_and_per_part_rates_follow_the_config():
+    model = dataclasses.replace(MODEL, vision=dataclasses.replace(MODEL.vision, frozen=False))
+    optim = OptimConfig(lr=1e-2, projector_lr=0.0, warmup_steps=0, freeze_lm_head=True, train_vision=True)
+    trainer, state = make_trainer(optim, model_config=model)
+    trainable, frozen = trainer.split_params(state["params"])
+    assert set(trainable.keys()) == {"lm", "projector", "vision"} and "lm_head" in frozen["lm"]
+    before = flat(state["params"])
+    state, _ = trainer(state, [image_batch(1)])
     after = flat(state["params"])
     for path in before:
         unchanged = np.array_equal(before[path], after[path])
-        expect_unchanged = path.startswith(("vision/", "projector/", "lm/lm_head/"))
-        assert unchanged == expect_unchanged, path
-
-
-def test_vision_tower_trains_when_unfrozen():
-    model = dataclasses.replace(MODEL, vision=dataclasses.replace(MODEL.vision, frozen=False))
-    trainer, state = make_trainer(OptimConfig(lr=1e-2, warmup_steps=0, train_vision=True), model_config=model)
-    before = {p: v for p, v in flat(state["params"]).items() if p.startswith("vision/")}
-    state, _ = trainer(state, [image_batch(1)])
-    after = flat(state["params"])
-    changed = [p for p in before if not np.array_equal(before[p], after[p])]
-    assert len(changed) > len(before) // 2, changed
+        assert unchanged == path.startswith(("projector/", "lm/lm_head/")), path  # lr 0 and frozen head
 
 
 def test_chunked_cross_entropy_equals_unchunked_in_value_and_gradient():
@@ -175,14 +176,15 @@ def test_chunked_cross_entropy_equals_unchunked_in_value_and_gradient():
     weight = jnp.asarray(rng.normal(size=(8, 20)), jnp.float32)
     targets = jnp.asarray(np.where(rng.random((2, 12)) < 0.3, IGNORE, rng.integers(0, 20, (2, 12))), jnp.int32)
 
+    @functools.partial(jax.jit, static_argnums=1)
     def loss(w, chunk):
         return cross_entropy_sum(lambda h: h @ w, hidden, targets, chunk)
 
     (ce_full, n_full), (ce_chunk, n_chunk) = loss(weight, 12), loss(weight, 4)
     assert int(n_full) == int(n_chunk) == int((targets != IGNORE).sum())
     np.testing.assert_allclose(float(ce_chunk), float(ce_full), rtol=1e-6)
-    g_full = jax.grad(lambda w: loss(w, 12)[0])(weight)
-    g_chunk = jax.grad(lambda w: loss(w, 4)[0])(weight)
+    g_full = jax.jit(jax.grad(lambda w: loss(w, 12)[0]))(weight)
+    g_chunk = jax.jit(jax.grad(lambda w: loss(w, 4)[0]))(weight)
     np.testing.assert_allclose(g_chunk, g_full, rtol=1e-5, atol=1e-6)
 
 
@@ -192,21 +194,24 @@ def test_non_finite_loss_is_a_training_error_naming_the_step():
     poisoned = jax.tree_util.tree_map_with_path(
         lambda kp, x: x * np.nan if path_str(kp) == "lm/norm/scale" else x, state["params"])
     _, metrics = trainer({**state, "params": poisoned}, [text_batch(0)])
-    with pytest.raises(TrainingError, match="step 7: non-finite loss=nan"):
-        check_finite(metrics, 7)
+    with pytest.raises(TrainingError, match="step 7: non-finite .*loss=nan"):
+        check_finite(host_metrics(metrics), 7)
 
 
 def test_compiles_once_per_modality_and_bucket_then_never_again():
     trainer, state = make_trainer()
-    mixes = [[text_batch(0, length=16), image_batch(1, length=16)], [text_batch(2, length=8)],
-             [image_batch(3, length=16), text_batch(4, length=8)]]
+    state, _ = trainer(state, [text_batch(0)])  # the update is compiled
+    start = trainer.compile_count()
+    # shapes no other test uses: text@12, image@24 (3 rows each)
+    mixes = [[text_batch(0, rows=3, length=12), image_batch(1, rows=3, length=24)],
+             [text_batch(2, rows=3, length=12)],
+             [image_batch(3, rows=3, length=24), text_batch(4, rows=3, length=12)]]
     for batches in mixes:
         state, _ = trainer(state, batches)
-    warm = trainer.compile_count()
-    assert warm == 3 + 1  # text@16, image@16, text@8, and the update
+    assert trainer.compile_count() == start + 2
     for batches in mixes * 2:
         state, _ = trainer(state, batches)
-    assert trainer.compile_count() == warm
+    assert trainer.compile_count() == start + 2
 
 
 SHARDED_SCRIPT = textwrap.dedent("""
@@ -214,7 +219,8 @@ SHARDED_SCRIPT = textwrap.dedent("""
     from tests.test_train_step import make_trainer, text_batch, image_batch, flat
     from jaxllava.model.sharding import make_mesh
     assert jax.device_count() == 8
-    batches = [text_batch(0, rows=8), image_batch(1, rows=4), text_batch(2, rows=8, fill=0.5)]
+    batches = [text_batch(0, rows=8, length=8), image_batch(1, rows=4, length=8),
+               text_batch(2, rows=8, length=8, fill=0.5)]
     results = []
     for mesh in (make_mesh(devices=jax.devices()[:1]), make_mesh(data=2, fsdp=2, tensor=2)):
         trainer, state = make_trainer(mesh=mesh)
@@ -226,14 +232,16 @@ SHARDED_SCRIPT = textwrap.dedent("""
     (l1, p1, _), (l8, p8, s8) = results
     np.testing.assert_allclose(l8, l1, rtol=2e-5)
     for path in p1:
-        np.testing.assert_allclose(p8[path], p1[path], rtol=1e-4, atol=1e-5, err_msg=path)
+        np.testing.assert_allclose(p8[path], p1[path], rtol=1e-4, atol=1e-4, err_msg=path)  # lr 1e-2: no sign flips
     kernel = s8["params"]["lm"]["layers"][0]["mlp"]["up_proj"]["kernel"].get_value()
-    assert len(kernel.sharding.device_set) == 8 and kernel.addressable_shards[0].data.shape != kernel.shape
+    assert len(kernel.sharding.device_set) == 8, kernel.sharding
+    assert kernel.addressable_shards[0].data.shape == (kernel.shape[0] // 2, kernel.shape[1] // 2)
     print("SHARDED_OK", l1)
 """)
 
 
 def test_eight_device_sharded_step_equals_one_device():
+    # data=2, fsdp=2, tensor=2: rows split 4 ways, kernels split over fsdp and tensor
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env, cwd=root, capture_output=True,

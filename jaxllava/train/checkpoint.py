@@ -263,8 +263,11 @@ def abstract_like(tree: Any, shardings: Any = None) -> Any:
 
 
 def write_diagnostics(workdir: str, step: int, info: dict, arrays: Optional[dict[str, np.ndarray]] = None) -> str:
-    """Save what a failed step saw (message, metrics, the offending batch) outside the checkpoints."""
+    """Save what a failed step saw (message, metrics, the offending batch) outside the checkpoints.
+    With several processes each writes its own rows under `process_<i>`."""
     directory = os.path.join(workdir, DIAGNOSTICS_DIR, f"step_{step}")
+    if jax.process_count() > 1:
+        directory = os.path.join(directory, f"process_{jax.process_index()}")
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "info.json"), "w", encoding="utf-8") as f:
         json.dump(copy.deepcopy(info), f, indent=2, default=str)

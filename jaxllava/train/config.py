@@ -145,7 +145,8 @@ class EvalConfig:
     # Minimal-pair tasks: name -> a directory or file of BLiMP-format jsonl.
     tasks: dict[str, str] = dataclasses.field(default_factory=dict)
     every_steps: int = 0  # 0: never on a step schedule
-    at_milestones: bool = True  # evaluate each milestone checkpoint
+    at_milestones: bool = True  # evaluate at each word milestone
+    at_end: bool = True  # evaluate the final model of the run
     # Literal text before each sentence, no image, e.g. "<image>\n{text}" (the reference's
     # `--image_template append_image_token` through gen 19, REFERENCE.md §4.1, §7.28);
     # each is scored and reported beside bare text.

@@ -20,9 +20,11 @@ checkpoints are written by process 0.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import signal
+import threading
 import time
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -34,6 +36,8 @@ from jaxllava.config import ExperimentConfig, config_to_dict, dump_yaml
 from jaxllava.data.batch import BatchStats, ImageBatch, Microbatch
 from jaxllava.data.pipeline import DataPipeline
 from jaxllava.errors import ConfigError, TrainingError
+from jaxllava.eval.evaluator import MinimalPairEvaluator
+from jaxllava.model.config import ModelConfig
 from jaxllava.model.llava import LlavaModel, check_image_mask
 from jaxllava.model.sharding import make_mesh
 from jaxllava.train.checkpoint import Checkpointer, write_diagnostics
@@ -41,10 +45,12 @@ from jaxllava.train.config import MeshConfig
 from jaxllava.train.metrics import MetricsLogger, lm_flops_per_token, mfu
 from jaxllava.train.milestones import BABYLM_MILESTONES, MilestoneTracker, budget_reached, milestone_name
 from jaxllava.train.provenance import data_fingerprint, run_record, write_run_json
-from jaxllava.train.step import TrainStep, check_finite, device_arrays, tree_shardings
+from jaxllava.train.step import TrainStep, check_finite, device_arrays, host_metrics, tree_shardings
 
-# Config sections whose change would alter the trajectory of a resumed run.
+# Config sections whose change would alter the trajectory of a resumed run, and the
+# settings inside them that may change (speed only, same numbers).
 RESUME_MUST_MATCH = ("model", "data", "optim", "train.seed", "train.steps", "train.grad_accum", "train.word_budget")
+RESUME_MAY_CHANGE = ("data.num_workers", "data.prefetch", "model.remat")
 
 
 @dataclasses.dataclass
@@ -53,8 +59,7 @@ class StepEvent:
 
     step: int
     metrics: dict[str, Any]
-    milestones: list[int]  # word milestones reached at this step
-    saved: bool  # a checkpoint of this step was started
+    milestones: list[int]  # word milestones reached at this step (checkpointed right after)
     trainer: TrainStep
     state: dict  # the train state after this step; trainer.model(state["params"]) is the model
 
@@ -65,8 +70,12 @@ def maybe_initialize_distributed(mesh: MeshConfig) -> None:
         wanted = mesh.coordinator_address is not None or "JAX_COORDINATOR_ADDRESS" in os.environ
     if not wanted or jax.distributed.is_initialized():
         return
-    # CPU processes talk through gloo (the setting only affects the CPU backend).
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # CPU processes talk through gloo (the setting only affects the CPU backend; newer
+    # jax versions may have dropped the option once gloo became the default).
+    try:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except AttributeError:
+        pass
     jax.distributed.initialize(coordinator_address=mesh.coordinator_address, num_processes=mesh.num_processes,
                                process_id=mesh.process_id)
 
@@ -93,24 +102,36 @@ def plan_steps(stats: Sequence[BatchStats], grad_accum: int, steps: Optional[int
     return horizon, reason
 
 
+def check_config(config: ExperimentConfig) -> None:
+    """Cross-section rules no single section can check."""
+    vision = config.model.vision
+    if vision is not None and config.optim.train_vision == vision.frozen:
+        raise ConfigError(f"optim.train_vision={config.optim.train_vision} but model.vision.frozen={vision.frozen}: "
+                          "a frozen tower stops gradients inside the model; set both to train it (or neither)")
+
+
 def _resume_mismatch(saved: dict, current: dict) -> list[str]:
-    diffs = []
-    for key in RESUME_MUST_MATCH:
-        a, b = saved, current
+    """Dotted keys of RESUME_MUST_MATCH whose values differ between two config dicts."""
+
+    def pick(config: dict, key: str):
+        value = config
         for part in key.split("."):
-            a, b = (a or {}).get(part), (b or {}).get(part)
-        if a != b:
-            diffs.append(key)
-    return diffs
+            value = (value or {}).get(part)
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if f"{key}.{k}" not in RESUME_MAY_CHANGE}
+        return value
+
+    return [key for key in RESUME_MUST_MATCH if pick(saved, key) != pick(current, key)]
 
 
-def create_model(config: ExperimentConfig, mesh) -> nnx.Module:
-    """The model with its parameters initialised directly in their shardings."""
-    seed = config.train.seed
-    abstract = nnx.eval_shape(lambda: LlavaModel(config.model, rngs=nnx.Rngs(seed)))
+def create_model(model_config: ModelConfig, mesh, seed: int, *, compiler_options: Optional[dict] = None
+                 ) -> nnx.Module:
+    """The model with its parameters initialised directly in their shardings (never whole on one device)."""
+    abstract = nnx.eval_shape(lambda: LlavaModel(model_config, rngs=nnx.Rngs(seed)))
     graphdef, abstract_state = nnx.split(abstract)
     shardings = tree_shardings(abstract_state, mesh)
-    state = jax.jit(lambda: nnx.state(LlavaModel(config.model, rngs=nnx.Rngs(seed))), out_shardings=shardings)()
+    state = jax.jit(lambda: nnx.state(LlavaModel(model_config, rngs=nnx.Rngs(seed))), out_shardings=shardings,
+                    compiler_options=compiler_options)()
     return nnx.merge(graphdef, state)
 
 
@@ -122,7 +143,7 @@ class _Signals:
         self._previous = {}
 
     def __enter__(self):
-        if threading_is_main():
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -136,24 +157,18 @@ class _Signals:
             signal.signal(sig, handler)
 
 
-def threading_is_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
-def _step_row(stats: Sequence[BatchStats], device_metrics: dict, words_seen: int, step_time: float,
+def _step_row(stats: Sequence[BatchStats], metrics: dict[str, float], words_seen: int, step_time: float,
               lm_config, devices) -> dict[str, Any]:
     positions = sum(s.rows * s.seq_len for s in stats)
     tokens = positions - sum(s.padding_tokens for s in stats)
     # Model FLOPs of the decoder on the real (non-padding) tokens; the vision tower is not counted.
     flops = sum((s.rows * s.seq_len - s.padding_tokens) * lm_flops_per_token(lm_config, s.seq_len) for s in stats)
     row = {
-        "loss": float(device_metrics["loss"]),
-        "lr": float(device_metrics["lr"]),
-        "grad_norm": float(device_metrics["grad_norm"]),
+        "loss": metrics["loss"],
+        "lr": metrics["lr"],
+        "grad_norm": metrics["grad_norm"],
         "tokens": tokens,
-        "target_tokens": int(device_metrics["target_tokens"]),
+        "target_tokens": int(metrics["target_tokens"]),
         "text_samples": sum(s.samples for s in stats if s.modality == "text"),
         "image_samples": sum(s.samples for s in stats if s.modality == "image"),
         "image_tokens": sum(s.image_tokens for s in stats),
@@ -168,33 +183,92 @@ def _step_row(stats: Sequence[BatchStats], device_metrics: dict, words_seen: int
     return row
 
 
-def _stop_on_non_finite(error: TrainingError, workdir: str, step: int, device_metrics: dict,
+def _stop_on_non_finite(error: TrainingError, workdir: str, step: int, metrics: dict[str, float],
                         batches: Sequence[Microbatch], checkpointer: Checkpointer) -> None:
     """Save what the failed step saw next to (never into) the checkpoints, then raise."""
     checkpointer.wait()  # a good checkpoint still being written is finished, not replaced
     where = write_diagnostics(workdir, step, {
         "error": str(error),
-        "metrics": {k: float(v) for k, v in device_metrics.items()},
+        "metrics": metrics,
         "microbatches": [dataclasses.asdict(b.stats) for b in batches],
         "last_checkpoint": (checkpointer.all_steps() or [None])[-1],
     }, {f"microbatch{i}_{name}": value for i, b in enumerate(batches) for name, value in b.arrays().items()})
     raise TrainingError(f"{error}; diagnostics in {where}") from None
 
 
-def _next_step_batches(iterator: Iterator[Microbatch], grad_accum: int) -> list[Microbatch]:
+def _start_or_resume(config: ExperimentConfig, workdir: str, trainer: TrainStep, params, checkpointer: Checkpointer,
+                     iterator) -> tuple[dict, int, int, MilestoneTracker, Optional[int]]:
+    """(train state, step, words seen, milestone tracker, step resumed from or None)."""
+    milestone_words = config.checkpoint.milestone_words or BABYLM_MILESTONES
+    restored = checkpointer.restore_latest(trainer.abstract)
+    if restored is None:
+        return trainer.init_state(params), 0, 0, MilestoneTracker(milestone_words), None
+    mismatch = _resume_mismatch(restored.run.get("config", {}), config_to_dict(config))
+    if mismatch:
+        raise TrainingError(f"{workdir}: cannot resume step {restored.step}: the config differs from the "
+                            f"checkpoint's in {', '.join(mismatch)} (use a new workdir)")
+    iterator.set_state(restored.data_state)
+    tracker = MilestoneTracker(milestone_words, done=restored.meta["milestones_done"])
+    return restored.state, restored.step, int(restored.meta["words_seen"]), tracker, restored.step
+
+
+def _write_run_files(workdir: str, config: ExperimentConfig, record: dict, manifest: dict[str, bool]) -> None:
+    """run.json (provenance), config.yaml (the resolved config) and trainable.json (what trains)."""
+    write_run_json(workdir, record)
+    with open(os.path.join(workdir, "config.yaml"), "w", encoding="utf-8") as f:
+        f.write(dump_yaml(config))
+    with open(os.path.join(workdir, "trainable.json"), "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1)
+
+
+def _evaluation_due(config: ExperimentConfig, step: int, reached: list[int], finished: bool) -> bool:
+    every = config.eval.every_steps
+    return bool((every and step % every == 0) or (config.eval.at_milestones and reached)
+                or (config.eval.at_end and finished))
+
+
+def _evaluate(evaluator: MinimalPairEvaluator, model, workdir: str, name: str, step: int, words_seen: int,
+              logger: Optional[MetricsLogger]) -> dict[str, float]:
+    """Minimal-pair accuracies of the current model: `<workdir>/eval/<name>/`, metrics.jsonl and
+    TensorBoard (eval/<task>/<setting>/accuracy). The model is only read."""
+    results = evaluator.evaluate(model)
+    scalars = evaluator.scalars(results)
+    if jax.process_index() == 0:
+        evaluator.write(results, os.path.join(workdir, "eval", name), extra={"step": step, "words_seen": words_seen})
+        if logger is not None:
+            logger.log(step, scalars)
+        print(json.dumps({"eval": name, "step": step, **scalars}), flush=True)
+    return scalars
+
+
+def _load_step(iterator: Iterator[Microbatch], grad_accum: int, mesh, image_tokens: int
+               ) -> tuple[list[Microbatch], list[dict[str, jax.Array]], dict]:
+    """(host microbatches, their device arrays, the iterator state just after them) of one
+    optimizer step; fewer microbatches at the end of the data, none after it."""
     batches = []
     for _ in range(grad_accum):
         try:
             batches.append(next(iterator))
         except StopIteration:
             break
-    return batches
+    data_state = iterator.get_state()
+    for batch in batches:
+        if isinstance(batch, ImageBatch):
+            check_image_mask(batch.image_mask, batch.image_rows, image_tokens)
+    return batches, [device_arrays(b, mesh) for b in batches], data_state
 
 
 def train(config: ExperimentConfig, workdir: Optional[str] = None, *,
-          on_step: Optional[Callable[[StepEvent], None]] = None) -> dict[str, Any]:
-    """Train (or resume) the run in `workdir` (default `config.train.workdir`); returns a summary."""
+          on_step: Optional[Callable[[StepEvent], None]] = None,
+          compiler_options: Optional[dict] = None) -> dict[str, Any]:
+    """Train (or resume) the run in `workdir` (default `config.train.workdir`); returns a summary.
+
+    Minimal-pair evaluation (config.eval) runs at milestones, every `eval.every_steps`
+    and at the end. `on_step` is called after every optimizer step with the state;
+    `compiler_options` are XLA options for the jitted functions (TrainStep).
+    """
     started = time.monotonic()
+    check_config(config)
     workdir = os.path.abspath(workdir or config.train.workdir)
     maybe_initialize_distributed(config.mesh)
     primary = jax.process_index() == 0
@@ -210,89 +284,76 @@ def train(config: ExperimentConfig, workdir: Optional[str] = None, *,
     grad_accum = config.train.grad_accum
     total_steps, end_reason = plan_steps(stats, grad_accum, config.train.steps, config.train.word_budget)
 
-    model = create_model(config, mesh)
-    trainer = TrainStep(model, config.optim, total_steps, mesh, seed=config.train.seed)
+    model = create_model(config.model, mesh, config.train.seed, compiler_options=compiler_options)
+    trainer = TrainStep(model, config.optim, total_steps, mesh, seed=config.train.seed,
+                        compiler_options=compiler_options)
     params = nnx.split(model, nnx.Param, ...)[1]
     del model
 
     checkpointer = Checkpointer(workdir, config.checkpoint)
-    milestone_words = config.checkpoint.milestone_words or BABYLM_MILESTONES
-    restored = checkpointer.restore_latest(trainer.abstract)
-    iterator = pipeline.iterator()
-    if restored is None:
-        state = trainer.init_state(params)
-        step, words_seen, tracker = 0, 0, MilestoneTracker(milestone_words)
-    else:
-        mismatch = _resume_mismatch(restored.run.get("config", {}), config_to_dict(config))
-        if mismatch:
-            raise TrainingError(f"{workdir}: cannot resume step {restored.step}: the config differs from the "
-                                f"checkpoint's in {', '.join(mismatch)} (use a new workdir)")
-        state, step = restored.state, restored.step
-        words_seen = int(restored.meta["words_seen"])
-        tracker = MilestoneTracker(milestone_words, done=restored.meta["milestones_done"])
-        iterator.set_state(restored.data_state)
-    del params
-
-    summary = pipeline.summary
-    record = run_record(config, mesh, {
-        **data_fingerprint([s.path for s in config.data.sources],
-                           {"text": summary.text_samples, "image": summary.image_samples}),
-        "pipeline_sha256": summary.fingerprint, "words_per_epoch": summary.words})
-    record["resumed_from_step"] = None if restored is None else restored.step
-    record["total_steps"], record["ends_by"] = total_steps, end_reason
-    if primary:
-        write_run_json(workdir, record)
-        with open(os.path.join(workdir, "config.yaml"), "w", encoding="utf-8") as f:
-            f.write(dump_yaml(config))
-        with open(os.path.join(workdir, "trainable.json"), "w", encoding="utf-8") as f:
-            json.dump(trainer.manifest, f, indent=1)
-    logger = (MetricsLogger(workdir, tensorboard=config.logging.tensorboard, progress=config.logging.progress,
-                            total_steps=total_steps, resume_step=step) if primary else None)
-
-    milestones_on = config.checkpoint.milestones
-    every = config.checkpoint.every_steps
-    stop_reason, last_saved, last_row = None, None, None
-    last_time = time.monotonic()
+    logger = None
     try:
+        iterator = pipeline.iterator()
+        state, step, words_seen, tracker, resumed_from = _start_or_resume(config, workdir, trainer, params,
+                                                                         checkpointer, iterator)
+        del params
+        record = run_record(config, mesh, {
+            **data_fingerprint([s.path for s in config.data.sources],
+                               {"text": pipeline.summary.text_samples, "image": pipeline.summary.image_samples}),
+            "pipeline_sha256": pipeline.summary.fingerprint, "words_per_epoch": pipeline.summary.words})
+        record.update(resumed_from_step=resumed_from, total_steps=total_steps, ends_by=end_reason)
+        if primary:
+            _write_run_files(workdir, config, record, trainer.manifest)
+            logger = MetricsLogger(workdir, tensorboard=config.logging.tensorboard,
+                                   progress=config.logging.progress, total_steps=total_steps, resume_step=step)
+
+        milestones_on, every = config.checkpoint.milestones, config.checkpoint.every_steps
+        evaluator = (MinimalPairEvaluator.from_config(config.eval, pipeline.tokenizer)
+                     if config.eval.tasks else None)
+        stop_reason, last_saved, last_row, last_eval = None, None, None, None
+        last_time = time.monotonic()
         with _Signals() as signals:
-            batches = _next_step_batches(iterator, grad_accum) if step < total_steps else []
+            load = functools.partial(_load_step, iterator, grad_accum, mesh, config.model.image_tokens)
+            batches, arrays, data_state = load() if step < total_steps else ([], [], None)
             while batches:
-                data_state = iterator.get_state()  # the position after exactly this step's microbatches
-                for batch in batches:
-                    if isinstance(batch, ImageBatch):
-                        check_image_mask(batch.image_mask, batch.image_rows, config.model.image_tokens)
-                state, device_metrics = trainer.apply(state, [device_arrays(b, mesh) for b in batches])
-                # Load the next step's microbatches while this one runs.
-                following = _next_step_batches(iterator, grad_accum) if step + 1 < total_steps else []
+                state, device_metrics = trainer.apply(state, arrays)
+                # Load and transfer the next step's microbatches while this one runs.
+                following = load() if step + 1 < total_steps else ([], [], None)
+                metrics = host_metrics(device_metrics)  # waits for the step
                 try:
-                    check_finite(device_metrics, step + 1)
+                    check_finite(metrics, step + 1)
                 except TrainingError as error:
-                    _stop_on_non_finite(error, workdir, step + 1, device_metrics, batches, checkpointer)
+                    _stop_on_non_finite(error, workdir, step + 1, metrics, batches, checkpointer)
                 step += 1
                 step_stats = [b.stats for b in batches]
                 words_seen += sum(s.words for s in step_stats)
                 now = time.monotonic()
-                last_row = _step_row(step_stats, device_metrics, words_seen, now - last_time, config.model.lm,
+                last_row = _step_row(step_stats, metrics, words_seen, now - last_time, config.model.lm,
                                      jax.devices())
                 last_time = now
                 reached = tracker.update(words_seen)
+                if on_step is not None:
+                    on_step(StepEvent(step, last_row, reached, trainer, state))
                 if budget_reached(words_seen, config.train.word_budget):
                     stop_reason = "word_budget"
                 if signals.received is not None:
                     stop_reason = f"signal {signal.Signals(signals.received).name}"
-                final = stop_reason is not None or not following
+                final = stop_reason is not None or not following[0]
                 if logger is not None and (step % config.train.log_every == 0 or step == 1 or reached or final):
                     logger.log(step, last_row)
-                save = bool(every and step % every == 0) or bool(milestones_on and reached) or final
-                if save:
+                if (every and step % every == 0) or (milestones_on and reached) or final:
                     checkpointer.save(step, state, meta={"words_seen": words_seen,
                                                          "milestones_done": tracker.state()["done"]},
                                       data_state=data_state, run_record=record,
                                       milestones=reached if milestones_on else ())
                     last_saved = step
-                if on_step is not None:
-                    on_step(StepEvent(step, last_row, reached, save, trainer, state))
-                batches = [] if final else following
+                finished = final and signals.received is None  # a preempted run exits quickly
+                if evaluator is not None and _evaluation_due(config, step, reached, finished):
+                    name = milestone_name(reached[-1]) if reached else f"step_{step}"
+                    last_eval = _evaluate(evaluator, trainer.model(state["params"]), workdir, name, step,
+                                          words_seen, logger)
+                    last_time = time.monotonic()  # evaluation time is not step time
+                batches, arrays, data_state = ([], [], None) if final else following
     finally:
         checkpointer.close()
         if logger is not None:
@@ -301,8 +362,9 @@ def train(config: ExperimentConfig, workdir: Optional[str] = None, *,
     result = {
         "workdir": workdir, "steps": step, "total_steps": total_steps, "stopped_by": stop_reason or end_reason,
         "words_seen": words_seen, "milestones": [milestone_name(m) for m in sorted(tracker.done)],
-        "last_checkpoint": last_saved, "resumed_from": None if restored is None else restored.step,
+        "last_checkpoint": last_saved, "resumed_from": resumed_from,
         "final_loss": None if last_row is None else last_row["loss"],
+        "eval": last_eval,
         "wall_time_s": round(time.monotonic() - started, 1),
     }
     if primary:

@@ -111,7 +111,8 @@ class MetricsLogger:
         if self._writer is not None:
             for name, value in row.items():
                 if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._writer.add_scalar(f"train/{name}", value, step)
+                    # "eval/blimp/text/accuracy" keeps its own group; plain names go under train/
+                    self._writer.add_scalar(name if "/" in name else f"train/{name}", value, step)
             self._writer.flush()
         if self.progress:
             self._progress_line(step, row)

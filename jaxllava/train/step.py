@@ -20,13 +20,16 @@ split over the (data, fsdp) mesh axes. The vocabulary projection and its
 cross-entropy run in sequence chunks under `jax.checkpoint`, so full (B, T, V)
 logits are never alive at once.
 
-Each jitted function compiles once per input shape: per (modality, bucket
-length) for accumulation, once for the update.
+The jitted functions are shared by every TrainStep with an equal `StepSpec`
+and compile once per input shape: per (modality, bucket length) for
+accumulation, once for the update.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -40,9 +43,6 @@ from jaxllava.errors import TrainingError
 from jaxllava.model.sharding import DEFAULT_RULES, Rules, activation_sharding, partition_spec, variable_axes
 from jaxllava.train.config import OptimConfig
 from jaxllava.train.optimizer import make_optimizer, trainable_manifest
-
-BATCH_AXES = ("data", "fsdp")
-
 
 # ----------------------------------------------------------------------------- loss
 
@@ -91,6 +91,16 @@ def microbatch_loss(model: nnx.Module, arrays: dict[str, jax.Array], chunk: int)
 # ----------------------------------------------------------------------------- shardings
 
 
+def named_sharding(mesh: Mesh, spec: P) -> NamedSharding:
+    """NamedSharding with trailing replicated dimensions dropped from the spec: P('fsdp', None)
+    and P('fsdp') are the same layout, but jit's cache tells them apart, and its outputs
+    use the short form, so inputs must too or every step after the first recompiles."""
+    parts = list(spec)
+    while parts and parts[-1] is None:
+        parts.pop()
+    return NamedSharding(mesh, P(*parts))
+
+
 def tree_shardings(tree: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
     """NamedShardings for a tree of arrays / nnx Variables: Variables by their logical
     axes (so AdamW's mu and nu follow their parameters), anything else replicated."""
@@ -100,160 +110,221 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
             shape = getattr(leaf.get_value(), "shape", None)
             if shape is None:  # an optax MaskedNode: a part this transform does not touch
                 return leaf
-            return leaf.replace(NamedSharding(mesh, partition_spec(variable_axes(leaf), shape, mesh, rules)))
+            return leaf.replace(named_sharding(mesh, partition_spec(variable_axes(leaf), shape, mesh, rules)))
         return NamedSharding(mesh, P())
 
     return jax.tree.map(sharding, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-    axes = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1)
-    first = None if not axes else (axes[0] if len(axes) == 1 else axes)
-    return NamedSharding(mesh, P(first, *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh, shape: Sequence[int], rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    """Rows over the mesh axes of the logical "batch" axis, everything else replicated."""
+    axes = ("batch",) + (None,) * (len(shape) - 1)
+    return named_sharding(mesh, partition_spec(axes, shape, mesh, rules))
 
 
 DEVICE_FIELDS = ("input_ids", "targets", "segment_ids", "positions", "pixels", "image_mask")
 
 
-def device_arrays(batch: Microbatch, mesh: Mesh) -> dict[str, jax.Array]:
+def device_arrays(batch: Microbatch, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> dict[str, jax.Array]:
     """This process's rows of a microbatch as global arrays sharded over the batch axes
     (each process passes only its rows: jax.make_array_from_process_local_data).
     `image_rows` stays on the host: `check_image_mask` uses it there."""
-    return {name: jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim), value)
-            for name, value in batch.arrays().items() if name in DEVICE_FIELDS}
+    arrays = {}
+    for name, value in batch.arrays().items():
+        if name in DEVICE_FIELDS:
+            global_shape = (value.shape[0] * jax.process_count(), *value.shape[1:])
+            sharding = batch_sharding(mesh, global_shape, rules)
+            arrays[name] = jax.make_array_from_process_local_data(sharding, value, global_shape)
+    return arrays
 
 
 # ----------------------------------------------------------------------------- the step
+#
+# The jitted functions are module-level and take everything that shapes the
+# computation as one hashable static `StepSpec`, so two TrainSteps with equal specs
+# (a resumed run, a second run in the same process, tests) share compiled code.
+
+
+TRAINABILITY_FIELDS = ("train_lm", "train_projector", "train_resampler", "train_vision", "freeze_lm_head")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    graphdef: Any  # nnx GraphDef of the model (hashable)
+    optim: OptimConfig
+    total_steps: int
+    mesh: Mesh
+    rules: tuple  # DEFAULT_RULES-style mapping as sorted items (hashable)
+    loss_chunk: int
+    seed: int
+
+    @property
+    def rules_dict(self) -> dict:
+        return dict(self.rules)
+
+    def optimizer(self, params):
+        return make_optimizer(self.optim, params, self.total_steps)
+
+    def split(self, params: nnx.State) -> tuple[nnx.State, nnx.State]:
+        """(trainable, frozen) parts of a parameter state (or of a tree shaped like it)."""
+        manifest = trainable_manifest(params, self.optim)
+        return nnx.split_state(params, lambda path, _: manifest.get("/".join(map(str, path)), False), ...)
+
+    def for_gradients(self) -> "StepSpec":
+        """The spec with only what gradients depend on (which parts train), so a change of
+        learning rate, schedule or horizon does not recompile the accumulation."""
+        trainable_only = OptimConfig(**{f: getattr(self.optim, f) for f in TRAINABILITY_FIELDS})
+        return dataclasses.replace(self, optim=trainable_only, total_steps=1, seed=0)
+
+    def constrain(self, tree):
+        """Pin a tree of arrays / Variables to its shardings (tree_shardings)."""
+        return jax.lax.with_sharding_constraint(tree, tree_shardings(tree, self.mesh, self.rules_dict))
+
+
+def _fresh_state(params, *, spec: StepSpec):
+    tx, _ = spec.optimizer(params)
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+             "rng": jax.random.key_data(jax.random.key(spec.seed))}
+    return spec.constrain(state)
+
+
+def _zero_accumulator(params, *, spec: StepSpec):
+    trainable, _ = spec.split(params)
+    return spec.constrain({"grads": jax.tree.map(jnp.zeros_like, trainable), "ce": jnp.zeros((), jnp.float32),
+                           "tokens": jnp.zeros((), jnp.int32)})
+
+
+def _accumulate(params, rest, accum, arrays, *, spec: StepSpec):
+    trainable, frozen = spec.split(params)
+
+    def loss(trainable):
+        model = nnx.merge(spec.graphdef, trainable, frozen, rest)
+        ce, tokens = microbatch_loss(model, arrays, spec.loss_chunk)
+        return ce, (ce, tokens)
+
+    with activation_sharding(spec.mesh, spec.rules_dict):
+        grads, (ce, tokens) = jax.grad(loss, has_aux=True)(trainable)
+    return spec.constrain({"grads": jax.tree.map(jnp.add, accum["grads"], grads), "ce": accum["ce"] + ce,
+                           "tokens": accum["tokens"] + tokens})
+
+
+def _update(state, accum, *, spec: StepSpec):
+    params = state["params"]
+    tx, schedule = spec.optimizer(params)
+    trainable, frozen = spec.split(params)
+    tokens = jnp.maximum(accum["tokens"], 1).astype(jnp.float32)
+    grads = jax.tree.map(lambda g: g / tokens, accum["grads"])
+    # The optimizer sees the whole tree (frozen parts get zero updates and hold no
+    # state); only the trainable part is written back, the frozen one passes through.
+    full_grads = nnx.merge_state(grads, jax.tree.map(jnp.zeros_like, frozen))
+    updates, opt_state = tx.update(full_grads, state["opt_state"], params)
+    trainable_updates, _ = spec.split(updates)
+    new_params = nnx.merge_state(optax.apply_updates(trainable, trainable_updates), frozen)
+    metrics = {"loss": accum["ce"] / tokens, "grad_norm": global_norm(grads), "lr": schedule(state["step"]),
+               "target_tokens": accum["tokens"]}
+    new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
+    return spec.constrain(new_state), metrics
+
+
+_JITTED: dict[tuple, Callable] = {}
+
+
+def _jitted(fn: Callable, compiler_options: Optional[dict], **jit_kwargs) -> Callable:
+    """One jit object per (function, compiler options), shared by every TrainStep."""
+    key = (fn.__name__, tuple(sorted((compiler_options or {}).items())))
+    if key not in _JITTED:
+        _JITTED[key] = jax.jit(fn, static_argnames=("spec",), compiler_options=compiler_options, **jit_kwargs)
+    return _JITTED[key]
 
 
 class TrainStep:
-    """Owns the jitted accumulate / update functions and the layout of the train state.
+    """The train step of one model and optimizer config on one mesh.
 
     The train state is a dict {"params": nnx.State of every Param (trainable and
     frozen), "opt_state": optax state, "step": int32, "rng": uint32 key data}: the
-    tree that is checkpointed.
+    tree that is checkpointed. Parameters live in the shardings of their logical
+    axes; accumulators follow them; microbatch rows are split over the batch axes.
     """
 
     def __init__(self, model: nnx.Module, optim: OptimConfig, total_steps: int, mesh: Mesh, *,
-                 rules: Rules = DEFAULT_RULES, loss_chunk: int = 512, seed: int = 0):
-        self.mesh, self.rules, self.loss_chunk, self.seed = mesh, rules, loss_chunk, seed
-        self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
+                 rules: Rules = DEFAULT_RULES, loss_chunk: int = 512, seed: int = 0,
+                 compiler_options: Optional[dict[str, Any]] = None):
+        """`compiler_options`: XLA options for the jitted functions, e.g.
+        {"xla_backend_optimization_level": 0} halves CPU compile time for tiny models."""
+        graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
+        self.spec = StepSpec(graphdef, optim, total_steps, mesh, tuple(sorted(rules.items())), loss_chunk, seed)
+        self.mesh, self.rules = mesh, rules
         self.manifest = trainable_manifest(params, optim)
-        self.tx, self.schedule = make_optimizer(optim, params, total_steps)
+        _, self.schedule = make_optimizer(optim, params, total_steps)
         self._param_shapes = jax.eval_shape(lambda p: p, params)
-
         self.abstract = self.abstract_state()
-        self.state_shardings = jax.tree.map(lambda x: x.sharding, self.abstract)
-        replicated = NamedSharding(mesh, P())
-        trainable, _ = self.split_params(self._param_shapes)
-        self.accum_shardings = {"grads": tree_shardings(trainable, mesh, rules), "ce": replicated,
-                                "tokens": replicated}
-        self._init = jax.jit(self._fresh_state, out_shardings=self.state_shardings)
-        self._zeros = jax.jit(self._zeros_impl, out_shardings=self.accum_shardings)
-        self._accumulate: dict[tuple, Callable] = {}  # one jitted function per modality (batch layout)
-        self._update = jax.jit(self._update_impl, in_shardings=(self.state_shardings, self.accum_shardings),
-                               out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
-
-    # -- state layout
-
-    def _is_trainable(self, path, _) -> bool:
-        return self.manifest.get("/".join(map(str, path)), False)
+        self._init = _jitted(_fresh_state, compiler_options)
+        self._zeros = _jitted(_zero_accumulator, compiler_options)
+        self._accumulate = _jitted(_accumulate, compiler_options, donate_argnums=(2,))
+        self._update = _jitted(_update, compiler_options, donate_argnums=(0,))
 
     def split_params(self, params: nnx.State) -> tuple[nnx.State, nnx.State]:
         """(trainable, frozen) parts of the parameter state."""
-        return nnx.split_state(params, self._is_trainable, ...)
-
-    def _fresh_state(self, params):
-        return {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32),
-                "rng": jax.random.key_data(jax.random.key(self.seed))}
+        return self.spec.split(params)
 
     def init_state(self, params: nnx.State) -> dict:
         """The train state for fresh parameters, placed on the mesh."""
-        return self._init(params)
+        return self._init(params, spec=self.spec)
 
     def abstract_state(self) -> dict:
         """ShapeDtypeStructs of the train state carrying their target shardings (for restore)."""
-        shapes = jax.eval_shape(self._fresh_state, self._param_shapes)
+        shapes = jax.eval_shape(functools.partial(_fresh_state, spec=self.spec), self._param_shapes)
         shardings = tree_shardings(shapes, self.mesh, self.rules)
         return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
     def model(self, params: nnx.State) -> nnx.Module:
         """A module view of `params` (for evaluation or export)."""
-        return nnx.merge(self.graphdef, params, self.rest)
-
-    # -- jitted pieces
-
-    def _zeros_impl(self, trainable):
-        return {"grads": jax.tree.map(jnp.zeros_like, trainable), "ce": jnp.zeros((), jnp.float32),
-                "tokens": jnp.zeros((), jnp.int32)}
-
-    def _accumulate_impl(self, params, accum, arrays):
-        trainable, frozen = self.split_params(params)
-
-        def loss(trainable):
-            model = nnx.merge(self.graphdef, trainable, frozen, self.rest)
-            ce, tokens = microbatch_loss(model, arrays, self.loss_chunk)
-            return ce, (ce, tokens)
-
-        grads, (ce, tokens) = jax.grad(loss, has_aux=True)(trainable)
-        return {"grads": jax.tree.map(jnp.add, accum["grads"], grads), "ce": accum["ce"] + ce,
-                "tokens": accum["tokens"] + tokens}
-
-    def _update_impl(self, state, accum):
-        params = state["params"]
-        trainable, frozen = self.split_params(params)
-        tokens = jnp.maximum(accum["tokens"], 1).astype(jnp.float32)
-        grads = jax.tree.map(lambda g: g / tokens, accum["grads"])
-        # The optimizer sees the whole tree (frozen parts get zero updates and hold
-        # no state); only the trainable part is written back.
-        full_grads = nnx.merge_state(grads, jax.tree.map(jnp.zeros_like, frozen))
-        updates, opt_state = self.tx.update(full_grads, state["opt_state"], params)
-        trainable_updates, _ = self.split_params(updates)
-        new_params = nnx.merge_state(optax.apply_updates(trainable, trainable_updates), frozen)
-        metrics = {"loss": accum["ce"] / tokens, "grad_norm": global_norm(grads),
-                   "lr": self.schedule(state["step"]), "target_tokens": accum["tokens"]}
-        return {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1,
-                "rng": state["rng"]}, metrics
-
-    def _accumulate_fn(self, arrays: dict[str, jax.Array]) -> Callable:
-        layout = tuple(sorted((name, value.ndim) for name, value in arrays.items()))
-        if layout not in self._accumulate:
-            batch_shardings = {name: batch_sharding(self.mesh, ndim) for name, ndim in layout}
-            self._accumulate[layout] = jax.jit(
-                self._accumulate_impl, donate_argnums=(1,), out_shardings=self.accum_shardings,
-                in_shardings=(self.state_shardings["params"], self.accum_shardings, batch_shardings))
-        return self._accumulate[layout]
-
-    # -- public
+        return nnx.merge(self.spec.graphdef, params, self.rest)
 
     def __call__(self, state: dict, microbatches: Sequence[Microbatch]) -> tuple[dict, dict]:
         """One optimizer step over `microbatches` (host numpy batches of this process)."""
-        return self.apply(state, [device_arrays(mb, self.mesh) for mb in microbatches])
+        return self.apply(state, [device_arrays(mb, self.mesh, self.rules) for mb in microbatches])
 
     def apply(self, state: dict, arrays: Sequence[dict[str, jax.Array]]) -> tuple[dict, dict]:
         """Like __call__, with the microbatches already on the devices (see `device_arrays`)."""
+        return self._update(state, self._accumulate_all(state, arrays), spec=self.spec)
+
+    def gradients(self, state: dict, arrays: Sequence[dict[str, jax.Array]]) -> tuple[nnx.State, jax.Array]:
+        """(mean gradient of the trainable params over the step's target tokens, loss),
+        without updating anything: what `apply` would feed the optimizer."""
+        accum = self._accumulate_all(state, arrays)
+        tokens = jnp.maximum(accum["tokens"], 1).astype(jnp.float32)
+        return jax.tree.map(lambda g: g / tokens, accum["grads"]), accum["ce"] / tokens
+
+    def _accumulate_all(self, state: dict, arrays: Sequence[dict[str, jax.Array]]) -> dict:
         if not arrays:
             raise ValueError("an optimizer step needs at least one microbatch")
-        trainable, _ = self.split_params(state["params"])
-        with activation_sharding(self.mesh, self.rules):
-            accum = self._zeros(trainable)
-            for batch in arrays:
-                accum = self._accumulate_fn(batch)(state["params"], accum, batch)
-            return self._update(state, accum)
+        spec = self.spec.for_gradients()
+        accum = self._zeros(state["params"], spec=spec)
+        for batch in arrays:
+            accum = self._accumulate(state["params"], self.rest, accum, batch, spec=spec)
+        return accum
 
-    def compile_count(self) -> int:
-        """Compiled variants so far: one per (modality, bucket length), plus the update."""
-        return sum(f._cache_size() for f in (*self._accumulate.values(), self._update))
+    @staticmethod
+    def compile_count() -> int:
+        """Compiled variants of the accumulate and update functions in this process: one per
+        (spec, modality, bucket length) for accumulation, one per spec for the update."""
+        return sum(_JITTED[key]._cache_size() for key in _JITTED if key[0] in ("_accumulate", "_update"))
 
 
 def global_norm(tree) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
-def check_finite(metrics: dict[str, Any], step: int) -> None:
+def host_metrics(metrics: dict[str, jax.Array]) -> dict[str, float]:
+    """Replicated scalar metrics as Python floats; reads this process's copy, so it also
+    works when the array spans several processes (not fully addressable)."""
+    return {name: float(np.asarray(value.addressable_data(0))) for name, value in metrics.items()}
+
+
+def check_finite(metrics: dict[str, float], step: int) -> None:
     """Raise TrainingError naming the step if the loss or gradient norm is not finite."""
-    bad = {k: float(v) for k, v in metrics.items() if k in ("loss", "grad_norm") and not np.isfinite(float(v))}
+    bad = {k: v for k, v in metrics.items() if k in ("loss", "grad_norm") and not np.isfinite(v)}
     if bad:
         raise TrainingError(f"step {step}: non-finite {', '.join(f'{k}={v}' for k, v in bad.items())}; "
                             "training stopped (the last checkpoint is untouched)")
-

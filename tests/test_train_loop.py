@@ -1,0 +1,276 @@
+"""The training loop end to end on CPU: resume after SIGTERM equals the uninterrupted run, word
+budget and milestone checkpoints, NaN stop, provenance files, bounded compiles, config guards."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from conftest import image_record, text_record, write_json, write_jsonl, write_png
+
+from jaxllava.config import build_config, config_to_dict, dump_yaml, load_config
+from jaxllava.errors import ConfigError, TrainingError
+from jaxllava.train.loop import plan_steps, train
+from jaxllava.train.optimizer import path_str
+
+FAST_COMPILE = {"xla_backend_optimization_level": 0}  # halves CPU compile time; numerics unchanged
+SENTENCES = ["the dog runs .", "these dogs run .", "a cat sees the dog .", "the big cat runs .",
+             "those cats see a dog .", "this dog is small .", "two red circles on the left ."]
+CAPTIONS = ["a red circle", "two blue squares", "one square on the right"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, word_tokenizer_dir):
+    root = tmp_path_factory.mktemp("loop_data")
+    texts = [text_record(i, SENTENCES[i % len(SENTENCES)]) for i in range(40)]
+    images = []
+    for i in range(8):
+        write_png(str(root / "img" / f"{i}.png"), size=(12, 10), color=(60 * (i % 4), 40, 200 - 20 * i))
+        images.append(image_record(i, f"img/{i}.png", CAPTIONS[i % 3]))
+    pairs = [{"sentence_good": good, "sentence_bad": bad, "UID": "agreement", "field": "morphology",
+              "linguistics_term": "agreement"}
+             for good, bad in (("the dog runs .", "the dog run ."), ("these dogs run .", "these dogs runs ."),
+                               ("the cats see a dog .", "the cats sees a dog ."))]
+    return {"text": write_jsonl(root / "text.jsonl", texts), "images": write_json(root / "images.json", images),
+            "tokenizer": word_tokenizer_dir, "pairs": write_jsonl(root / "pairs.jsonl", pairs)}
+
+
+def config(data, **sections):
+    raw = {
+        "model": {"lm": {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_layers": 1,
+                         "num_heads": 4, "num_kv_heads": 2, "max_position_embeddings": 64},
+                  "vision": {"kind": "dinov2", "image_size": 16, "patch_size": 8, "hidden_size": 16,
+                             "intermediate_size": 32, "num_layers": 1, "num_heads": 2, "pretrained_image_size": 16},
+                  "dtype": "float32", "attention_impl": "xla"},
+        "data": {"sources": [{"path": data["text"]}, {"path": data["images"]}], "tokenizer": data["tokenizer"],
+                 "buckets": [32], "text_rows": 4, "image_rows": 4, "epochs": 3},
+        "optim": {"lr": 1e-2, "warmup_steps": 1},
+        "train": {"grad_accum": 2, "log_every": 1},
+        "checkpoint": {"every_steps": 2, "keep_last": 2},
+        "logging": {"tensorboard": False, "progress": False},
+    }
+    for section, values in sections.items():
+        raw[section] = {**raw.get(section, {}), **values}
+    return build_config(raw)
+
+
+def metrics_rows(workdir, kind: str = "train") -> list[dict]:
+    """metrics.jsonl rows of training steps ("train") or of evaluations ("eval")."""
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    return [r for r in rows if ("loss" in r) == (kind == "train")]
+
+
+class Recorder:
+    """on_step hook: keeps each step's row and compile count, the final params, and can send a signal."""
+
+    def __init__(self, signal_at: int | None = None):
+        self.signal_at, self.rows, self.compiles, self.params = signal_at, {}, [], None
+
+    def __call__(self, event):
+        self.rows[event.step] = event.metrics
+        self.compiles.append(event.trainer.compile_count())
+        self.params = {path_str(kp): np.asarray(v)
+                       for kp, v in jax.tree_util.tree_flatten_with_path(event.state["params"])[0]}
+        if event.step == self.signal_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.fixture(scope="module")
+def budget_config(data):
+    """A budget that ends the run mid-data, with two small word milestones."""
+    base = config(data)
+    from jaxllava.data.pipeline import DataPipeline
+    pipeline = DataPipeline(base.data, image_tokens=base.model.image_tokens, image_size=16)
+    stats = list(pipeline.stats())
+    step_words = [sum(s.words for s in stats[i:i + 2]) for i in range(0, len(stats), 2)]
+    cumulative = np.cumsum(step_words)
+    assert len(cumulative) >= 6
+    budget = int(cumulative[3] + cumulative[4]) // 2  # reached during step 5
+    milestones = (int(cumulative[0]), int(cumulative[1]) + 1)  # at step 1 and step 3
+    return config(data, train={"word_budget": budget}, checkpoint={"milestone_words": milestones},
+                  eval={"tasks": {"pairs": data["pairs"]}, "batch_size": 4}), cumulative
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(budget_config, tmp_path_factory):
+    cfg, _ = budget_config
+    workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+    recorder = Recorder()
+    summary = train(cfg, workdir, on_step=recorder, compiler_options=FAST_COMPILE)
+    return workdir, summary, recorder
+
+
+def test_sigterm_saves_and_the_resumed_run_equals_the_uninterrupted_one(budget_config, uninterrupted, tmp_path):
+    cfg, _ = budget_config
+    ref_dir, ref_summary, ref = uninterrupted
+    workdir = str(tmp_path / "run")
+    first = train(cfg, workdir, on_step=Recorder(signal_at=2), compiler_options=FAST_COMPILE)
+    assert first["stopped_by"] == "signal SIGTERM" and first["steps"] == 2 and first["last_checkpoint"] == 2
+    second_rec = Recorder()
+    second = train(cfg, workdir, on_step=second_rec, compiler_options=FAST_COMPILE)
+    assert second["resumed_from"] == 2 and second["steps"] == ref_summary["steps"]
+    assert second["words_seen"] == ref_summary["words_seen"]
+    assert second["milestones"] == ref_summary["milestones"]
+    ours = [(r["step"], r["loss"], r["lr"], r["words_seen"]) for r in metrics_rows(workdir)]
+    theirs = [(r["step"], r["loss"], r["lr"], r["words_seen"]) for r in metrics_rows(ref_dir)]
+    assert ours == theirs  # exact: same data order, same LR, same arithmetic
+    assert metrics_rows(workdir, "eval") == metrics_rows(ref_dir, "eval")  # no evaluation on SIGTERM
+    assert second_rec.params.keys() == ref.params.keys()
+    for path in ref.params:
+        np.testing.assert_array_equal(second_rec.params[path], ref.params[path], err_msg=path)
+
+
+def test_word_budget_stops_within_one_step_and_milestones_are_checkpointed(budget_config, uninterrupted):
+    cfg, cumulative = budget_config
+    workdir, summary, _ = uninterrupted
+    budget = cfg.train.word_budget
+    assert summary["stopped_by"] == "word_budget" and summary["steps"] == 5
+    assert summary["words_seen"] == cumulative[4]
+    assert cumulative[3] < budget <= summary["words_seen"]
+    run = json.load(open(os.path.join(workdir, "run.json")))
+    assert run["total_steps"] == 5 and run["ends_by"] == "word_budget"  # the LR horizon ends at the budget
+    # every_steps=2 and keep_last=2 keep steps 4 and 5; milestones (steps 1 and 3) are kept forever
+    assert sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))) == [1, 3, 4, 5]
+    entries = sorted(json.load(open(os.path.join(workdir, "milestones", f)))["step"]
+                     for f in os.listdir(os.path.join(workdir, "milestones")) if f.endswith(".json"))
+    assert entries == [1, 3]
+    meta = json.load(open(os.path.join(workdir, "checkpoints", "3", "meta", "metadata")))
+    assert meta["milestones"] == [cfg.checkpoint.milestone_words[1]] and meta["words_seen"] == cumulative[2]
+
+
+def test_evaluation_runs_at_milestones_and_at_the_end(budget_config, uninterrupted):
+    cfg, _ = budget_config
+    workdir, summary, _ = uninterrupted
+    names = sorted(os.listdir(os.path.join(workdir, "eval")))
+    milestone_dirs = [f"chck_{w}" for w in cfg.checkpoint.milestone_words]  # words under 1000 print as-is
+    assert names == sorted(milestone_dirs + ["step_5"])
+    rows = metrics_rows(workdir, "eval")
+    assert [r["step"] for r in rows] == [1, 3, 5]
+    accuracy = rows[-1]["eval/pairs/text/accuracy"]
+    assert 0.0 <= accuracy <= 100.0 and summary["eval"] == {"eval/pairs/text/accuracy": accuracy}
+    written = json.load(open(os.path.join(workdir, "eval", "step_5", "summary.json")))
+    assert written["step"] == 5 and written["scalars"]["eval/pairs/text/accuracy"] == accuracy
+
+
+def test_run_writes_provenance_config_manifest_and_metrics(budget_config, uninterrupted, data):
+    cfg, _ = budget_config
+    workdir, summary, _ = uninterrupted
+    run = json.load(open(os.path.join(workdir, "run.json")))
+    assert run["config"] == config_to_dict(cfg)
+    assert run["data"]["counts"] == {"text": 40, "image": 8} and len(run["data"]["sha256"]) == 64
+    assert set(run["code"]) >= {"commit", "dirty", "diff_sha256"} and run["devices"]["mesh"]["data"] == 1
+    assert load_config(os.path.join(workdir, "config.yaml")) == cfg
+    checkpoint_run = json.load(open(os.path.join(workdir, "checkpoints", "5", "run", "metadata")))
+    assert checkpoint_run["config"] == run["config"]
+    manifest = json.load(open(os.path.join(workdir, "trainable.json")))
+    assert manifest["lm/lm_head/kernel"] is True and not any(v for k, v in manifest.items() if k.startswith("vision/"))
+    rows = metrics_rows(workdir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    for key in ("loss", "lr", "grad_norm", "tokens", "text_samples", "image_samples", "image_tokens",
+                "padding_fraction", "words_seen", "step_time", "tokens_per_s"):
+        assert key in rows[-1], key
+    assert sum(r["image_samples"] for r in rows) > 0 and sum(r["text_samples"] for r in rows) > 0
+    assert rows[-1]["words_seen"] == summary["words_seen"]
+    assert rows[0]["lr"] == 0.0 and rows[1]["lr"] > 0  # HF warmup: the first update has lr 0
+
+
+def test_compilations_stop_after_both_modalities_were_seen(uninterrupted):
+    _, _, recorder = uninterrupted
+    assert recorder.compiles[-1] <= 3  # text@32, image@32, the update
+    assert recorder.compiles[-1] == recorder.compiles[len(recorder.compiles) // 2]
+
+
+def test_resuming_with_a_different_config_is_refused(budget_config, uninterrupted):
+    cfg, _ = budget_config
+    workdir, _, _ = uninterrupted
+    changed = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=5e-3))
+    with pytest.raises(TrainingError, match="config differs from the checkpoint's in optim"):
+        train(changed, workdir, compiler_options=FAST_COMPILE)
+
+
+def test_non_finite_loss_stops_with_diagnostics_and_no_bad_checkpoint(data, tmp_path):
+    # lr 1e30 blows the weights up after the first real update (step 1 has warmup lr 0)
+    cfg = config(data, optim={"lr": 1e30, "warmup_steps": 1, "grad_clip": None}, checkpoint={"every_steps": 1})
+    workdir = str(tmp_path / "nan")
+    with pytest.raises(TrainingError, match=r"step (\d+): non-finite .*diagnostics in .*diagnostics/step_\1") as info:
+        train(cfg, workdir, compiler_options=FAST_COMPILE)
+    bad_step = int(info.value.args[0].split("step ")[1].split(":")[0])
+    saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")))
+    assert saved and max(saved) == bad_step - 1  # every good step was saved, the failed one never
+    diagnostics = os.path.join(workdir, "diagnostics", f"step_{bad_step}")
+    info_json = json.load(open(os.path.join(diagnostics, "info.json")))
+    assert info_json["last_checkpoint"] == bad_step - 1 and len(info_json["microbatches"]) == 2
+    assert "microbatch0_input_ids" in np.load(os.path.join(diagnostics, "arrays.npz"))
+
+
+def test_plan_steps_counts_partial_last_step_and_rejects_too_many_steps():
+    from jaxllava.data.batch import BatchStats
+    stats = [BatchStats("text", 4, 32, 4, words, 10, 0, 0) for words in (10, 20, 30, 40, 50)]
+    assert plan_steps(stats, 2, None, None) == (3, "data")
+    assert plan_steps(stats, 2, 2, None) == (2, "steps")
+    assert plan_steps(stats, 2, None, 31) == (2, "word_budget")  # 30 after step 1, 100 after step 2
+    assert plan_steps(stats, 2, None, 10_000) == (3, "data")
+    with pytest.raises(ConfigError, match="train.steps=4 needs 8 microbatches"):
+        plan_steps(stats, 2, 4, None)
+
+
+def test_vision_training_switches_must_agree(data, tmp_path):
+    cfg = config(data, optim={"train_vision": True})  # but model.vision.frozen stays true
+    with pytest.raises(ConfigError, match="optim.train_vision"):
+        train(cfg, str(tmp_path / "x"), compiler_options=FAST_COMPILE)
+
+
+TWO_PROCESS_SCRIPT = """
+import json, sys
+from jaxllava.config import load_config
+from jaxllava.train.loop import train
+path, workdir, process_id, port = sys.argv[1:5]
+config = load_config(path, ["mesh.distributed=true", f"mesh.coordinator_address=localhost:{port}",
+                            "mesh.num_processes=2", f"mesh.process_id={process_id}",
+                            "eval.tasks={}"])  # training only: halves what each process compiles
+summary = train(config, workdir, compiler_options={"xla_backend_optimization_level": 0})
+print("DONE", json.dumps(summary))
+"""
+
+
+def test_two_processes_with_gloo_give_the_single_process_losses(budget_config, uninterrupted, tmp_path):
+    cfg, _ = budget_config
+    ref_dir, ref_summary, _ = uninterrupted
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_yaml(cfg))
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device per process
+    env["JAX_PLATFORMS"] = "cpu"
+    workdir = str(tmp_path / "run")
+    procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESS_SCRIPT, str(path), workdir, str(i), str(port)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0 and "DONE" in out, err[-4000:]
+    summaries = [json.loads(out.split("DONE ", 1)[1]) for out, _ in outputs]
+    assert all(s["words_seen"] == ref_summary["words_seen"] for s in summaries)  # global stats on every process
+    ours, theirs = metrics_rows(workdir), metrics_rows(ref_dir)
+    assert [r["step"] for r in ours] == [r["step"] for r in theirs]
+    np.testing.assert_allclose([r["loss"] for r in ours], [r["loss"] for r in theirs], rtol=1e-5)
+    data_files = sorted(os.listdir(os.path.join(workdir, "checkpoints", "5", "data")))
+    assert [f for f in data_files if f.endswith(".json")] == ["process_0-of-2.json", "process_1-of-2.json"]
+
+
+def test_resume_check_ignores_speed_only_settings_and_names_real_changes():
+    from jaxllava.train.loop import _resume_mismatch
+    saved = config_to_dict(build_config({}))
+    faster = config_to_dict(build_config({"data": {"num_workers": 4, "prefetch": 8}, "model": {"remat": "full"},
+                                          "logging": {"progress": False}, "checkpoint": {"keep_last": 9}}))
+    assert _resume_mismatch(saved, faster) == []
+    changed = config_to_dict(build_config({"data": {"seed": 5}, "train": {"grad_accum": 3}}))
+    assert _resume_mismatch(saved, changed) == ["data", "train.grad_accum"]
