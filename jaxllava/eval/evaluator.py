@@ -186,6 +186,12 @@ class MinimalPairEvaluator:
         return {f"eval/{task}/{setting}/accuracy": float(r.average)
                 for task, settings in results.items() for setting, r in settings.items()}
 
+    @staticmethod
+    def chances(results: Mapping[str, Mapping[str, Results]]) -> dict[str, float]:
+        """`eval/<task>/<setting>/accuracy` → chance accuracy in % (1 / candidates per item)."""
+        return {f"eval/{task}/{setting}/accuracy": float(r.chance)
+                for task, settings in results.items() for setting, r in settings.items()}
+
     def example(self, task: str, setting: str) -> dict[str, Any]:
         """Exactly what the model reads for the task's first candidate (REFERENCE.md §7.28)."""
         prepared = self.tasks[task]

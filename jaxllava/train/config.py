@@ -147,6 +147,9 @@ class EvalConfig:
     every_steps: int = 0  # 0: never on a step schedule
     at_milestones: bool = True  # evaluate at each word milestone
     at_end: bool = True  # evaluate the final model of the run
+    # Evaluate the freshly initialised model before the first step of a new run,
+    # so the final accuracy is reported beside the untrained model's.
+    at_start: bool = False
     # Literal text before each sentence, no image, e.g. "<image>\n{text}" (the reference's
     # `--image_template append_image_token` through gen 19, REFERENCE.md §4.1, §7.28);
     # each is scored and reported beside bare text.

@@ -228,11 +228,12 @@ def _evaluation_due(config: ExperimentConfig, step: int, reached: list[int], fin
 
 
 def _evaluate(evaluator: MinimalPairEvaluator, model, workdir: str, name: str, step: int, words_seen: int,
-              logger: Optional[MetricsLogger]) -> dict[str, float]:
+              logger: Optional[MetricsLogger], chances: dict[str, float]) -> dict[str, float]:
     """Minimal-pair accuracies of the current model: `<workdir>/eval/<name>/`, metrics.jsonl and
     TensorBoard (eval/<task>/<setting>/accuracy). The model is only read."""
     results = evaluator.evaluate(model)
     scalars = evaluator.scalars(results)
+    chances.update(evaluator.chances(results))
     if jax.process_index() == 0:
         evaluator.write(results, os.path.join(workdir, "eval", name), extra={"step": step, "words_seen": words_seen})
         if logger is not None:
@@ -310,7 +311,11 @@ def train(config: ExperimentConfig, workdir: Optional[str] = None, *,
         milestones_on, every = config.checkpoint.milestones, config.checkpoint.every_steps
         evaluator = (MinimalPairEvaluator.from_config(config.eval, pipeline.tokenizer)
                      if config.eval.tasks else None)
-        stop_reason, last_saved, last_row, last_eval = None, None, None, None
+        stop_reason, last_saved, last_row, last_eval, start_eval = None, None, None, None, None
+        chances: dict[str, float] = {}
+        if evaluator is not None and config.eval.at_start and step == 0:
+            start_eval = _evaluate(evaluator, trainer.model(state["params"]), workdir, "step_0", 0, 0, logger,
+                                   chances)
         last_time = time.monotonic()
         with _Signals() as signals:
             load = functools.partial(_load_step, iterator, grad_accum, mesh, config.model.image_tokens)
@@ -351,7 +356,7 @@ def train(config: ExperimentConfig, workdir: Optional[str] = None, *,
                 if evaluator is not None and _evaluation_due(config, step, reached, finished):
                     name = milestone_name(reached[-1]) if reached else f"step_{step}"
                     last_eval = _evaluate(evaluator, trainer.model(state["params"]), workdir, name, step,
-                                          words_seen, logger)
+                                          words_seen, logger, chances)
                     last_time = time.monotonic()  # evaluation time is not step time
                 batches, arrays, data_state = ([], [], None) if final else following
     finally:
@@ -365,8 +370,25 @@ def train(config: ExperimentConfig, workdir: Optional[str] = None, *,
         "last_checkpoint": last_saved, "resumed_from": resumed_from,
         "final_loss": None if last_row is None else last_row["loss"],
         "eval": last_eval,
+        "eval_at_start": start_eval,
         "wall_time_s": round(time.monotonic() - started, 1),
     }
     if primary:
         print(json.dumps({"summary": result}), flush=True)
+        print(format_summary(result, chances), flush=True)
     return result
+
+
+def format_summary(result: dict, chances: dict[str, float]) -> str:
+    """The closing lines a person reads: what ran, where it stopped, how well it scores."""
+    loss = "n/a" if result["final_loss"] is None else f"{result['final_loss']:.4f}"
+    lines = [f"== {result['workdir']}: {result['steps']} steps (stopped by {result['stopped_by']}), "
+             f"{result['words_seen']:,} words seen, final loss {loss}, last checkpoint "
+             f"{result['last_checkpoint']}, {result['wall_time_s']} s"]
+    for key, accuracy in (result["eval"] or {}).items():
+        extra = [f"chance {chances[key]:.1f}%"] if key in chances else []
+        if result["eval_at_start"] and key in result["eval_at_start"]:
+            extra.insert(0, f"untrained {result['eval_at_start'][key]:.1f}%")
+        name = key.removeprefix("eval/").removesuffix("/accuracy")
+        lines.append(f"   {name}: {accuracy:.1f}% ({', '.join(extra)})")
+    return "\n".join(lines)
