@@ -118,7 +118,8 @@ class MicrobatchBuilder:
             start = int(self.table.image_start[i])
             image_mask[r, start:start + self.image_tokens] = True
             image_rows[r] = True
-            pixels[r] = load_image(self.table.images[i], self.processing, record_id=self.table.ids[i])
+            pixels[r] = load_image(self.table.images[i], self.processing, record=self.table.origins[i],
+                                   record_id=self.table.ids[i])
         return ImageBatch(input_ids, targets, segment_ids, positions, pixels, image_mask, image_rows, stats)
 
 
@@ -132,15 +133,18 @@ class DatasetSummary:
     fingerprint: str  # sha256 over the record files' bytes and the resolved data settings
 
 
-def _fingerprint(paths: Sequence[str], cfg: DataConfig, image_tokens: int) -> str:
+def _fingerprint(paths: Sequence[str], cfg: DataConfig, image_tokens: int,
+                 processing: ImageProcessing | None) -> str:
     h = hashlib.sha256()
     for path in paths:
         h.update(path.encode())
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
+    # The resolved pixel settings too: a preprocessor_config.json is read at run time,
+    # and the reference never recorded the processor it trained with (REFERENCE.md §7.12).
     h.update(repr((cfg.objective, cfg.chat_template, cfg.add_eos, cfg.use_images, cfg.word_rule,
-                   image_tokens)).encode())
+                   image_tokens, processing)).encode())
     return h.hexdigest()
 
 
@@ -182,7 +186,7 @@ class DataPipeline:
             image_samples=int(has_image.sum()),
             words=int(self.table.words.sum()),
             skips=self.skips,
-            fingerprint=_fingerprint([s.path for s in cfg.sources], cfg, image_tokens),
+            fingerprint=_fingerprint([s.path for s in cfg.sources], cfg, image_tokens, self.processing),
         )
         self.builder = MicrobatchBuilder(self.table, self.ids, image_tokens=image_tokens,
                                          processing=self.processing, process_index=process_index,

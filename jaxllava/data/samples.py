@@ -160,6 +160,7 @@ class SampleTable:
     truncated: np.ndarray  # bool (n,)
     images: list  # image path or None, per sample
     ids: list  # record id per sample
+    origins: list  # "<records file> <record N | line N>" per sample, for error messages
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -192,7 +193,8 @@ def build_sample_table(records_by_source: Sequence[Sequence[Record]], tokenizer,
                         "set data.use_images=false to train them as text", field="data.use_images")
     span = ids.image_span(image_tokens) if image_tokens >= 2 else []
 
-    tokens, is_target, lengths, image_start, words, source, truncated, images, rec_ids = ([] for _ in range(9))
+    tokens, is_target, lengths, image_start, words, source, truncated, images, rec_ids, origins = (
+        [] for _ in range(10))
 
     flat = [(s, r) for s, records in enumerate(records_by_source) for r in records]
     for lo in range(0, len(flat), chunk):
@@ -234,6 +236,7 @@ def build_sample_table(records_by_source: Sequence[Sequence[Record]], tokenizer,
             truncated.append(cut)
             images.append(record.image if start >= 0 else None)
             rec_ids.append(record.id)
+            origins.append(f"{record.file} {record.where}")
 
     offsets = np.zeros(len(lengths) + 1, np.int64)
     np.cumsum(lengths, out=offsets[1:])
@@ -247,6 +250,7 @@ def build_sample_table(records_by_source: Sequence[Sequence[Record]], tokenizer,
         truncated=np.asarray(truncated, bool),
         images=images,
         ids=rec_ids,
+        origins=origins,
     )
 
 

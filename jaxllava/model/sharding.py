@@ -96,6 +96,11 @@ def partition_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
             continue
         used.update(mesh_axes)
         spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+    # Canonical short form: P('fsdp', None) and P('fsdp') are one layout, but jit's
+    # cache tells them apart and its outputs use the short form, so an input in the
+    # long form would recompile every step after the first.
+    while spec and spec[-1] is None:
+        spec.pop()
     return P(*spec)
 
 
@@ -106,14 +111,19 @@ def variable_axes(variable: nnx.Variable) -> tuple[str | None, ...]:
     return tuple(axes)
 
 
-def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules = DEFAULT_RULES):
-    """NamedShardings for every Variable of an (abstract) nnx.State, from its `axes` metadata."""
+def tree_shardings(tree, mesh: Mesh, rules: Rules = DEFAULT_RULES):
+    """NamedShardings for a tree of arrays / nnx Variables: Variables by their logical
+    axes (so AdamW's mu and nu follow their parameters), anything else replicated."""
 
-    def to_sharding(variable):
-        shape = variable.shape if hasattr(variable, "shape") else variable.value.shape
-        return NamedSharding(mesh, partition_spec(variable_axes(variable), shape, mesh, rules))
+    def sharding(leaf):
+        if isinstance(leaf, nnx.Variable):
+            shape = getattr(leaf.get_value(), "shape", None)
+            if shape is None:  # an optax MaskedNode: a part this transform does not touch
+                return leaf
+            return leaf.replace(NamedSharding(mesh, partition_spec(variable_axes(leaf), shape, mesh, rules)))
+        return NamedSharding(mesh, P())
 
-    return jax.tree.map(to_sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree.map(sharding, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 _ACTIVATION_SHARDING: contextvars.ContextVar = contextvars.ContextVar("activation_sharding", default=None)

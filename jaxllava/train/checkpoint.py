@@ -31,6 +31,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import nnx
 
 from jaxllava.errors import TrainingError
 from jaxllava.train.config import CheckpointConfig
@@ -99,6 +100,25 @@ class KeepLatestAndMilestones:
         return [c.step in self.milestone_steps or c.step in recent for c in checkpoints]
 
 
+# ----------------------------------------------------------------------------- one on-disk layout
+
+
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def unbox(tree: Any) -> Any:
+    """nnx Variables → their arrays, so a checkpoint stores `params/lm/norm/scale`, never a
+    `.../value` level: one on-disk layout for training and imported checkpoints alike."""
+    return jax.tree.map(lambda x: x.get_value() if _is_variable(x) else x, tree, is_leaf=_is_variable)
+
+
+def rebox(template: Any, arrays: Any) -> Any:
+    """Put restored arrays back into the Variables of `template` (the abstract train state)."""
+    return jax.tree.map(lambda x, value: x.replace(value) if _is_variable(x) else value, template, arrays,
+                        is_leaf=_is_variable)
+
+
 # ----------------------------------------------------------------------------- manager
 
 
@@ -161,7 +181,7 @@ class Checkpointer:
             self._policy.milestone_steps.add(step)
             self._pending_milestones.extend(self._milestone_records(step, meta))
         args = ocp.args.Composite(**{
-            STATE: ocp.args.StandardSave(state),
+            STATE: ocp.args.StandardSave(unbox(state)),
             META: ocp.args.JsonSave(meta),
             DATA: ProcessJsonSave(_json_copy(data_state)),
             RUN: ocp.args.JsonSave(_json_copy(run_record)),
@@ -204,13 +224,13 @@ class Checkpointer:
     def restore(self, step: int, abstract_state: Any) -> Restored:
         """Restore `step` onto `abstract_state` (ShapeDtypeStructs carrying target shardings)."""
         args = ocp.args.Composite(**{
-            STATE: ocp.args.StandardRestore(abstract_state),
+            STATE: ocp.args.StandardRestore(unbox(abstract_state)),
             META: ocp.args.JsonRestore(),
             DATA: ProcessJsonRestore(),
             RUN: ocp.args.JsonRestore(),
         })
         restored = self._manager.restore(step, args=args)
-        return Restored(step=step, state=restored[STATE], meta=dict(restored[META]),
+        return Restored(step=step, state=rebox(abstract_state, restored[STATE]), meta=dict(restored[META]),
                         data_state=dict(restored[DATA]), run=dict(restored[RUN]))
 
     def complete_steps(self) -> list[int]:

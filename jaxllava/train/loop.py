@@ -45,7 +45,8 @@ from jaxllava.train.config import MeshConfig
 from jaxllava.train.metrics import MetricsLogger, lm_flops_per_token, mfu
 from jaxllava.train.milestones import BABYLM_MILESTONES, MilestoneTracker, budget_reached, milestone_name
 from jaxllava.train.provenance import data_fingerprint, run_record, write_run_json
-from jaxllava.train.step import TrainStep, check_finite, device_arrays, host_metrics, tree_shardings
+from jaxllava.model.sharding import tree_shardings
+from jaxllava.train.step import TrainStep, check_finite, device_arrays, host_metrics
 
 # Config sections whose change would alter the trajectory of a resumed run, and the
 # settings inside them that may change (speed only, same numbers).
@@ -104,6 +105,11 @@ def plan_steps(stats: Sequence[BatchStats], grad_accum: int, steps: Optional[int
 
 def check_config(config: ExperimentConfig) -> None:
     """Cross-section rules no single section can check."""
+    longest, positions = max(config.data.buckets), config.model.lm.max_position_embeddings
+    if longest > positions:
+        # The reference trained 32768-token samples on a 2048-position LM unchecked (REFERENCE.md §7.27).
+        raise ConfigError(f"data.buckets go up to {longest} tokens but model.lm.max_position_embeddings is "
+                          f"{positions}: lower the buckets or raise the position range")
     vision = config.model.vision
     if vision is not None and config.optim.train_vision == vision.frozen:
         raise ConfigError(f"optim.train_vision={config.optim.train_vision} but model.vision.frozen={vision.frozen}: "
@@ -301,7 +307,9 @@ def train(config: ExperimentConfig, workdir: Optional[str] = None, *,
         record = run_record(config, mesh, {
             **data_fingerprint([s.path for s in config.data.sources],
                                {"text": pipeline.summary.text_samples, "image": pipeline.summary.image_samples}),
-            "pipeline_sha256": pipeline.summary.fingerprint, "words_per_epoch": pipeline.summary.words})
+            "pipeline_sha256": pipeline.summary.fingerprint, "words_per_epoch": pipeline.summary.words,
+            # the resolved pixel settings, wherever they came from (REFERENCE.md §7.12)
+            "image_processing": dataclasses.asdict(pipeline.processing) if pipeline.processing else None})
         record.update(resumed_from_step=resumed_from, total_steps=total_steps, ends_by=end_reason)
         if primary:
             _write_run_files(workdir, config, record, trainer.manifest)

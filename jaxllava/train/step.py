@@ -40,7 +40,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxllava.data.batch import IGNORE, Microbatch
 from jaxllava.errors import TrainingError
-from jaxllava.model.sharding import DEFAULT_RULES, Rules, activation_sharding, partition_spec, variable_axes
+from jaxllava.model.sharding import DEFAULT_RULES, Rules, activation_sharding, partition_spec, tree_shardings
 from jaxllava.train.config import OptimConfig
 from jaxllava.train.optimizer import make_optimizer, trainable_manifest
 
@@ -91,35 +91,10 @@ def microbatch_loss(model: nnx.Module, arrays: dict[str, jax.Array], chunk: int)
 # ----------------------------------------------------------------------------- shardings
 
 
-def named_sharding(mesh: Mesh, spec: P) -> NamedSharding:
-    """NamedSharding with trailing replicated dimensions dropped from the spec: P('fsdp', None)
-    and P('fsdp') are the same layout, but jit's cache tells them apart, and its outputs
-    use the short form, so inputs must too or every step after the first recompiles."""
-    parts = list(spec)
-    while parts and parts[-1] is None:
-        parts.pop()
-    return NamedSharding(mesh, P(*parts))
-
-
-def tree_shardings(tree: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
-    """NamedShardings for a tree of arrays / nnx Variables: Variables by their logical
-    axes (so AdamW's mu and nu follow their parameters), anything else replicated."""
-
-    def sharding(leaf):
-        if isinstance(leaf, nnx.Variable):
-            shape = getattr(leaf.get_value(), "shape", None)
-            if shape is None:  # an optax MaskedNode: a part this transform does not touch
-                return leaf
-            return leaf.replace(named_sharding(mesh, partition_spec(variable_axes(leaf), shape, mesh, rules)))
-        return NamedSharding(mesh, P())
-
-    return jax.tree.map(sharding, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
 def batch_sharding(mesh: Mesh, shape: Sequence[int], rules: Rules = DEFAULT_RULES) -> NamedSharding:
     """Rows over the mesh axes of the logical "batch" axis, everything else replicated."""
     axes = ("batch",) + (None,) * (len(shape) - 1)
-    return named_sharding(mesh, partition_spec(axes, shape, mesh, rules))
+    return NamedSharding(mesh, partition_spec(axes, shape, mesh, rules))
 
 
 DEVICE_FIELDS = ("input_ids", "targets", "segment_ids", "positions", "pixels", "image_mask")
