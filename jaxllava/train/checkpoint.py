@@ -243,6 +243,17 @@ class Checkpointer:
 
         return [step for step in self.all_steps() if complete(step)]
 
+    @staticmethod
+    def has_checkpoint(workdir: str) -> bool:
+        """Whether `workdir` holds any step directory (read-only: opens no manager)."""
+        directory = os.path.join(workdir, CHECKPOINTS_DIR)
+        return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+    def latest_meta(self) -> dict:
+        """The meta item of the latest complete checkpoint ({} when there is none)."""
+        steps = self.complete_steps()
+        return (self._read_meta(steps[-1]) or {}) if steps else {}
+
     def restore_latest(self, abstract_state: Any) -> Optional[Restored]:
         """The latest complete checkpoint, or None when the run has none."""
         steps = self.complete_steps()

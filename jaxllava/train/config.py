@@ -89,6 +89,10 @@ class TrainConfig:
     word_budget: Optional[int] = None
     log_every: int = 10  # optimizer steps between metrics rows
     workdir: str = "runs/default"  # where the run lives (checkpoints, metrics, run.json)
+    # Start a NEW run from the parameters of another checkpoint (e.g. one written by
+    # `launch.py convert import-hf`): optimizer, step and words start fresh. Ignored
+    # when the workdir already has a checkpoint (the run then resumes from it).
+    init_from: Optional[str] = None
 
     def __post_init__(self):
         if self.steps is not None and self.steps < 1:

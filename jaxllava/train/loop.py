@@ -206,6 +206,10 @@ def _start_or_resume(config: ExperimentConfig, workdir: str, trainer: TrainStep,
                      iterator) -> tuple[dict, int, int, MilestoneTracker, Optional[int]]:
     """(train state, step, words seen, milestone tracker, step resumed from or None)."""
     milestone_words = config.checkpoint.milestone_words or BABYLM_MILESTONES
+    imported = checkpointer.latest_meta().get("imported_from")
+    if imported:
+        raise TrainingError(f"{workdir} holds a checkpoint imported from {imported}, not a training run; "
+                            f"start a new run from it with --set train.init_from={workdir}")
     restored = checkpointer.restore_latest(trainer.abstract)
     if restored is None:
         return trainer.init_state(params), 0, 0, MilestoneTracker(milestone_words), None
@@ -216,6 +220,23 @@ def _start_or_resume(config: ExperimentConfig, workdir: str, trainer: TrainStep,
     iterator.set_state(restored.data_state)
     tracker = MilestoneTracker(milestone_words, done=restored.meta["milestones_done"])
     return restored.state, restored.step, int(restored.meta["words_seen"]), tracker, restored.step
+
+
+def _params_from_checkpoint(config: ExperimentConfig, params: nnx.State) -> nnx.State:
+    """`params` with their values from `config.train.init_from`, kept in their shardings."""
+    from jaxllava.config import build_config
+    from jaxllava.convert.checkpoint_io import load_checkpoint_params, read_run_record, resolve_checkpoint
+
+    source = config.train.init_from
+    stored = build_config(read_run_record(resolve_checkpoint(source).step_dir)["config"])
+    if stored.model != config.model:
+        mine, theirs = config_to_dict(config.model), config_to_dict(stored.model)
+        raise ConfigError(f"train.init_from={source}: its model differs from this config's in "
+                          f"{', '.join(f'model.{k}' for k in mine if mine[k] != theirs[k])}")
+    shardings = nnx.to_pure_dict(jax.tree.map(lambda x: x.sharding, params))
+    _, values, _ = load_checkpoint_params(source, shardings=shardings)
+    nnx.replace_by_pure_dict(params, values)
+    return params
 
 
 def _write_run_files(workdir: str, config: ExperimentConfig, record: dict, manifest: dict[str, bool]) -> None:
@@ -296,6 +317,8 @@ def train(config: ExperimentConfig, workdir: Optional[str] = None, *,
                         compiler_options=compiler_options)
     params = nnx.split(model, nnx.Param, ...)[1]
     del model
+    if config.train.init_from and not Checkpointer.has_checkpoint(workdir):
+        params = _params_from_checkpoint(config, params)
 
     checkpointer = Checkpointer(workdir, config.checkpoint)
     logger = None
