@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import types
 
 import jax
 import numpy as np
@@ -114,18 +113,14 @@ def test_a_second_checkpoint_reuses_every_compiled_shape(tokenizer, tasks):
     assert not np.allclose(np.stack(first["pairs"]["text"].scores), np.stack(second["pairs"]["text"].scores))
 
 
-def test_from_config_reads_the_current_field_and_the_proposed_one(tokenizer, tasks):
-    legacy = MinimalPairEvaluator.from_config(
-        EvalConfig(tasks={"pairs": tasks["pairs"]}, image_template="append_image_token", batch_size=4), tokenizer)
-    assert legacy.settings == {"text": None, "image_template": TEMPLATE} and legacy.batch_size == 4
-    bare = MinimalPairEvaluator.from_config(EvalConfig(tasks={"pairs": tasks["pairs"]}), tokenizer)
-    assert bare.settings == {"text": None}
-    proposed = types.SimpleNamespace(tasks={"pairs": tasks["pairs"]}, image_templates=(TEMPLATE, "Say: {text}"),
-                                     batch_size=8, protocol="2024")
+def test_from_config_reads_templates_protocol_and_batch_size(tokenizer, tasks):
+    bare = MinimalPairEvaluator.from_config(EvalConfig(tasks={"pairs": tasks["pairs"]}, batch_size=4), tokenizer)
+    assert bare.settings == {"text": None} and bare.batch_size == 4
+    two = EvalConfig(tasks={"pairs": tasks["pairs"]}, image_templates=(TEMPLATE, "Say: {text}"), protocol="2024")
     with pytest.raises(ConfigError, match="2025"):  # templates exist for the 2025 protocol only
-        MinimalPairEvaluator.from_config(proposed, tokenizer)
-    proposed.protocol = "2025"
-    assert MinimalPairEvaluator.from_config(proposed, tokenizer).settings == {
+        MinimalPairEvaluator.from_config(two, tokenizer)
+    two = EvalConfig(tasks={"pairs": tasks["pairs"]}, image_templates=(TEMPLATE, "Say: {text}"))
+    assert MinimalPairEvaluator.from_config(two, tokenizer).settings == {
         "text": None, "image_template_1": TEMPLATE, "image_template_2": "Say: {text}"}
 
 

@@ -43,9 +43,6 @@ from jaxllava.eval.scoring import (DEFAULT_BUCKETS, EncodedSet, Results, compile
                                    module_logits_fn, score_encoded)
 
 TEXT = "text"
-# EvalConfig's former `image_template: "append_image_token"` (the BabyLM pipeline option
-# the reference used) names this template (REFERENCE.md §4.1: image_template.json).
-LEGACY_TEMPLATES = {"append_image_token": "<image>\n{text}"}
 EWOK_KEYS = ("Context1", "Target1")
 # BLiMP candidates are mostly under 16 tokens (word-level: about 10 with BOS): a
 # 16-position bucket halves their padded compute against scoring's smallest (32),
@@ -133,16 +130,9 @@ class MinimalPairEvaluator:
 
     @classmethod
     def from_config(cls, eval_config: Any, tokenizer: Any) -> "MinimalPairEvaluator":
-        """The evaluator an `EvalConfig` describes (`tasks`, `image_templates`, `protocol`, `batch_size`).
-
-        Reads the former single `image_template` field where `image_templates` does not exist yet.
-        """
-        templates = getattr(eval_config, "image_templates", None)
-        if templates is None:
-            legacy = getattr(eval_config, "image_template", None)
-            templates = () if legacy is None else (LEGACY_TEMPLATES.get(legacy, legacy),)
-        return cls(eval_config.tasks, tokenizer, image_templates=tuple(templates),
-                   protocol=getattr(eval_config, "protocol", "2025"), batch_size=eval_config.batch_size)
+        """The evaluator an `EvalConfig` describes (`tasks`, `image_templates`, `protocol`, `batch_size`)."""
+        return cls(eval_config.tasks, tokenizer, image_templates=tuple(eval_config.image_templates),
+                   protocol=eval_config.protocol, batch_size=eval_config.batch_size)
 
     def _check_length(self, task: str, setting: str, items: list[MinimalPairItem], encoded: EncodedSet) -> None:
         # Fail before the first evaluation (maybe hours into training), naming the item.
