@@ -311,7 +311,8 @@ def write_params_checkpoint(workdir: str, config, params: dict, tokenizer_dir, m
         copy_tokenizer(tokenizer_dir, os.path.join(tmp, TOKENIZER_DIR), config.model.lm.vocab_size)
         record = run_record(config)
         record["conversion"] = meta
-        checkpointer = Checkpointer(tmp, CheckpointConfig(async_save=False))
+        # One GB in flight: an imported model is saved with about one extra copy at most.
+        checkpointer = Checkpointer(tmp, CheckpointConfig(async_save=False, save_concurrent_gb=1))
         checkpointer.save(0, {"params": params}, meta=meta, data_state={}, run_record=record)
         checkpointer.close()
         write_run_json(tmp, record)

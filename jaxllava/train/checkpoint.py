@@ -153,8 +153,9 @@ class Checkpointer:
             cleanup_tmp_directories=True,  # a save cut short leaves a tmp dir; never restored
             create=True,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                              item_names=(STATE, META, DATA, RUN))
+        handlers = {STATE: ocp.StandardCheckpointHandler(save_concurrent_gb=cfg.save_concurrent_gb),
+                    META: ocp.JsonCheckpointHandler(), DATA: ProcessJsonHandler(), RUN: ocp.JsonCheckpointHandler()}
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         self._pending_milestones: list[dict] = []
         # Milestone steps come from the checkpoints' own metadata, so retention and
         # the milestones/ index survive a crash between a save and its index entry.

@@ -134,6 +134,9 @@ class CheckpointConfig:
     milestones: bool = True  # save at each word milestone
     # Word counts that are milestones; None: BabyLM's 1M..10M, 20M..100M, 200M..1000M.
     milestone_words: Optional[tuple[int, ...]] = None
+    # Host memory (GB) a save may hold in flight at once (Orbax's save_concurrent_gb).
+    # Lower it to save a large model with little spare memory (the converter uses 1).
+    save_concurrent_gb: int = 96
 
     def __post_init__(self):
         if self.every_steps < 0:
