@@ -340,3 +340,17 @@ def test_existing_output_is_never_overwritten(sources, imported):
     with pytest.raises(ConversionError, match="already exists; refusing to overwrite"):
         import_hf_once(sources, imported)
     assert sorted(os.listdir(imported)) == before
+
+
+def test_sharded_export_writes_an_index_that_reads_back_identically(tmp_path):
+    from jaxllava.model.hf_weights import CheckpointTensors, save_sharded_safetensors
+
+    rng = np.random.default_rng(0)
+    tensors = {f"layer.{i}.weight": rng.standard_normal((8, 16)).astype(np.float32) for i in range(5)}
+    names = save_sharded_safetensors(iter(tensors.items()), str(tmp_path), max_shard_bytes=2 * 8 * 16 * 4)
+    assert sorted(names) == sorted(tensors)
+    assert (tmp_path / "model.safetensors.index.json").exists() and not (tmp_path / "model.safetensors").exists()
+    assert len(list(tmp_path.glob("model-*-of-00003.safetensors"))) == 3
+    read = CheckpointTensors(str(tmp_path))
+    for name, array in tensors.items():
+        np.testing.assert_array_equal(read[name], array)

@@ -34,7 +34,9 @@ from jaxllava.convert.checkpoint_io import (atomic_output_dir, copy_tokenizer, e
                                             load_checkpoint_params, model_from_params, write_params_checkpoint)
 from jaxllava.errors import ConversionError
 from jaxllava.model.hf_weights import CheckpointTensors, read_config
-from jaxllava.model.llama import llama_config_from_hf, llama_config_to_hf, llama_hf_state_dict, load_hf_llama_weights
+from jaxllava.model.hf_weights import iter_hf_tensors, save_sharded_safetensors
+from jaxllava.model.llama import (llama_config_from_hf, llama_config_to_hf, llama_weight_map,
+                                  load_hf_llama_weights)
 from jaxllava.model.vision import load_hf_vision_weights, vision_config_from_hf
 
 EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
@@ -274,10 +276,10 @@ def export_lm(checkpoint: str, out: str) -> dict:
     ensure_new_output(out)
     config, params, run = load_checkpoint_params(checkpoint)
     model = model_from_params(config.model, params)
-    tensors = llama_hf_state_dict(model.lm)
     del params
     with atomic_output_dir(out) as tmp:
-        save_safetensors(tensors, os.path.join(tmp, "model.safetensors"))
+        # Streamed shard by shard: the export holds one shard beside the model, not a second copy.
+        tensors = save_sharded_safetensors(iter_hf_tensors(llama_weight_map(model.lm)), tmp)
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(llama_config_to_hf(config.model.lm), f, indent=2)
         save_export_tokenizer(config, tmp)

@@ -177,8 +177,52 @@ def unused_keys(tensors, used: set[str], prefix: str = "") -> list[str]:
     return sorted(k for k in tensors.keys() if k.startswith(prefix) and k not in used)
 
 
+def iter_hf_tensors(entries: Iterable[Entry], *, prefix: str = "") -> Iterator[tuple[str, np.ndarray]]:
+    """(transformers name, numpy array) per entry, one at a time (for streaming exports)."""
+    for name, param, layout in entries:
+        # contiguous: safetensors writes a transposed view's memory, not its logical order
+        yield prefix + name, np.ascontiguousarray(layout.to_hf(np.asarray(jax.device_get(param.get_value()))))
+
+
 def entries_state_dict(entries: Iterable[Entry], *, prefix: str = "") -> dict[str, np.ndarray]:
     """transformers-layout numpy arrays of the entries' parameters."""
-    # contiguous: safetensors writes a transposed view's memory, not its logical order
-    return {prefix + name: np.ascontiguousarray(layout.to_hf(np.asarray(jax.device_get(param.get_value()))))
-            for name, param, layout in entries}
+    return dict(iter_hf_tensors(entries, prefix=prefix))
+
+
+def save_sharded_safetensors(tensors: Iterable[tuple[str, np.ndarray]], directory: str, *,
+                             max_shard_bytes: int = 1 << 30) -> list[str]:
+    """Write tensors as transformers does: `model.safetensors`, or shards plus
+    `model.safetensors.index.json` when they exceed `max_shard_bytes`. Only one shard is
+    held in memory at a time, so an export peaks near one copy of the model. Returns the names."""
+    from safetensors.numpy import save_file
+
+    shards: list[list[str]] = []
+    pending: dict[str, np.ndarray] = {}
+    size = total = 0
+
+    def flush() -> None:
+        nonlocal pending, size
+        if pending:
+            # transformers reads a safetensors file only when its metadata says format "pt"
+            save_file(pending, os.path.join(directory, f"shard-{len(shards):05d}.tmp"), metadata={"format": "pt"})
+            shards.append(list(pending))
+            pending, size = {}, 0
+
+    for name, array in tensors:
+        if size and size + array.nbytes > max_shard_bytes:
+            flush()
+        pending[name] = array
+        size += array.nbytes
+        total += array.nbytes
+    flush()
+    if len(shards) == 1:
+        os.replace(os.path.join(directory, "shard-00000.tmp"), os.path.join(directory, "model.safetensors"))
+        return shards[0]
+    weight_map = {}
+    for k, names in enumerate(shards):
+        file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        os.replace(os.path.join(directory, f"shard-{k:05d}.tmp"), os.path.join(directory, file))
+        weight_map.update({name: file for name in names})
+    with open(os.path.join(directory, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return list(weight_map)
