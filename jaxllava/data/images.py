@@ -163,14 +163,16 @@ def pad_to_square(image: Image.Image, background: tuple[int, int, int]) -> Image
     return square
 
 
-def load_image(path: str | os.PathLike, processing: ImageProcessing, *, record: str | int | None = None,
-               record_id: str | None = None) -> np.ndarray:
-    """Decode the image at `path` into normalised float32 pixels of shape (size, size, 3).
+def square_image(path: str | os.PathLike, processing: ImageProcessing, *, record: str | int | None = None,
+                 record_id: str | None = None) -> Image.Image:
+    """Steps 1-5: the RGB size × size picture the tower sees, before rescaling.
 
     Raises `DataError` (field "image", naming the file, `record` and `record_id`)
     with reason "missing_image" when there is no file, "corrupt_image" when it is
     truncated or undecodable, "unsupported_image" when its mode is ambiguous
-    (see `to_rgb`). Never returns a substitute image.
+    (see `to_rgb`). Never returns a substitute image. Saved losslessly (PNG), this
+    is a cache of the expensive part: `load_image` of the saved file gives the same
+    pixels (a square image of the right size is neither padded nor resized again).
     """
     location = dict(file=os.fspath(path), record=record, record_id=record_id, field="image")
     if ImageFile.LOAD_TRUNCATED_IMAGES:
@@ -192,7 +194,16 @@ def load_image(path: str | os.PathLike, processing: ImageProcessing, *, record: 
                         **location) from e
     if processing.aspect == "pad":
         rgb = pad_to_square(rgb, processing.background)
-    rgb = rgb.resize((processing.size, processing.size), Image.Resampling.BICUBIC)
+    if rgb.size != (processing.size, processing.size):
+        rgb = rgb.resize((processing.size, processing.size), Image.Resampling.BICUBIC)
+    return rgb
+
+
+def load_image(path: str | os.PathLike, processing: ImageProcessing, *, record: str | int | None = None,
+               record_id: str | None = None) -> np.ndarray:
+    """Decode the image at `path` into normalised float32 pixels of shape (size, size, 3)
+    (errors as `square_image`)."""
+    rgb = square_image(path, processing, record=record, record_id=record_id)
     # (x · rescale − mean) / std as one multiply-add per value (a hot loop of the loader).
     scale = np.float32(processing.rescale) / np.asarray(processing.std, np.float32)
     shift = -np.asarray(processing.mean, np.float32) / np.asarray(processing.std, np.float32)
