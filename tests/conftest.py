@@ -62,3 +62,22 @@ def write_png(path, size=(12, 8), color=(200, 30, 30)) -> str:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     Image.new("RGB", size, color).save(path)
     return str(path)
+
+
+def randomize_torch_model(model, seed: int, *, unit_positions: bool = False):
+    """Weights well away from transformers' init (norm scales ≠ 1, biases ≠ 0), so a swapped or
+    skipped tensor shows in a parity test. `unit_positions`: position embeddings at unit scale,
+    which makes the two DINOv2 interpolation modes clearly differ."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if unit_positions and "position" in name:
+                p.copy_(noise)
+            elif name.endswith("lambda1") or ("norm" in name and name.endswith("weight")):
+                p.copy_(1.0 + 0.2 * noise)
+            else:
+                p.copy_(0.15 * noise)
+    return model.eval()

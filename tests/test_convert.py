@@ -22,6 +22,7 @@ from jaxllava.convert.checkpoint_io import load_checkpoint_params, model_from_pa
 from jaxllava.convert.hf import export_lm, import_hf
 from jaxllava.convert.reference import VISION_PREFIX
 from jaxllava.errors import ConversionError
+from conftest import randomize_torch_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(REPO, "configs", "tiny.yaml")
@@ -34,15 +35,7 @@ LLAMA = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_atte
 DINOV2 = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, patch_size=8, image_size=32, mlp_ratio=2)
 
 
-def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Weights large enough that a swapped or skipped tensor shows; norm scales away from 1."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            scale_like = name.endswith("lambda1") or ("norm" in name and name.endswith("weight"))
-            p.copy_(1.0 + 0.2 * noise if scale_like else 0.15 * noise)
-    return model.eval()
+randomize = randomize_torch_model
 
 
 def save_llama(directory, vocab_size=TOKENS, seed=0, **save_kwargs) -> str:

@@ -9,6 +9,8 @@ restated in PyTorch (REFERENCE.md §1.10).
 """
 from __future__ import annotations
 
+import functools
+
 import dataclasses
 import json
 import os
@@ -29,6 +31,7 @@ from jaxllava.convert import checkpoint_io
 from jaxllava.convert.checkpoint_io import load_checkpoint_params, model_from_params
 from jaxllava.convert.reference import PROJECTOR_PREFIX, VISION_PREFIX, import_reference
 from jaxllava.errors import ConversionError
+from conftest import randomize_torch_model
 
 # stage 1 (REFERENCE.md §1.3), ids from the base vocabulary on, in this order
 ADDED = ["<im_start>", "<im_end>", "<im_patch>", "<vid_start>", "<vid_end>", "<vid_patch>", "<slow_vid_start>",
@@ -45,18 +48,7 @@ RESAMPLER = {"token_packer.devide_attention.to_q.0.weight": (16, 32), "token_pac
              "token_packer_slow.attn.in_proj_weight": (48, 16), "token_packer_fast.to_out.weight": (32, 16)}
 
 
-def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if "position" in name:
-                p.copy_(noise)
-            elif name.endswith("lambda1") or ("norm" in name and name.endswith("weight")):
-                p.copy_(1.0 + 0.2 * noise)
-            else:
-                p.copy_(0.15 * noise)
-    return model.eval()
+randomize = functools.partial(randomize_torch_model, unit_positions=True)
 
 
 def save_reference_tokenizer(directory: str) -> None:

@@ -18,6 +18,7 @@ from jaxllava.model.llama import llama_config_from_hf, load_hf_llama_weights
 from jaxllava.model.llava import LlavaModel, check_image_mask, merge_image_features
 from jaxllava.model.projectors import load_projector_weights
 from jaxllava.model.vision import load_hf_vision_weights, vision_config_from_hf
+from conftest import randomize_torch_model
 
 VOCAB, LM_WIDTH, IMAGE_SIZE, PATCH = 89, 48, 32, 8  # 4×4 grid → N = 16 image tokens
 N = (IMAGE_SIZE // PATCH) ** 2
@@ -25,15 +26,7 @@ TINY_LM = LlamaConfig(vocab_size=VOCAB, hidden_size=LM_WIDTH, intermediate_size=
                       num_kv_heads=2, max_position_embeddings=64)
 
 
-def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Weights well away from transformers' init (norm scales ≠ 1, biases ≠ 0) so a misplaced tensor shows."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            is_scale = name.endswith("lambda1") or ("norm" in name and name.endswith("weight"))
-            p.copy_(1.0 + 0.2 * noise if is_scale else 0.15 * noise)
-    return model.eval()
+_randomize = randomize_torch_model
 
 
 @pytest.fixture(scope="module")

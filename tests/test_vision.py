@@ -22,24 +22,13 @@ from jaxllava.model.config import ModelConfig, ResamplerConfig
 from jaxllava.model.hf_weights import CheckpointTensors
 from jaxllava.model.vision import (VisionTower, load_hf_vision_weights, vision_config_from_hf, vision_hf_config,
                                    vision_hf_state_dict)
+from conftest import randomize_torch_model
 
 ATOL = 1e-5
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
 
 
-def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Non-trivial weights everywhere (transformers initialises LN to (1, 0) and biases to 0)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if "position" in name:
-                p.copy_(noise)  # unit-scale positions make the two interpolation modes clearly differ
-            elif name.endswith("lambda1") or ("norm" in name and name.endswith("weight")):
-                p.copy_(1.0 + 0.2 * noise)
-            else:
-                p.copy_(0.15 * noise)
-    return model.eval()
+randomize = functools.partial(randomize_torch_model, unit_positions=True)
 
 
 def save(model, directory) -> str:
