@@ -26,7 +26,7 @@ from jaxllava.data.batch import IGNORE, BatchStats, ImageBatch, Microbatch, Text
 from jaxllava.data.config import DataConfig
 from jaxllava.data.images import ImageProcessing, load_image
 from jaxllava.data.packing import MicrobatchPlan, plan_epoch
-from jaxllava.data.records import Record, SkipReport, read_records
+from jaxllava.data.records import Record, SkipReport, fingerprint_files, read_records
 from jaxllava.data.samples import SampleTable, SpecialIds, build_sample_table, load_tokenizer, special_ids
 from jaxllava.errors import DataError
 
@@ -130,22 +130,16 @@ class DatasetSummary:
     image_samples: int
     words: int
     skips: SkipReport
-    fingerprint: str  # sha256 over the record files' bytes and the resolved data settings
+    files_sha256: str  # sha256 over the record files' bytes (records.fingerprint_files)
+    fingerprint: str  # the files' hash and the resolved data settings
 
 
-def _fingerprint(paths: Sequence[str], cfg: DataConfig, image_tokens: int,
-                 processing: ImageProcessing | None) -> str:
-    h = hashlib.sha256()
-    for path in paths:
-        h.update(path.encode())
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+def _fingerprint(files_sha256: str, cfg: DataConfig, image_tokens: int, processing: ImageProcessing | None) -> str:
     # The resolved pixel settings too: a preprocessor_config.json is read at run time,
     # and the reference never recorded the processor it trained with (REFERENCE.md §7.12).
-    h.update(repr((cfg.objective, cfg.chat_template, cfg.add_eos, cfg.use_images, cfg.word_rule,
-                   image_tokens, processing)).encode())
-    return h.hexdigest()
+    settings = repr((cfg.objective, cfg.chat_template, cfg.add_eos, cfg.use_images, cfg.word_rule,
+                     image_tokens, processing))
+    return hashlib.sha256(f"{files_sha256}\0{settings}".encode()).hexdigest()
 
 
 class DataPipeline:
@@ -180,13 +174,15 @@ class DataPipeline:
             raise DataError("the data has image records but the model has no vision tower; "
                             "set data.use_images=false or configure model.vision", field="data.use_images")
         self.processing = image_processing_for(cfg, image_size) if has_image.any() else None
+        files_sha256 = fingerprint_files([s.path for s in cfg.sources])
         self.summary = DatasetSummary(
             records_per_file={s.path: len(rs) for s, rs in zip(cfg.sources, records)},
             text_samples=int((~has_image).sum()),
             image_samples=int(has_image.sum()),
             words=int(self.table.words.sum()),
             skips=self.skips,
-            fingerprint=_fingerprint([s.path for s in cfg.sources], cfg, image_tokens, self.processing),
+            files_sha256=files_sha256,
+            fingerprint=_fingerprint(files_sha256, cfg, image_tokens, self.processing),
         )
         self.builder = MicrobatchBuilder(self.table, self.ids, image_tokens=image_tokens,
                                          processing=self.processing, process_index=process_index,

@@ -35,9 +35,10 @@ import collections
 import contextlib
 import dataclasses
 import gc
+import hashlib
 import json
 import os
-from typing import Any, Iterator, Literal
+from typing import Any, Iterable, Iterator, Literal
 
 from jaxllava.errors import DataError
 
@@ -281,3 +282,14 @@ def _check_markup(text: str, field: str) -> None:
                            f"pipeline from {IMAGE_TOKEN}, never read from data", field, "placeholder")
     if VIDEO_TOKEN in text:
         raise _Invalid(f"literal {VIDEO_TOKEN} in the text: video records are not supported", field, "video")
+
+
+def fingerprint_files(paths: Iterable[str]) -> str:
+    """sha256 over the files' bytes, each prefixed by its name and size, in the given order."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(f"{os.path.basename(path)}\0{os.path.getsize(path)}\0".encode())
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()

@@ -329,7 +329,8 @@ def train(config: ExperimentConfig, workdir: Optional[str] = None, *,
         del params
         record = run_record(config, mesh, {
             **data_fingerprint([s.path for s in config.data.sources],
-                               {"text": pipeline.summary.text_samples, "image": pipeline.summary.image_samples}),
+                               {"text": pipeline.summary.text_samples, "image": pipeline.summary.image_samples},
+                               sha256=pipeline.summary.files_sha256),
             "pipeline_sha256": pipeline.summary.fingerprint, "words_per_epoch": pipeline.summary.words,
             # the resolved pixel settings, wherever they came from (REFERENCE.md §7.12)
             "image_processing": dataclasses.asdict(pipeline.processing) if pipeline.processing else None})

@@ -16,6 +16,8 @@ import subprocess
 import sys
 from typing import Any, Iterable, Optional
 
+from jaxllava.data.records import fingerprint_files
+
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "transformers", "tokenizers",
             "numpy", "tensorboardX")
 UNKNOWN = "unknown"
@@ -59,21 +61,11 @@ def package_versions(packages: Iterable[str] = PACKAGES) -> dict[str, str]:
     return versions
 
 
-def fingerprint_files(paths: Iterable[str]) -> str:
-    """sha256 over the files' bytes, each prefixed by its name and size, in the given order."""
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(f"{os.path.basename(path)}\0{os.path.getsize(path)}\0".encode())
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-def data_fingerprint(paths: Iterable[str], counts: dict[str, int]) -> dict[str, Any]:
-    """The record files' hash and the caller's counts per modality (e.g. {'text': 900, 'image': 100})."""
+def data_fingerprint(paths: Iterable[str], counts: dict[str, int], sha256: Optional[str] = None) -> dict[str, Any]:
+    """The record files' hash (pass `sha256` when the data pipeline computed it already) and
+    the caller's counts per modality (e.g. {'text': 900, 'image': 100})."""
     paths = list(paths)
-    return {"files": paths, "sha256": fingerprint_files(paths), "counts": dict(counts)}
+    return {"files": paths, "sha256": sha256 or fingerprint_files(paths), "counts": dict(counts)}
 
 
 def device_record(mesh=None) -> dict[str, Any]:
