@@ -157,6 +157,9 @@ def test_evaluation_runs_at_milestones_and_at_the_end(budget_config, uninterrupt
     assert 0.0 <= accuracy <= 100.0 and summary["eval"] == {"eval/pairs/text/accuracy": accuracy}
     written = json.load(open(os.path.join(workdir, "eval", "step_5", "summary.json")))
     assert written["step"] == 5 and written["scalars"]["eval/pairs/text/accuracy"] == accuracy
+    # The checkpoints saved at evaluated steps carry the accuracies in their metadata.
+    meta = json.load(open(os.path.join(workdir, "checkpoints", "5", "meta", "metadata")))
+    assert meta["eval"] == {"eval/pairs/text/accuracy": accuracy}
 
 
 def test_run_writes_provenance_config_manifest_and_metrics(budget_config, uninterrupted, data):

@@ -378,18 +378,22 @@ def train(config: ExperimentConfig, workdir: Optional[str] = None, *,
                 final = stop_reason is not None or not following[0]
                 if logger is not None and (step % config.train.log_every == 0 or step == 1 or reached or final):
                     logger.log(step, last_row)
-                if (every and step % every == 0) or (milestones_on and reached) or final:
-                    checkpointer.save(step, state, meta={"words_seen": words_seen,
-                                                         "milestones_done": tracker.state()["done"]},
-                                      data_state=data_state, run_record=record,
-                                      milestones=reached if milestones_on else ())
-                    last_saved = step
                 finished = final and signals.received is None  # a preempted run exits quickly
+                step_eval = None
+                # Evaluation only reads the parameters, so running it before the save changes
+                # nothing in the run; the checkpoint's metadata then carries its accuracies.
                 if evaluator is not None and _evaluation_due(config, step, reached, finished):
                     name = milestone_name(reached[-1]) if reached else f"step_{step}"
-                    last_eval = _evaluate(evaluator, trainer.model(state["params"]), workdir, name, step,
-                                          words_seen, logger, chances)
+                    last_eval = step_eval = _evaluate(evaluator, trainer.model(state["params"]), workdir, name,
+                                                      step, words_seen, logger, chances)
                     last_time = time.monotonic()  # evaluation time is not step time
+                if (every and step % every == 0) or (milestones_on and reached) or final:
+                    meta = {"words_seen": words_seen, "milestones_done": tracker.state()["done"]}
+                    if step_eval is not None:
+                        meta["eval"] = step_eval
+                    checkpointer.save(step, state, meta=meta, data_state=data_state, run_record=record,
+                                      milestones=reached if milestones_on else ())
+                    last_saved = step
                 batches, arrays, data_state = ([], [], None) if final else following
     finally:
         checkpointer.close()
