@@ -132,10 +132,9 @@ def _flat(tree: Any) -> dict[str, Any]:
     return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): leaf for path, leaf in leaves}
 
 
-def _stored_layout(state_dir: str, expected: dict) -> bool:
-    """Check the stored params against the model the config describes; True when each
-    parameter is stored as `{"value": array}` (an nnx.State of Variables rather than the
-    pure dict of the contract; both are read)."""
+def _check_stored_params(state_dir: str, expected: dict) -> None:
+    """Check the stored params against the model the config describes (one on-disk layout:
+    training and imports both store plain arrays, see train/checkpoint.py `unbox`)."""
     import orbax.checkpoint as ocp
     from etils import epath
 
@@ -144,9 +143,6 @@ def _stored_layout(state_dir: str, expected: dict) -> bool:
     if "params" not in stored_tree:
         raise ConversionError(f"{state_dir}: the state item has no 'params' (keys: {sorted(stored_tree)})")
     stored, wanted = _flat(stored_tree["params"]), _flat(expected)
-    wrapped = bool(stored) and all(name.endswith("/value") for name in stored)
-    if wrapped:
-        stored = {name[: -len("/value")]: leaf for name, leaf in stored.items()}
     missing = sorted(set(wanted) - set(stored))
     unexpected = sorted(set(stored) - set(wanted))
     if missing or unexpected:
@@ -157,7 +153,6 @@ def _stored_layout(state_dir: str, expected: dict) -> bool:
         if tuple(stored[name].shape) != tuple(want.shape):
             raise ConversionError(f"{state_dir}: parameter {name!r} has shape {tuple(stored[name].shape)} in the "
                                   f"checkpoint, the config's model expects {tuple(want.shape)}")
-    return wrapped
 
 
 def read_run_record(step_dir: str) -> dict:
@@ -200,20 +195,15 @@ def load_checkpoint_params(path: str, *, shardings: Any = None):
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, tokenizer=tokenizer))
     target = abstract_params(config.model)
     state_dir = os.path.join(location.step_dir, _STATE)
-    wrapped = _stored_layout(state_dir, target)
+    _check_stored_params(state_dir, target)
     if shardings is None:
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
     else:
         restore_args = jax.tree.map(lambda x, s: ocp.ArrayRestoreArgs(sharding=s, global_shape=x.shape),
                                     target, shardings)
-    if wrapped:
-        target, restore_args = (jax.tree.map(lambda x: {"value": x}, tree) for tree in (target, restore_args))
     restored = ocp.PyTreeCheckpointer().restore(
         state_dir, args=ocp.args.PyTreeRestore(item={"params": target}, restore_args={"params": restore_args},
                                                partial_restore=True))["params"]
-    if wrapped:
-        restored = jax.tree.map(lambda leaf: leaf["value"], restored,
-                                is_leaf=lambda x: isinstance(x, dict) and set(x) == {"value"})
     return config, restored, record
 
 
