@@ -15,7 +15,8 @@ for the LM (P_matmul: every LM weight matrix including the output layer, not the
 input embedding; attention counted over the full T×T square), plus for image
 rows 2 · P_tower · patches + 4 · L_v · T_v · D_v · patches (forward only, frozen)
 and 6 · P_projector · N. MFU = FLOPs / time / peak, with the dense bf16 peak of
-the device kind (H100/H200 989 TFLOP/s, A100 312); unknown devices and CPUs
+the device kind (jaxllava/train/metrics.py: H100/H200 989 TFLOP/s, A100 312),
+the same FLOPs and peaks the training loop logs; unknown devices and CPUs
 report tokens/s only.
 
 --torch also times transformers' LlamaForCausalLM (same shapes and --dtype, on
@@ -32,7 +33,6 @@ import numpy as np
 import yaml
 
 PRESETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "presets")
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 
 
 def load_model_config(lm: str, vision: str, dtype: str, remat: str):
@@ -47,14 +47,6 @@ def load_model_config(lm: str, vision: str, dtype: str, remat: str):
                        attention_impl="auto", remat=remat)
 
 
-def lm_train_flops_per_token(cfg, seq: int) -> float:
-    d, f, h = cfg.hidden_size, cfg.intermediate_size, cfg.resolved_head_dim
-    n, k, layers = cfg.num_heads, cfg.num_kv_heads, cfg.num_layers
-    per_layer = d * n * h * 2 + d * k * h * 2 + 3 * d * f  # q, o; k, v; gate, up, down
-    matmul_params = layers * per_layer + d * cfg.vocab_size
-    return 6 * matmul_params + 12 * layers * seq * n * h
-
-
 def image_train_flops(model_cfg) -> float:
     """Per image: frozen tower forward + trainable projector forward/backward."""
     v = model_cfg.vision
@@ -65,15 +57,6 @@ def image_train_flops(model_cfg) -> float:
     d_lm = model_cfg.lm.hidden_size
     projector = v.hidden_size * d_lm + (depth - 1) * d_lm * d_lm
     return tower_flops + 6 * projector * model_cfg.image_tokens
-
-
-def peak_flops(device) -> float | None:
-    if device.platform != "gpu":
-        return None
-    for name, peak in PEAK_BF16_FLOPS.items():
-        if name in device.device_kind:
-            return peak
-    return None
 
 
 def make_batch(model_cfg, modality: str, batch: int, seq: int, seed: int = 0) -> dict:
@@ -102,8 +85,7 @@ def time_jax(model_cfg, modality: str, batch: int, seq: int, steps: int) -> floa
     from jaxllava.model.llava import LlavaModel
 
     model = LlavaModel(model_cfg, rngs=nnx.Rngs(0))
-    frozen_vision = model_cfg.vision is not None and model_cfg.vision.frozen
-    trainable = (lambda path, node: isinstance(node, nnx.Param) and not (frozen_vision and path[0] == "vision"))
+    trainable = (lambda path, node: isinstance(node, nnx.Param) and path[0] != "vision")  # frozen, as trained
     graphdef, params, rest = nnx.split(model, trainable, ...)
     arrays = {k: jnp.asarray(v) for k, v in make_batch(model_cfg, modality, batch, seq).items()}
 
@@ -171,6 +153,8 @@ def main() -> None:
 
     import jax
 
+    from jaxllava.train.metrics import lm_flops_per_token, peak_flops
+
     model_cfg = load_model_config(args.lm, args.vision, args.dtype, args.remat)
     device = jax.devices()[0]
     peak = peak_flops(device)
@@ -178,7 +162,7 @@ def main() -> None:
           f"python {platform.python_version()}")
     print(f"lm {args.lm} + vision {args.vision}; batch {args.batch} × seq {args.seq}; dtype {args.dtype}; "
           f"remat {args.remat}; attention {model_cfg.attention_impl}")
-    lm_flops = lm_train_flops_per_token(model_cfg.lm, args.seq) * args.batch * args.seq
+    lm_flops = lm_flops_per_token(model_cfg.lm, args.seq) * args.batch * args.seq
     for modality in args.modality:
         if modality == "image" and model_cfg.vision is None:
             print("image: skipped (no vision tower)")

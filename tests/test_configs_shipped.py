@@ -32,7 +32,7 @@ def test_babylm_reference_config_states_the_reference_run():
     config = load_config("configs/babylm_reference.yaml")
     assert config.model.lm.num_layers == 12 and config.model.lm.hidden_size == 768
     assert config.model.vision.kind == "dinov2" and config.model.vision.hidden_size == 1024
-    assert config.model.vision.frozen and config.model.image_tokens == 256
+    assert not config.optim.train_vision and config.model.image_tokens == 256
     assert config.model.resampler.kind == "identity" and config.model.projector.kind == "mlp2x_gelu"
     assert (config.optim.lr, config.optim.weight_decay, config.optim.warmup_ratio, config.optim.schedule) == (
         5e-4, 0.0, 0.1, "cosine")

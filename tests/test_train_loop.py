@@ -235,12 +235,6 @@ def test_plan_steps_counts_partial_last_step_and_rejects_too_many_steps():
         plan_steps(stats, 2, 4, None)
 
 
-def test_vision_training_switches_must_agree(data, tmp_path):
-    cfg = config(data, optim={"train_vision": True})  # but model.vision.frozen stays true
-    with pytest.raises(ConfigError, match="optim.train_vision"):
-        train(cfg, str(tmp_path / "x"), compiler_options=FAST_COMPILE)
-
-
 TWO_PROCESS_SCRIPT = """
 import json, sys
 from jaxllava.config import load_config

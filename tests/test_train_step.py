@@ -1,7 +1,6 @@
 """The train step: token-weighted loss over accumulated microbatches, frozen parts, sharding, compiles."""
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import subprocess
@@ -21,7 +20,8 @@ from jaxllava.train.loop import create_model
 from jaxllava.model.sharding import make_mesh
 from jaxllava.train.config import OptimConfig
 from jaxllava.train.optimizer import path_str
-from jaxllava.train.step import TrainStep, check_finite, cross_entropy_sum, device_arrays, host_metrics
+from jaxllava.train.step import (TrainStep, _accumulate, _zero_accumulator, check_finite, cross_entropy_sum,
+                                 device_arrays, host_metrics)
 
 VOCAB = 48
 MODEL = ModelConfig(
@@ -156,10 +156,51 @@ def test_vision_tower_is_frozen_by_default():
         assert np.array_equal(before[path], after[path]) == path.startswith("vision/"), path
 
 
+def _count_dot_generals(jaxpr) -> int:
+    """dot_general equations in a jaxpr and every sub-jaxpr (jit, remat, scan bodies)."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        count += eqn.primitive.name == "dot_general"
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    count += _count_dot_generals(inner)
+    return count
+
+
+def test_a_frozen_tower_runs_forward_only_and_a_trained_one_backward_too():
+    """Freezing is one switch (optim.train_vision): frozen parameters are not differentiated,
+    so the step has no backward matmul in the tower, with no stop_gradient in the model."""
+    batch = device_arrays(image_batch(1), make_mesh(devices=jax.devices()[:1]))
+
+    def step_matmuls(optim):
+        trainer, state = make_trainer(optim)
+        spec = trainer.spec.for_gradients()
+        accum = _zero_accumulator(state["params"], spec=spec)
+        step = functools.partial(_accumulate, spec=spec)
+        return _count_dot_generals(jax.make_jaxpr(step)(state["params"], trainer.rest, accum, batch).jaxpr), trainer
+
+    frozen, trainer = step_matmuls(OptimConfig(lr=1e-2, warmup_steps=0))
+    trained, _ = step_matmuls(OptimConfig(lr=1e-2, warmup_steps=0, train_vision=True))
+    tower = trainer.model(make_trainer()[1]["params"]).vision
+    graphdef, tower_params = nnx.split(tower)
+
+    def tower_sum(params):
+        return nnx.merge(graphdef, params)(batch["pixels"]).sum()
+
+    forward = _count_dot_generals(jax.make_jaxpr(tower_sum)(tower_params).jaxpr)
+    backward = _count_dot_generals(jax.make_jaxpr(jax.grad(tower_sum))(tower_params).jaxpr) - forward
+    assert forward > 0 and backward > 0
+    # Training the tower adds its whole backward, plus one matmul: the projector's first
+    # layer sending the gradient into the tower's output. Any tower backward left in the
+    # frozen step would make the difference smaller.
+    assert trained - frozen == backward + 1
+
+
 def test_trainable_parts_and_per_part_rates_follow_the_config():
-    model = dataclasses.replace(MODEL, vision=dataclasses.replace(MODEL.vision, frozen=False))
     optim = OptimConfig(lr=1e-2, projector_lr=0.0, warmup_steps=0, freeze_lm_head=True, train_vision=True)
-    trainer, state = make_trainer(optim, model_config=model)
+    trainer, state = make_trainer(optim)
     trainable, frozen = trainer.split_params(state["params"])
     assert set(trainable.keys()) == {"lm", "projector", "vision"} and "lm_head" in frozen["lm"]
     before = flat(state["params"])

@@ -203,7 +203,7 @@ def import_hf(config, out: str, lm_dir: str, vision_dir: Optional[str] = None,
         v = config.model.vision
         vision_config = vision_config_from_hf(read_config(vision_dir), image_size=v.image_size,
                                               pos_interpolation=v.pos_interpolation, feature_layer=v.feature_layer,
-                                              feature_select=v.feature_select, frozen=v.frozen)
+                                              feature_select=v.feature_select)
         notes += config_differences("model.vision", v, vision_config)
     model_config = dataclasses.replace(config.model, lm=grown_lm_config, vision=vision_config)
     config = dataclasses.replace(config, model=model_config)

@@ -118,7 +118,7 @@ def reference_model_config(hf_config: dict, tensors, *, vision_config_dir: Optio
                               f"'cls_patch'")
     vision = vision_config_from_hf(tower_dict, image_size=size,
                                    pos_interpolation=saved.get("pos_interpolation", "scale_factor"),
-                                   feature_layer=-1, feature_select=feature_select, frozen=True)
+                                   feature_layer=-1, feature_select=feature_select)
     notes.append(f"vision input {size} px (the reference's 224-px processor override is not saved in its "
                  f"checkpoint); features = last_hidden_state ({vision.feature_select}); mm_vision_select_layer "
                  f"{hf_config.get('mm_vision_select_layer')} ignored as the reference ignored it; position "

@@ -70,7 +70,6 @@ class VisionConfig:
     # reference used); k >= 0: hidden_states[k] (0 = embeddings), before the final norm.
     feature_layer: int = -1
     feature_select: Literal["patch", "cls_patch"] = "patch"
-    frozen: bool = True
 
     @property
     def grid(self) -> int:

@@ -10,9 +10,10 @@ resampler and projector are not traced, so a text-only step cannot run them
 (the reference's black-image injection, REFERENCE.md §7 item 1). A model built
 with `config.vision = None` has no vision parameters at all.
 
-The tower is frozen by default (`VisionConfig.frozen`, REFERENCE.md §1.4): its
-output passes through `stop_gradient`, so no gradient flows into it even before
-the optimizer's own exclusion.
+Which parts train is the optimizer's choice (`optim.train_*`; the tower is frozen
+by default, REFERENCE.md §1.4). The train step differentiates only the trainable
+parameters, so a frozen tower's output carries no tangent and no backward pass
+runs through it (tests/test_train_step.py counts the matmuls).
 
 Axis letters: B batch, T length, I image tokens (N in the prose), D LM width,
 E vision width.
@@ -85,10 +86,7 @@ class LlavaModel(nnx.Module):
 
     def encode_images(self, pixels: jax.Array) -> jax.Array:
         """pixels (B, H, W, 3) → (B, I, D) visual vectors in the LM's width."""
-        features = self.vision(pixels)
-        if self.config.vision.frozen:
-            features = jax.lax.stop_gradient(features)
-        features = self.resampler(features)
+        features = self.resampler(self.vision(pixels))
         return constrain(self.projector(features), ("batch", "length", "act_embed"))
 
     def embed_inputs(self, input_ids: jax.Array, pixels: jax.Array | None = None,

@@ -248,8 +248,7 @@ class VisionTower(nnx.Module):
 
 
 def vision_config_from_hf(config_dict: Mapping, *, image_size: int, pos_interpolation: str = "size",
-                          feature_layer: int = -1, feature_select: str = "patch",
-                          frozen: bool = True) -> VisionConfig:
+                          feature_layer: int = -1, feature_select: str = "patch") -> VisionConfig:
     """VisionConfig from a transformers config.json dict (Dinov2Model, CLIP(Vision)Model, Siglip(Vision)Model).
 
     `image_size` is the input the tower will see (the config's own image_size is
@@ -293,7 +292,7 @@ def vision_config_from_hf(config_dict: Mapping, *, image_size: int, pos_interpol
         intermediate_size=intermediate, num_layers=int(field("num_hidden_layers")),
         num_heads=int(field("num_attention_heads")), layer_norm_eps=float(field("layer_norm_eps")),
         pretrained_image_size=int(field("image_size")), pos_interpolation=pos_interpolation,
-        feature_layer=feature_layer, feature_select=feature_select, frozen=frozen)
+        feature_layer=feature_layer, feature_select=feature_select)
 
 
 def vision_hf_config(config: VisionConfig) -> dict:

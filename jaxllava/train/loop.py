@@ -110,10 +110,6 @@ def check_config(config: ExperimentConfig) -> None:
         # The reference trained 32768-token samples on a 2048-position LM unchecked (REFERENCE.md §7.27).
         raise ConfigError(f"data.buckets go up to {longest} tokens but model.lm.max_position_embeddings is "
                           f"{positions}: lower the buckets or raise the position range")
-    vision = config.model.vision
-    if vision is not None and config.optim.train_vision == vision.frozen:
-        raise ConfigError(f"optim.train_vision={config.optim.train_vision} but model.vision.frozen={vision.frozen}: "
-                          "a frozen tower stops gradients inside the model; set both to train it (or neither)")
 
 
 def _resume_mismatch(saved: dict, current: dict) -> list[str]:
