@@ -99,11 +99,16 @@ def _merge_file(path: str, raw: dict, origins: dict[str, str], chain: tuple[str,
     _deep_merge(raw, content, origins, path, "")
 
 
-def _deep_merge(into: dict, new: dict, origins: dict[str, str], source: str, prefix: str) -> None:
+def _deep_merge(into: dict, new: dict, origins: dict[str, str], source: str, prefix: str,
+                cls: type = ExperimentConfig) -> None:
+    """Merge `new` into `into` section by section; a field's value, even a mapping such
+    as `eval.tasks`, is replaced whole (so `eval.tasks={}` clears the tasks)."""
+    hints = typing.get_type_hints(cls)
     for key, value in new.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _deep_merge(into[key], value, origins, source, dotted + ".")
+        section = _dataclass_of(hints[key]) if key in hints else None
+        if section is not None and isinstance(value, dict) and isinstance(into.get(key), dict):
+            _deep_merge(into[key], value, origins, source, dotted + ".", section)
         else:
             into[key] = value
             for stale in [k for k in origins if k.startswith(dotted + ".")]:

@@ -216,3 +216,11 @@ def test_invalid_yaml_names_the_file(tmp_path):
     path = write(tmp_path / "c.yaml", "optim: {lr: [1, 2\n")
     with pytest.raises(ConfigError, match=f"{path}: invalid YAML"):
         load_config(path)
+
+
+def test_a_mapping_field_is_replaced_not_merged(tmp_path):
+    write(tmp_path / "base.yaml", "eval: {tasks: {a: a.jsonl, b: b.jsonl}, batch_size: 8}\n")
+    path = write(tmp_path / "c.yaml", "base: base.yaml\neval: {tasks: {c: c.jsonl}}\n")
+    config = load_config(path)
+    assert config.eval.tasks == {"c": "c.jsonl"} and config.eval.batch_size == 8  # sections still merge
+    assert load_config(path, ["eval.tasks={}"]).eval.tasks == {}
