@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help='"none" or a template such as "<image>\\n{text}" (repeatable: reported side by side)')
     p.add_argument("--protocol", choices=["2025", "2024"], default="2025")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="compute dtype (default float32, as the official pipeline)")
     p.add_argument("--out", help="directory for predictions and summary")
     p.set_defaults(func=cmd_eval)
 

@@ -68,6 +68,27 @@ def test_eval_cli_scores_the_checkpoint_and_writes_every_output(checkpoint, caps
     assert "text vs image_template" in out and "UID subject_verb_agreement" in out
 
 
+def test_eval_cli_in_bfloat16_scores_close_to_float32(checkpoint, tmp_path):
+    workdir, model, pairs = checkpoint
+    code = launch.main(["eval", "--checkpoint", workdir, "--task", f"pairs={pairs}", "--batch-size", "16",
+                        "--dtype", "bfloat16", "--out", str(tmp_path)])
+    assert code == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["dtype"] == "bfloat16"
+    lines = [json.loads(line) for line in (tmp_path / "pairs" / "text" / "predictions.jsonl").read_text().splitlines()]
+    scores = np.array([line["scores"] for line in lines])
+
+    tokenizer = load_tokenizer(str(SAMPLE / "tokenizer"))
+    float32 = MinimalPairEvaluator({"pairs": pairs}, tokenizer, batch_size=16).evaluate(model)["pairs"]["text"]
+    error = np.abs(scores - np.stack(float32.scores))
+    assert 1e-4 < error.max() < 0.1  # computed in bf16 (sentence scores are about -27 here), yet close
+    # Decisions can differ only where float32's own margin is within the bf16 error.
+    margin = np.abs(np.diff(np.stack(float32.scores), axis=1))[:, 0]
+    flipped = np.argmax(scores, axis=1) != float32.chosen
+    assert np.all(margin[flipped] <= 2 * error.max(axis=1)[flipped])
+    assert summary["scalars"]["eval/pairs/text/accuracy"] == pytest.approx(float32.average, abs=10.0)
+
+
 def test_eval_cli_exits_2_naming_the_file_and_line_of_a_malformed_task(checkpoint, tmp_path, capsys):
     workdir, _, pairs = checkpoint
     broken = tmp_path / "broken.jsonl"

@@ -6,7 +6,12 @@ Tiny text-only LlavaModels (configs/presets/lm/tiny.yaml sizes), the bundled tok
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import pickle
+import socket
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -163,3 +168,115 @@ def test_bad_lengths_and_vocabularies_are_refused_before_scoring(tokenizer, task
         evaluator.evaluate(_model(0, "model.lm.vocab_size=100"))  # the bundled tokenizer has 165 tokens
     with pytest.raises(ConfigError, match="nothing to evaluate"):
         MinimalPairEvaluator({"pairs": tasks["pairs"]}, tokenizer, bare_text=False)
+
+
+# ---------------------------------------------------------------------------- on a mesh
+#
+# One script for both mesh tests: the parameters (pickled numpy) are placed on the mesh
+# as training leaves them, `evaluate` runs twice, and every call of the jitted scorer is
+# recorded with the layout of its inputs and output.
+
+MESH_SCRIPT = """
+import json, pickle, sys
+import jax
+spec = json.loads(sys.argv[1])
+if spec["processes"] > 1:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"localhost:{spec['port']}", spec["processes"], spec["process_id"])
+from flax import nnx
+from jaxllava.config import load_config
+from jaxllava.convert.checkpoint_io import model_from_params
+from jaxllava.data.samples import load_tokenizer
+from jaxllava.eval import scoring
+from jaxllava.eval.evaluator import MinimalPairEvaluator
+from jaxllava.model.sharding import make_mesh, tree_shardings
+
+config = load_config(spec["config"], ["model.vision=null"])
+with open(spec["params"], "rb") as f:
+    graphdef, host = nnx.split(model_from_params(config.model, pickle.load(f)))
+place = lambda x, sharding: jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+model = nnx.merge(graphdef, jax.tree.map(place, host, tree_shardings(host, make_mesh(**spec["mesh"]))))
+kernel = model.lm.layers[0].mlp.up_proj.kernel.get_value()
+
+calls = []
+make_scorer = scoring._scorer
+def spying_scorer(mesh):
+    score = make_scorer(mesh)
+    def call(fn, *arrays):
+        sums = score(fn, *arrays)
+        calls.append({"shape": list(arrays[0].shape), "specs": sorted({str(a.sharding.spec) for a in arrays}),
+                      "shards": len(arrays[0].sharding.device_set), "local": arrays[0].is_fully_addressable,
+                      "replicated": sums.is_fully_replicated})
+        return sums
+    return call
+scoring._scorer = spying_scorer
+
+evaluator = MinimalPairEvaluator({"pairs": spec["pairs"]}, load_tokenizer(spec["tokenizer"]),
+                                 batch_size=spec["batch_size"], buckets=(16,))
+first, again = (evaluator.evaluate(model)["pairs"]["text"] for _ in range(2))
+print("RESULT", json.dumps({"scores": [s.tolist() for s in first.scores], "average": first.average,
+                            "again": [s.tolist() for s in again.scores], "compiles": [first.compiles, again.compiles],
+                            "calls": calls, "kernel_local": kernel.is_fully_addressable}))
+"""
+
+
+@pytest.fixture(scope="module")
+def mesh_case(tokenizer, tasks, tmp_path_factory):
+    """(script arguments shared by the mesh tests, the single-device results they must match)."""
+    model = _model(6)
+    params = tmp_path_factory.mktemp("mesh") / "params.pkl"
+    with open(params, "wb") as f:
+        pickle.dump(jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param))), f)
+    spec = {"config": str(ROOT / "configs" / "tiny.yaml"), "params": str(params), "pairs": tasks["pairs"],
+            "tokenizer": str(ROOT / "data" / "sample" / "tokenizer"), "batch_size": 5, "processes": 1}
+    expected = MinimalPairEvaluator({"pairs": tasks["pairs"]}, tokenizer, batch_size=5,
+                                    buckets=(16,)).evaluate(model)["pairs"]["text"]
+    return spec, expected
+
+
+def _mesh_result(stdout: str, stderr: str) -> dict:
+    assert "RESULT " in stdout, stderr[-4000:]
+    return json.loads(stdout.split("RESULT ", 1)[1])
+
+
+def _assert_scores_like_one_device(result: dict, expected) -> None:
+    np.testing.assert_allclose(np.stack(result["scores"]), np.stack(expected.scores), atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(result["again"], result["scores"])
+    assert result["average"] == expected.average
+    assert result["compiles"] == [1, 0]  # one bucket: one compile on the mesh, reused
+    assert all(call["replicated"] for call in result["calls"])  # np.asarray reads them on every process
+
+
+def test_eight_device_mesh_splits_the_batch_rows_and_scores_like_one_device(mesh_case):
+    spec, expected = mesh_case
+    spec = {**spec, "mesh": {"data": 2, "fsdp": 2, "tensor": 2}}
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", MESH_SCRIPT, json.dumps(spec)], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    result = _mesh_result(out.stdout, out.stderr)
+    _assert_scores_like_one_device(result, expected)
+    # batch_size 5 rounds up to 8 rows, 2 per (data, fsdp) shard, replicated over tensor.
+    assert {(tuple(c["shape"]), tuple(c["specs"]), c["shards"]) for c in result["calls"]} == {
+        ((8, 16), ("P(('data', 'fsdp'),)",), 8)}
+    assert len(result["calls"]) == 2 * 8  # 60 candidates in 8 batches, twice
+
+
+def test_two_processes_with_gloo_score_like_one_process(mesh_case):
+    spec, expected = mesh_case
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device per process
+    env["JAX_PLATFORMS"] = "cpu"
+    procs = [subprocess.Popen([sys.executable, "-c", MESH_SCRIPT,
+                               json.dumps({**spec, "mesh": {"fsdp": 2}, "processes": 2, "process_id": i,
+                                           "port": port})],
+                              env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for i in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for result in (_mesh_result(out, err) for out, err in outputs):
+        _assert_scores_like_one_device(result, expected)
+        assert not result["kernel_local"]  # the parameters are split between the processes
+        assert len(result["calls"]) == 2 * 10  # 60 candidates in batches of 6 (5 rounded up to 2 shards)
+        assert all(not c["local"] and c["shape"] == [6, 16] and c["specs"] == ["P('fsdp',)"]
+                   for c in result["calls"])  # and so is every batch: 3 rows on each process

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from torch.nn.utils.rnn import pad_sequence
 from transformers import LlamaConfig as HFLlamaConfig
@@ -27,6 +28,7 @@ from jaxllava.eval import report
 from jaxllava.eval.minimal_pairs import MinimalPairItem, read_minimal_pairs
 from jaxllava.eval.scoring import (aggregate, choose, compile_count, encode_candidates, evaluate,
                                    module_logits_fn, score_encoded)
+from jaxllava.model.sharding import make_mesh, mesh_of
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SAMPLE_TOKENIZER = ROOT / "data" / "sample" / "tokenizer"
@@ -282,6 +284,22 @@ def test_closure_and_partial_logits_fn_give_the_same_scores():
     via_partial = score_encoded(jax.tree_util.Partial(_toy_apply, params), encoded, buckets=(64,))
     via_closure = score_encoded(lambda i, s, p: _toy_apply(params, i, s, p), encoded, buckets=(64,))
     np.testing.assert_allclose(via_partial, via_closure, atol=1e-6, rtol=0)
+
+
+def test_parameters_on_a_mesh_take_the_batches_there_and_score_the_same():
+    # One device here; tests/test_evaluator.py runs an 8-device mesh and two processes.
+    tokenizer = _bpe("nobos")
+    encoded = encode_candidates(tokenizer, _items())
+    params = _toy_params(len(tokenizer), seed=3)
+    mesh = make_mesh(devices=jax.devices()[:1])
+    on_mesh = jax.device_put(params, NamedSharding(mesh, P()))
+    assert mesh_of(on_mesh) == mesh
+    assert mesh_of(params) is None and mesh_of(jax.tree.map(np.asarray, params)) is None  # one device, host
+    with pytest.raises(ValueError, match="different meshes"):
+        mesh_of([on_mesh, jax.device_put(params, NamedSharding(Mesh(np.array(jax.devices()[:1]), ("x",)), P()))])
+    expected = score_encoded(jax.tree_util.Partial(_toy_apply, params), encoded, batch_size=5, buckets=(64,))
+    got = score_encoded(jax.tree_util.Partial(_toy_apply, on_mesh), encoded, batch_size=5, buckets=(64,))
+    np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)
 
 
 def test_logits_with_prepended_positions_keep_the_last_ones_like_the_pipeline():

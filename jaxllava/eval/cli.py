@@ -2,15 +2,19 @@
 
     python launch.py eval --checkpoint runs/tiny --task blimp=evaluation_data/full_eval/blimp_filtered \\
         [--task ewok=.../ewok_filtered] [--image-template none --image-template "<image>\\n{text}"] \\
-        [--protocol 2025|2024] [--batch-size 64] [--out DIR]
+        [--protocol 2025|2024] [--batch-size 64] [--dtype float32|bfloat16] [--out DIR]
 
 --checkpoint: a work directory (its latest complete step), a step directory or a
 `milestones/chck_<N>M` entry; the model and the tokenizer come from the checkpoint.
 --task NAME=PATH: a `*.jsonl` file or a directory of them, BLiMP/supplement or EWoK
 (told apart by their fields, evaluator.py); NAME names the outputs. --image-template:
 "none" (bare text) or a template ending in "{text}"; repeat it to report settings side
-by side; default bare text only. The model computes in float32 whatever its training
-dtype, as the official pipeline loads checkpoints in float32 (BABYLM_EVAL.md §1.2).
+by side; default bare text only. --dtype: the model's compute dtype whatever its
+training dtype; default float32, as the official pipeline loads checkpoints in float32
+(BABYLM_EVAL.md §1.2). bfloat16 runs the layers and the vocabulary projection in bf16
+for speed; parameters stay float32 in memory, and the log-softmax and the score sums
+are float32. Its scores differ from float32 by bf16 rounding, so near-tied pairs may
+flip: report official numbers in float32.
 
 Prints per task the accuracy per UID and field, the macro average over UIDs (the
 pipeline's number) beside chance, and the settings side by side; writes into --out
@@ -87,7 +91,7 @@ def run_eval(args) -> int:
     tokenizer = load_tokenizer(config.data.tokenizer)
     evaluator = MinimalPairEvaluator(tasks, tokenizer, image_templates=templates, bare_text=bare_text,
                                      protocol=args.protocol, batch_size=args.batch_size)
-    model = model_from_params(dataclasses.replace(config.model, dtype="float32"), jax.device_put(params))
+    model = model_from_params(dataclasses.replace(config.model, dtype=args.dtype), jax.device_put(params))
     del params
 
     started = time.monotonic()
@@ -103,7 +107,7 @@ def run_eval(args) -> int:
     meta = read_meta(args.checkpoint)
     path = evaluator.write(results, out, extra={
         "checkpoint": os.path.abspath(args.checkpoint), "step": meta.get("step"),
-        "words_seen": meta.get("words_seen"), "tokenizer": config.data.tokenizer, "dtype": "float32",
+        "words_seen": meta.get("words_seen"), "tokenizer": config.data.tokenizer, "dtype": args.dtype,
         "batch_size": args.batch_size, "seconds": round(seconds, 3), "device": jax.devices()[0].device_kind,
         "run_created": record.get("created")})
     print(f"wrote {path} and per-task predictions under {out}", file=sys.stderr)

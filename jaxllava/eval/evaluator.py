@@ -22,6 +22,9 @@ random numbers, and copies only the (B,) sums back to the host, so evaluating in
 training leaves the run's numbers unchanged. Parameters are jit arguments
 (`scoring.module_logits_fn`): the shapes compiled on the first call, one per
 (batch, bucket), serve every later call and every checkpoint of the architecture.
+The model's parameters decide the devices: on the training mesh, every process calls
+`evaluate` with the same tasks and the batch rows are split over the mesh's batch axes
+(scoring.py), so loop.py passes `trainer.model(state["params"])` as it is.
 """
 from __future__ import annotations
 

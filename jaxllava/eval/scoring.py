@@ -39,20 +39,32 @@ Model interface: `logits_fn(input_ids, segment_ids, positions) -> logits` (B, T,
 jittable; int32 (B, T) inputs, segment_ids 1 on real tokens and 0 on (right) padding,
 positions 0..T-1. Pass `jax.tree_util.Partial(apply, params)` to keep the parameters
 as jit arguments instead of constants baked into every compiled bucket.
+
+Devices: the batches go where the parameters are. Parameters on a mesh (NamedSharding,
+e.g. the train state's) get every batch as global arrays whose rows are split over the
+mesh's batch axes, the rule training batches follow (model/sharding.py), so evaluation
+is data parallel and the model's activation constraints apply as in training. Every
+process holds the same host batch and passes its devices' slices, so multi-process
+runs work unchanged; the (B,) sums come back replicated, readable on every process.
+Parameters without a mesh (numpy, one device) get host batches, on their device.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxllava.errors import ConfigError, DataError
 from jaxllava.eval.minimal_pairs import MinimalPairItem
+from jaxllava.model.sharding import activation_sharding, batch_sharding, batch_shards, mesh_of
 
 PROTOCOLS = ("2025", "2024")
 DEFAULT_BUCKETS = (32, 64, 128, 256, 512)
@@ -231,14 +243,15 @@ _trace_count = 0
 
 
 def compile_count() -> int:
-    """How many times the batch scorer has been traced (one per new logits_fn × batch shape)."""
+    """How many times the batch scorer has been traced (one per new logits_fn × batch shape × mesh)."""
     return _trace_count
 
 
-def _sum_target_log_probs(logits_fn, input_ids, segment_ids, positions, targets, mask):
+def _sum_target_log_probs(logits_fn, input_ids, segment_ids, positions, targets, mask, *, mesh: Mesh | None):
     global _trace_count
     _trace_count += 1  # runs at trace time only
-    logits = logits_fn(input_ids, segment_ids, positions).astype(jnp.float32)
+    with contextlib.nullcontext() if mesh is None else activation_sharding(mesh):
+        logits = logits_fn(input_ids, segment_ids, positions).astype(jnp.float32)
     # compute_results.py: a model that prepends positions (e.g. image tokens) keeps the last T.
     logits = logits[:, logits.shape[1] - input_ids.shape[1]:]
     target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
@@ -246,7 +259,24 @@ def _sum_target_log_probs(logits_fn, input_ids, segment_ids, positions, targets,
     return jnp.sum(jnp.where(mask, log_probs, 0.0), axis=-1)
 
 
-_score_batch = jax.jit(_sum_target_log_probs)
+_SCORERS: dict[Mesh | None, Callable] = {}
+
+
+def _scorer(mesh: Mesh | None) -> Callable:
+    """The jitted batch scorer for parameters on `mesh` (None: no mesh). One jit per mesh,
+    because the activation constraints and the replicated output are the mesh's."""
+    if mesh not in _SCORERS:
+        replicated = {} if mesh is None else {"out_shardings": NamedSharding(mesh, P())}
+        _SCORERS[mesh] = jax.jit(functools.partial(_sum_target_log_probs, mesh=mesh), **replicated)
+    return _SCORERS[mesh]
+
+
+def _on_mesh(host: np.ndarray, mesh: Mesh | None):
+    """A host batch array as a global array with rows over the batch axes. Each process
+    supplies only its own devices' slices of the (identical) host array."""
+    if mesh is None:
+        return host
+    return jax.make_array_from_callback(host.shape, batch_sharding(mesh, host.shape), lambda index: host[index])
 
 
 def score_encoded(logits_fn: LogitsFn, encoded: EncodedSet, *, batch_size: int = 64,
@@ -254,7 +284,8 @@ def score_encoded(logits_fn: LogitsFn, encoded: EncodedSet, *, batch_size: int =
     """Score of every row (float64, `encoded` row order).
 
     Rows are sorted by length and batched within length buckets; every batch has shape
-    (min(batch_size, rows), bucket), so one call compiles at most once per bucket used.
+    (min(batch_size, rows), bucket), the rows rounded up to a multiple of the mesh's batch
+    shards so they split evenly, so one call compiles at most once per bucket used.
     Only the (B,) sums leave the device.
     """
     buckets = sorted(set(int(b) for b in buckets))
@@ -268,14 +299,19 @@ def score_encoded(logits_fn: LogitsFn, encoded: EncodedSet, *, batch_size: int =
                           f"{buckets[-1]} (row {row}); pass larger buckets")
     bucket_of_row = np.asarray(buckets)[np.searchsorted(buckets, lengths)]
     order = np.argsort(lengths, kind="stable")
+    mesh = mesh_of(fn)
+    score_batch = _scorer(mesh)
+    shards = 1 if mesh is None else batch_shards(mesh)
     rows_per_batch = min(batch_size, max(encoded.num_rows, 1))
+    rows_per_batch = -(-rows_per_batch // shards) * shards  # rows split evenly, else they stay replicated
 
     pending = []  # dispatch every batch before reading any result back
     for bucket in buckets:
         rows = order[bucket_of_row[order] == bucket]
         for start in range(0, len(rows), rows_per_batch):
             chunk = rows[start:start + rows_per_batch]
-            pending.append((chunk, _score_batch(fn, *_pack(encoded, chunk, rows_per_batch, bucket))))
+            arrays = [_on_mesh(a, mesh) for a in _pack(encoded, chunk, rows_per_batch, bucket)]
+            pending.append((chunk, score_batch(fn, *arrays)))
     scores = np.empty(encoded.num_rows, np.float64)
     for chunk, sums in pending:
         scores[chunk] = np.asarray(sums, np.float64)[: len(chunk)]

@@ -104,6 +104,29 @@ def partition_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
     return P(*spec)
 
 
+def batch_sharding(mesh: Mesh, shape: Sequence[int], rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    """Rows over the mesh axes of the logical "batch" axis, everything else replicated."""
+    axes = ("batch",) + (None,) * (len(shape) - 1)
+    return NamedSharding(mesh, partition_spec(axes, shape, mesh, rules))
+
+
+def batch_shards(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> int:
+    """Ways `batch_sharding` splits rows when they divide evenly (otherwise they stay replicated)."""
+    axes = rules.get("batch") or ()
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    return int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def mesh_of(tree) -> Mesh | None:
+    """The mesh that a tree's arrays are laid out on; None when none has a NamedSharding
+    (numpy, or arrays on a single device)."""
+    meshes = {leaf.sharding.mesh for leaf in jax.tree.leaves(tree)
+              if isinstance(leaf, jax.Array) and isinstance(leaf.sharding, NamedSharding)}
+    if len(meshes) > 1:
+        raise ValueError(f"the arrays lie on {len(meshes)} different meshes; one computation needs one")
+    return meshes.pop() if meshes else None
+
+
 def variable_axes(variable: nnx.Variable) -> tuple[str | None, ...]:
     axes = variable.get_metadata().get("axes")
     if axes is None:

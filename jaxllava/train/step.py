@@ -36,11 +36,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from jaxllava.data.batch import IGNORE, Microbatch
 from jaxllava.errors import TrainingError
-from jaxllava.model.sharding import DEFAULT_RULES, Rules, activation_sharding, partition_spec, tree_shardings
+from jaxllava.model.sharding import DEFAULT_RULES, Rules, activation_sharding, batch_sharding, tree_shardings
 from jaxllava.train.config import OptimConfig
 from jaxllava.train.optimizer import make_optimizer, trainable_manifest
 
@@ -89,12 +89,6 @@ def microbatch_loss(model: nnx.Module, arrays: dict[str, jax.Array], chunk: int)
 
 
 # ----------------------------------------------------------------------------- shardings
-
-
-def batch_sharding(mesh: Mesh, shape: Sequence[int], rules: Rules = DEFAULT_RULES) -> NamedSharding:
-    """Rows over the mesh axes of the logical "batch" axis, everything else replicated."""
-    axes = ("batch",) + (None,) * (len(shape) - 1)
-    return NamedSharding(mesh, partition_spec(axes, shape, mesh, rules))
 
 
 DEVICE_FIELDS = ("input_ids", "targets", "segment_ids", "positions", "pixels", "image_mask")
