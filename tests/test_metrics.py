@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
+from jaxllava.config import build_config
+from jaxllava.errors import ConfigError
 from jaxllava.model.config import LlamaConfig
-from jaxllava.train.metrics import MetricsLogger, lm_flops_per_token, mfu, peak_flops
+from jaxllava.train.metrics import MetricsLogger, StepProfiler, lm_flops_per_token, mfu, peak_flops, peak_memory_gb
 
 
 def read_events(logdir: str) -> list[event_pb2.Event]:
@@ -117,3 +119,31 @@ def test_peak_flops_knows_hopper_and_ampere_and_not_cpu():
     assert peak_flops(jax.devices()[0]) is None  # the CPU test machine
     assert mfu(1e15, jax.devices()) is None
     assert mfu(1e15, [gpu("NVIDIA A100-SXM4-40GB")] * 2) == pytest.approx(1e15 / (2 * 312e12))
+
+
+def test_peak_memory_is_the_largest_device_peak_and_absent_without_statistics():
+    device = lambda stats: types.SimpleNamespace(memory_stats=lambda: stats)  # noqa: E731
+    assert peak_memory_gb([device({"peak_bytes_in_use": 3e9}), device({"peak_bytes_in_use": 5e9})]) == 5.0
+    assert peak_memory_gb([device(None), device({"bytes_in_use": 1})]) is None
+    import jax
+    assert peak_memory_gb(jax.local_devices()) is None  # XLA's CPU client keeps no statistics
+
+
+def test_profiler_traces_exactly_the_configured_steps(tmp_path):
+    import jax.numpy as jnp
+
+    profiler = StepProfiler((2, 3), str(tmp_path / "profile"))
+    traced = []
+    for step in range(1, 6):
+        profiler.before_step(step)
+        traced.append(profiler.active)
+        jnp.ones((8, 8)).sum().block_until_ready()
+        profiler.after_step(step)
+    profiler.close()
+    assert traced == [False, True, True, False, False] and not profiler.active
+    assert len(glob.glob(str(tmp_path / "profile" / "plugins" / "profile" / "*" / "*.xplane.pb"))) == 1
+    off = StepProfiler(None, str(tmp_path / "off"))
+    off.before_step(1)
+    assert not off.active and not (tmp_path / "off").exists()
+    with pytest.raises(ConfigError, match="profile_steps"):
+        build_config({"logging": {"profile_steps": [3, 2]}})

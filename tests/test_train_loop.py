@@ -3,6 +3,7 @@ budget and milestone checkpoints, NaN stop, provenance files, bounded compiles, 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import signal
@@ -95,7 +96,8 @@ def budget_config(data):
     budget = int(cumulative[3] + cumulative[4]) // 2  # reached during step 5
     milestones = (int(cumulative[0]), int(cumulative[1]) + 1)  # at step 1 and step 3
     return config(data, train={"word_budget": budget}, checkpoint={"milestone_words": milestones},
-                  eval={"tasks": {"pairs": data["pairs"]}, "batch_size": 4}), cumulative
+                  eval={"tasks": {"pairs": data["pairs"]}, "batch_size": 4},
+                  logging={"profile_steps": [2, 3]}), cumulative
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +184,8 @@ def test_run_writes_provenance_config_manifest_and_metrics(budget_config, uninte
     assert sum(r["image_samples"] for r in rows) > 0 and sum(r["text_samples"] for r in rows) > 0
     assert rows[-1]["words_seen"] == summary["words_seen"]
     assert rows[0]["lr"] == 0.0 and rows[1]["lr"] > 0  # HF warmup: the first update has lr 0
+    traces = glob.glob(os.path.join(workdir, "profile", "process_0", "plugins", "profile", "*", "*.xplane.pb"))
+    assert len(traces) == 1  # logging.profile_steps: one trace of steps 2-3
 
 
 def test_compilations_stop_after_both_modalities_were_seen(uninterrupted):

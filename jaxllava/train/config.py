@@ -175,3 +175,11 @@ class EvalConfig:
 class LoggingConfig:
     tensorboard: bool = True  # event files under <workdir>/tensorboard
     progress: bool = True  # a progress line with ETA, only when stdout is a terminal
+    # Trace optimizer steps [first, last] (counted from 1) with jax.profiler into
+    # <workdir>/profile/ for TensorBoard's profile plugin or Perfetto; None: no trace.
+    profile_steps: Optional[tuple[int, int]] = None
+
+    def __post_init__(self):
+        if self.profile_steps is not None and not 1 <= self.profile_steps[0] <= self.profile_steps[1]:
+            raise ConfigError(f"profile_steps must be [first, last] with 1 <= first <= last, "
+                              f"got {list(self.profile_steps)}")

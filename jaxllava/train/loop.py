@@ -42,7 +42,7 @@ from jaxllava.model.llava import LlavaModel, check_image_mask
 from jaxllava.model.sharding import make_mesh
 from jaxllava.train.checkpoint import Checkpointer, write_diagnostics
 from jaxllava.train.config import MeshConfig
-from jaxllava.train.metrics import MetricsLogger, lm_flops_per_token, mfu
+from jaxllava.train.metrics import MetricsLogger, StepProfiler, lm_flops_per_token, mfu, peak_memory_gb
 from jaxllava.train.milestones import BABYLM_MILESTONES, MilestoneTracker, budget_reached, milestone_name
 from jaxllava.train.provenance import data_fingerprint, run_record, write_run_json
 from jaxllava.model.sharding import tree_shardings
@@ -182,6 +182,9 @@ def _step_row(stats: Sequence[BatchStats], metrics: dict[str, float], words_seen
     utilisation = mfu(flops / step_time, devices)
     if utilisation is not None:
         row["mfu"] = utilisation
+    memory = peak_memory_gb(jax.local_devices())  # other hosts' devices report nothing here
+    if memory is not None:
+        row["peak_memory_gb"] = memory
     return row
 
 
@@ -317,6 +320,8 @@ def train(config: ExperimentConfig, workdir: Optional[str] = None, *,
         params = _params_from_checkpoint(config, params)
 
     checkpointer = Checkpointer(workdir, config.checkpoint)
+    profiler = StepProfiler(config.logging.profile_steps, os.path.join(workdir, "profile",
+                                                                       f"process_{jax.process_index()}"))
     logger = None
     try:
         iterator = pipeline.iterator()
@@ -349,10 +354,12 @@ def train(config: ExperimentConfig, workdir: Optional[str] = None, *,
             load = functools.partial(_load_step, iterator, grad_accum, mesh, config.model.image_tokens)
             batches, arrays, data_state = load() if step < total_steps else ([], [], None)
             while batches:
+                profiler.before_step(step + 1)
                 state, device_metrics = trainer.apply(state, arrays)
                 # Load and transfer the next step's microbatches while this one runs.
                 following = load() if step + 1 < total_steps else ([], [], None)
                 metrics = host_metrics(device_metrics)  # waits for the step
+                profiler.after_step(step + 1)
                 try:
                     check_finite(metrics, step + 1)
                 except TrainingError as error:
@@ -392,6 +399,7 @@ def train(config: ExperimentConfig, workdir: Optional[str] = None, *,
                     last_saved = step
                 batches, arrays, data_state = ([], [], None) if final else following
     finally:
+        profiler.close()
         checkpointer.close()
         if logger is not None:
             logger.close()

@@ -2,7 +2,8 @@
 
 One row per logged optimizer step, for example:
   step, loss, lr, grad_norm, tokens, text_samples, image_samples, image_tokens,
-  padding_fraction, words_seen, step_time, tokens_per_s, mfu (accelerators only).
+  padding_fraction, words_seen, step_time, tokens_per_s, mfu and peak_memory_gb
+  (accelerators only).
 The logger writes whatever numbers the loop gives it; `MetricsLogger.log` does no
 arithmetic so the file is exactly what the loop measured.
 """
@@ -62,6 +63,41 @@ def mfu(model_flops_per_s: float, devices) -> Optional[float]:
     if not peaks or any(p is None for p in peaks):
         return None
     return model_flops_per_s / sum(peaks)
+
+
+def peak_memory_gb(devices) -> Optional[float]:
+    """Largest peak of device memory in use over `devices` (GB), or None where the
+    backend keeps no statistics (CPU)."""
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in devices]
+    peaks = [p for p in peaks if p is not None]
+    return max(peaks) / 1e9 if peaks else None
+
+
+class StepProfiler:
+    """A jax.profiler trace of optimizer steps [first, last] (counted from 1) in `log_dir`.
+
+    The trace starts before the first step is dispatched and stops once the last
+    step's results are on the host, so it holds whole steps with the loading overlapped.
+    """
+
+    def __init__(self, steps: Optional[tuple[int, int]], log_dir: str):
+        self.steps, self.log_dir, self.active = steps, log_dir, False
+
+    def before_step(self, step: int) -> None:
+        if self.steps is not None and step == self.steps[0] and not self.active:
+            import jax
+            jax.profiler.start_trace(self.log_dir)
+            self.active = True
+
+    def after_step(self, step: int) -> None:
+        if self.active and step >= self.steps[1]:
+            self.close()
+
+    def close(self) -> None:
+        if self.active:
+            import jax
+            jax.profiler.stop_trace()
+            self.active = False
 
 
 def _format_duration(seconds: float) -> str:
