@@ -113,7 +113,8 @@ def test_sigterm_saves_and_the_resumed_run_equals_the_uninterrupted_one(budget_c
     cfg, _ = budget_config
     ref_dir, ref_summary, ref = uninterrupted
     workdir = str(tmp_path / "run")
-    first = train(cfg, workdir, on_step=Recorder(signal_at=2), compiler_options=FAST_COMPILE)
+    # A signal is seen when the next step is dispatched; that step finishes, is saved, and the run ends.
+    first = train(cfg, workdir, on_step=Recorder(signal_at=1), compiler_options=FAST_COMPILE)
     assert first["stopped_by"] == "signal SIGTERM" and first["steps"] == 2 and first["last_checkpoint"] == 2
     second_rec = Recorder()
     second = train(cfg, workdir, on_step=second_rec, compiler_options=FAST_COMPILE)
@@ -213,19 +214,52 @@ def test_resuming_with_a_different_config_is_refused(budget_config, uninterrupte
         train(changed, workdir, compiler_options=FAST_COMPILE)
 
 
-def test_non_finite_loss_stops_with_diagnostics_and_no_bad_checkpoint(data, tmp_path):
-    # lr 1e30 blows the weights up after the first real update (step 1 has warmup lr 0)
-    cfg = config(data, optim={"lr": 1e30, "warmup_steps": 1, "grad_clip": None}, checkpoint={"every_steps": 1})
+@pytest.mark.parametrize("every_steps", [1, 0], ids=["saving_every_step", "read_one_step_late"])
+def test_non_finite_loss_stops_with_diagnostics_and_no_bad_checkpoint(data, tmp_path, every_steps):
+    # lr 1e30 blows the weights up after the first real update (step 1 has warmup lr 0).
+    # Without saves, a step's metrics are read after the next step is dispatched: the
+    # error must still name the step that went bad, and nothing may be saved.
+    cfg = config(data, optim={"lr": 1e30, "warmup_steps": 1, "grad_clip": None},
+                 checkpoint={"every_steps": every_steps})
     workdir = str(tmp_path / "nan")
     with pytest.raises(TrainingError, match=r"step (\d+): non-finite .*diagnostics in .*diagnostics/step_\1") as info:
         train(cfg, workdir, compiler_options=FAST_COMPILE)
     bad_step = int(info.value.args[0].split("step ")[1].split(":")[0])
-    saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")))
-    assert saved and max(saved) == bad_step - 1  # every good step was saved, the failed one never
+    checkpoints = os.path.join(workdir, "checkpoints")
+    saved = sorted(int(d) for d in os.listdir(checkpoints)) if os.path.isdir(checkpoints) else []
+    good = bad_step - 1 if every_steps else None
+    assert (max(saved) if saved else None) == good  # every good step was saved (if asked), the failed one never
+    rows = metrics_rows(workdir)
+    assert rows and all(np.isfinite(r["loss"]) for r in rows) and rows[-1]["step"] < bad_step
     diagnostics = os.path.join(workdir, "diagnostics", f"step_{bad_step}")
     info_json = json.load(open(os.path.join(diagnostics, "info.json")))
-    assert info_json["last_checkpoint"] == bad_step - 1 and len(info_json["microbatches"]) == 2
+    assert info_json["last_checkpoint"] == good and len(info_json["microbatches"]) == 2
     assert "microbatch0_input_ids" in np.load(os.path.join(diagnostics, "arrays.npz"))
+
+
+def test_steps_between_saves_are_read_after_the_next_one_is_dispatched(budget_config, uninterrupted, tmp_path,
+                                                                     monkeypatch):
+    """The host reads a step's metrics only once the next step is queued, so the device
+    never waits for logging; the run's numbers equal the step-by-step (on_step) run's."""
+    import jaxllava.train.loop as loop
+    from jaxllava.train.step import TrainStep
+
+    cfg, _ = budget_config
+    cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, every_steps=0, milestones=False),
+                              eval=dataclasses.replace(cfg.eval, at_milestones=False))
+    events = []
+    apply, read = TrainStep.apply, loop.host_metrics
+    monkeypatch.setattr(TrainStep, "apply", lambda self, *a: (events.append("dispatch"), apply(self, *a))[1])
+    monkeypatch.setattr(loop, "host_metrics", lambda metrics: (events.append("read"), read(metrics))[1])
+    workdir = str(tmp_path / "pipelined")
+    train(cfg, workdir, compiler_options=FAST_COMPILE)
+    # steps 1-4 are read one step late; step 5, the last, is read before its final save
+    assert events == ["dispatch", "dispatch", "read", "dispatch", "read", "dispatch", "read", "dispatch", "read",
+                      "read"]
+    ours, theirs = metrics_rows(workdir), metrics_rows(uninterrupted[0])
+    assert [r["step"] for r in ours] == [r["step"] for r in theirs] == [1, 2, 3, 4, 5]
+    assert [r["loss"] for r in ours] == [r["loss"] for r in theirs]
+    assert [r["words_seen"] for r in ours] == [r["words_seen"] for r in theirs]
 
 
 def test_plan_steps_counts_partial_last_step_and_rejects_too_many_steps():

@@ -2,8 +2,12 @@
 
     train(config) runs until the first of: `train.steps` optimizer steps, the end
     of the data's epochs, the word budget (at most one step over it), a SIGTERM or
-    SIGINT (it saves, then returns), or a non-finite loss (it writes diagnostics,
-    never a checkpoint, and raises TrainingError).
+    SIGINT (the step dispatched next is the last: it saves, then returns), or a
+    non-finite loss (it writes diagnostics, never a checkpoint, and raises TrainingError).
+
+The host reads a step's metrics after dispatching the next step, so the devices
+never wait while it logs; only a step whose state is needed (a save, an
+evaluation, an `on_step` hook) is waited for before the next one is dispatched.
 
 Words are the BabyLM words of the samples actually trained on, added per optimizer
 step from the microbatches' stats, and carried in every checkpoint together with
@@ -52,6 +56,17 @@ from jaxllava.train.step import TrainStep, check_finite, device_arrays, host_met
 # settings inside them that may change (speed only, same numbers).
 RESUME_MUST_MATCH = ("model", "data", "optim", "train.seed", "train.steps", "train.grad_accum", "train.word_budget")
 RESUME_MAY_CHANGE = ("data.num_workers", "data.prefetch", "model.remat")
+
+
+@dataclasses.dataclass
+class _Dispatched:
+    """An optimizer step sent to the devices whose metrics the host has not read yet."""
+
+    step: int
+    device_metrics: dict[str, jax.Array]
+    batches: list[Microbatch]
+    words_seen: int  # after this step
+    log: bool  # whether its row goes to metrics.jsonl
 
 
 @dataclasses.dataclass
@@ -138,7 +153,7 @@ def create_model(model_config: ModelConfig, mesh, seed: int, *, compiler_options
 
 
 class _Signals:
-    """SIGTERM/SIGINT set a flag the loop checks after each step; a second one acts as usual."""
+    """SIGTERM/SIGINT set a flag the loop checks as it dispatches each step; a second one acts as usual."""
 
     def __init__(self):
         self.received: Optional[int] = None
@@ -350,53 +365,72 @@ def train(config: ExperimentConfig, workdir: Optional[str] = None, *,
             start_eval = _evaluate(evaluator, trainer.model(state["params"]), workdir, "step_0", 0, 0, logger,
                                    chances)
         last_time = time.monotonic()
+
+        def read_step(done: _Dispatched) -> dict[str, Any]:
+            """Wait for a dispatched step, stop on a non-finite loss, log its row."""
+            nonlocal last_time
+            metrics = host_metrics(done.device_metrics)
+            profiler.after_step(done.step)
+            try:
+                check_finite(metrics, done.step)
+            except TrainingError as error:
+                _stop_on_non_finite(error, workdir, done.step, metrics, done.batches, checkpointer)
+            now = time.monotonic()
+            row = _step_row([b.stats for b in done.batches], metrics, done.words_seen, now - last_time,
+                            config.model.lm, jax.devices())
+            last_time = now
+            if logger is not None and done.log:
+                logger.log(done.step, row)
+            return row
+
         with _Signals() as signals:
             load = functools.partial(_load_step, iterator, grad_accum, mesh, config.model.image_tokens)
             batches, arrays, data_state = load() if step < total_steps else ([], [], None)
+            unread: Optional[_Dispatched] = None
             while batches:
                 profiler.before_step(step + 1)
                 state, device_metrics = trainer.apply(state, arrays)
-                # Load and transfer the next step's microbatches while this one runs.
-                following = load() if step + 1 < total_steps else ([], [], None)
-                metrics = host_metrics(device_metrics)  # waits for the step
-                profiler.after_step(step + 1)
-                try:
-                    check_finite(metrics, step + 1)
-                except TrainingError as error:
-                    _stop_on_non_finite(error, workdir, step + 1, metrics, batches, checkpointer)
                 step += 1
-                step_stats = [b.stats for b in batches]
-                words_seen += sum(s.words for s in step_stats)
-                now = time.monotonic()
-                last_row = _step_row(step_stats, metrics, words_seen, now - last_time, config.model.lm,
-                                     jax.devices())
-                last_time = now
+                if unread is not None:
+                    # The previous step is read only now, with this one queued behind it,
+                    # so the device never idles while the host logs.
+                    last_row, unread = read_step(unread), None
+                # Load and transfer the next step's microbatches while this one runs.
+                following = load() if step < total_steps else ([], [], None)
+                words_seen += sum(b.stats.words for b in batches)
                 reached = tracker.update(words_seen)
-                if on_step is not None:
-                    on_step(StepEvent(step, last_row, reached, trainer, state))
                 if budget_reached(words_seen, config.train.word_budget):
                     stop_reason = "word_budget"
                 if signals.received is not None:
                     stop_reason = f"signal {signal.Signals(signals.received).name}"
                 final = stop_reason is not None or not following[0]
-                if logger is not None and (step % config.train.log_every == 0 or step == 1 or reached or final):
-                    logger.log(step, last_row)
                 finished = final and signals.received is None  # a preempted run exits quickly
-                step_eval = None
-                # Evaluation only reads the parameters, so running it before the save changes
-                # nothing in the run; the checkpoint's metadata then carries its accuracies.
-                if evaluator is not None and _evaluation_due(config, step, reached, finished):
-                    name = milestone_name(reached[-1]) if reached else f"step_{step}"
-                    last_eval = step_eval = _evaluate(evaluator, trainer.model(state["params"]), workdir, name,
-                                                      step, words_seen, logger, chances)
-                    last_time = time.monotonic()  # evaluation time is not step time
-                if (every and step % every == 0) or (milestones_on and reached) or final:
-                    meta = {"words_seen": words_seen, "milestones_done": tracker.state()["done"]}
-                    if step_eval is not None:
-                        meta["eval"] = step_eval
-                    checkpointer.save(step, state, meta=meta, data_state=data_state, run_record=record,
-                                      milestones=reached if milestones_on else ())
-                    last_saved = step
+                evaluate = evaluator is not None and _evaluation_due(config, step, reached, finished)
+                save = bool((every and step % every == 0) or (milestones_on and reached) or final)
+                current = _Dispatched(step, device_metrics, batches, words_seen, log=bool(
+                    step % config.train.log_every == 0 or step == 1 or reached or final))
+                if save or evaluate or on_step is not None:
+                    # This step's state is needed before the next step consumes it: wait for it.
+                    last_row = read_step(current)
+                    if on_step is not None:
+                        on_step(StepEvent(step, last_row, reached, trainer, state))
+                    step_eval = None
+                    # Evaluation only reads the parameters, so running it before the save changes
+                    # nothing in the run; the checkpoint's metadata then carries its accuracies.
+                    if evaluate:
+                        name = milestone_name(reached[-1]) if reached else f"step_{step}"
+                        last_eval = step_eval = _evaluate(evaluator, trainer.model(state["params"]), workdir,
+                                                          name, step, words_seen, logger, chances)
+                        last_time = time.monotonic()  # evaluation time is not step time
+                    if save:
+                        meta = {"words_seen": words_seen, "milestones_done": tracker.state()["done"]}
+                        if step_eval is not None:
+                            meta["eval"] = step_eval
+                        checkpointer.save(step, state, meta=meta, data_state=data_state, run_record=record,
+                                          milestones=reached if milestones_on else ())
+                        last_saved = step
+                else:
+                    unread = current
                 batches, arrays, data_state = ([], [], None) if final else following
     finally:
         profiler.close()
