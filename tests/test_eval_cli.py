@@ -6,7 +6,10 @@ stored by `checkpoint_io.write_params_checkpoint` with the bundled tokenizer.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -111,3 +114,20 @@ def test_task_and_template_arguments_are_checked_before_any_loading(capsys):
     assert parse_image_templates(None) == (True, ())
     assert parse_image_templates(["<image>\\n{text}"]) == (False, ("<image>\n{text}",))  # template only
     assert parse_image_templates(["none", "<image>\n{text}"]) == (True, ("<image>\n{text}",))
+
+
+def test_eval_cli_splits_batches_over_every_local_device(checkpoint, tmp_path):
+    """8 simulated CPU devices: each holds the model and scores its share of every batch;
+    the scores equal the one-device scores of the saved model."""
+    workdir, model, pairs = checkpoint
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "launch.py", "eval", "--checkpoint", workdir, "--task", f"pairs={pairs}",
+                          "--batch-size", "16", "--out", str(tmp_path)], env=env, cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-4000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["devices"] == 8
+    lines = [json.loads(line) for line in (tmp_path / "pairs" / "text" / "predictions.jsonl").read_text().splitlines()]
+    tokenizer = load_tokenizer(str(SAMPLE / "tokenizer"))
+    expected = MinimalPairEvaluator({"pairs": pairs}, tokenizer, batch_size=16).evaluate(model)["pairs"]["text"]
+    np.testing.assert_allclose([line["scores"] for line in lines], np.stack(expected.scores), atol=1e-5, rtol=0)

@@ -78,7 +78,11 @@ def default_out_dir(checkpoint: str) -> str:
 def run_eval(args) -> int:
     import jax
 
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+
     from jaxllava.convert.checkpoint_io import load_checkpoint_params, model_from_params, read_meta
+    from jaxllava.model.sharding import make_mesh
     from jaxllava.data.samples import load_tokenizer
     from jaxllava.eval.evaluator import MinimalPairEvaluator
 
@@ -91,8 +95,11 @@ def run_eval(args) -> int:
     tokenizer = load_tokenizer(config.data.tokenizer)
     evaluator = MinimalPairEvaluator(tasks, tokenizer, image_templates=templates, bare_text=bare_text,
                                      protocol=args.protocol, batch_size=args.batch_size)
-    model = model_from_params(dataclasses.replace(config.model, dtype=args.dtype), jax.device_put(params))
+    # Every local device holds the model (BabyLM-sized) and scores its share of each batch's rows.
+    everywhere = NamedSharding(make_mesh(data=-1), PartitionSpec())
+    model = model_from_params(dataclasses.replace(config.model, dtype=args.dtype), jax.device_put(params, everywhere))
     del params
+    model_devices = len(jax.tree.leaves(nnx.state(model, nnx.Param))[0].sharding.device_set)
 
     started = time.monotonic()
     results = evaluator.evaluate(model)
@@ -109,6 +116,7 @@ def run_eval(args) -> int:
         "checkpoint": os.path.abspath(args.checkpoint), "step": meta.get("step"),
         "words_seen": meta.get("words_seen"), "tokenizer": config.data.tokenizer, "dtype": args.dtype,
         "batch_size": args.batch_size, "seconds": round(seconds, 3), "device": jax.devices()[0].device_kind,
+        "devices": model_devices,  # the devices sharing each batch
         "run_created": record.get("created")})
     print(f"wrote {path} and per-task predictions under {out}", file=sys.stderr)
     return 0
