@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--tokenizer", default=os.path.join(ROOT, "data", "sample", "tokenizer"))
     args = parser.parse_args()
 
-    from jaxllava.data.samples import load_tokenizer
+    from jaxllava.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer)
     data = source = args.data or default_data()

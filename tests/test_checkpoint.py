@@ -15,7 +15,7 @@ from flax import nnx
 
 from jaxllava.errors import TrainingError
 from jaxllava.model.layers import Dense, RMSNorm
-from jaxllava.train.checkpoint import Checkpointer, abstract_like, write_diagnostics
+from jaxllava.checkpoint import Checkpointer, write_diagnostics
 from jaxllava.train.config import CheckpointConfig, OptimConfig
 from jaxllava.train.optimizer import make_optimizer
 
@@ -25,6 +25,11 @@ class Toy(nnx.Module):
         self.lm = Dense(4, 6, axes=("embed", "mlp"), rngs=rngs)
         self.projector = RMSNorm(4, eps=1e-5)
         self.vision = Dense(3, 4, axes=(None, None), rngs=rngs)  # frozen: no optimizer state
+
+
+def abstract_like(tree):
+    """ShapeDtypeStructs of `tree`'s arrays, each carrying the array's own sharding (a restore target)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
 def train_state(seed: int = 0):
@@ -153,7 +158,10 @@ RESHARD_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
     from jaxllava.model.sharding import make_mesh
-    from jaxllava.train.checkpoint import Checkpointer, abstract_like
+    from jaxllava.checkpoint import Checkpointer
+
+    def abstract_like(tree, shardings):
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
     from jaxllava.train.config import CheckpointConfig
 
     workdir = sys.argv[1]

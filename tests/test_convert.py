@@ -17,11 +17,12 @@ from safetensors.numpy import load_file, save_file
 import launch
 from conftest import make_word_tokenizer
 from jaxllava.config import load_config
-from jaxllava.convert import checkpoint_io, hf
-from jaxllava.convert.checkpoint_io import load_checkpoint_params, model_from_params, write_params_checkpoint
+from jaxllava import checkpoint
+from jaxllava.convert import hf
+from jaxllava.checkpoint import load_checkpoint_params, model_from_params, write_params_checkpoint
 from jaxllava.convert.hf import export_lm, import_hf
 from jaxllava.convert.reference import VISION_PREFIX
-from jaxllava.errors import ConversionError
+from jaxllava.errors import ConfigError, ConversionError
 from conftest import randomize_torch_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,7 +102,7 @@ def test_import_then_export_gives_bit_identical_llama_and_dinov2_tensors(sources
 
 
 def test_import_report_names_mapped_unused_and_initialised_parts(imported, sources):
-    with open(os.path.join(imported, checkpoint_io.REPORT_JSON)) as f:
+    with open(os.path.join(imported, checkpoint.REPORT_JSON)) as f:
         report = json.load(f)
     assert len(report["lm"]["mapped"]) == len(load_file(os.path.join(sources["lm"], "model.safetensors")))
     assert list(report["vision"]["unused"]) == ["embeddings.mask_token"]
@@ -158,7 +159,7 @@ def test_new_tokenizer_rows_get_the_mean_of_existing_rows_in_embedding_and_head(
         np.testing.assert_array_equal(grown[:BASE_TOKENS], old)
         for row in grown[BASE_TOKENS:]:
             np.testing.assert_allclose(row, old.astype(np.float64).mean(axis=0), rtol=0, atol=1e-7)
-    assert checkpoint_io.read_meta(str(tmp_path / "out"))["model.lm"]["vocab_size"] == {"checkpoint": BASE_TOKENS,
+    assert checkpoint.read_meta(str(tmp_path / "out"))["model.lm"]["vocab_size"] == {"checkpoint": BASE_TOKENS,
                                                                                    "now": TOKENS}
 
 
@@ -214,7 +215,7 @@ def test_training_checkpoint_params_are_read_without_optimizer_state(imported, t
     """The training loop's layout (params as an nnx.State, optimizer state beside them) reads back too,
     here placed with explicit shardings."""
     from jaxllava.config import config_to_dict
-    from jaxllava.train.checkpoint import Checkpointer
+    from jaxllava.checkpoint import Checkpointer
     from jaxllava.train.config import CheckpointConfig
 
     config, params, _ = load_checkpoint_params(imported)
@@ -232,7 +233,7 @@ def test_training_checkpoint_params_are_read_without_optimizer_state(imported, t
 
 def test_stored_params_that_disagree_with_the_stored_config_are_refused(sources, tmp_path):
     config = text_config()
-    params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), checkpoint_io.abstract_params(config.model))
+    params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), checkpoint.abstract_params(config.model))
     params["lm"]["norm"]["scale"] = np.ones((7,), np.float32)
     write_params_checkpoint(str(tmp_path / "bad"), config, params, sources["tokenizer"], {})
     with pytest.raises(ConversionError, match=r"'lm/norm/scale' has shape \(7,\).*expects \(64,\)"):
@@ -303,7 +304,7 @@ def test_vocabulary_that_disagrees_with_the_tokenizer_is_refused(sources, import
     shutil.copytree(imported, swapped)
     shutil.rmtree(os.path.join(swapped, "tokenizer"))
     make_word_tokenizer(os.path.join(swapped, "tokenizer"), extra_words=("zebra", "yak"))
-    with pytest.raises(ConversionError, match="40 tokens but the model's vocab_size is 38"):
+    with pytest.raises(ConfigError, match=r"40 tokens \(image placeholders included\) but model.lm.vocab_size is 38"):
         export_lm(swapped, str(tmp_path / "export"))
     assert not os.path.exists(tmp_path / "export")
 
@@ -318,7 +319,7 @@ def test_interrupted_conversion_leaves_no_partial_output(sources, imported, tmp_
         raise KeyboardInterrupt("killed mid-write")
 
     # after the Orbax checkpoint is written, before the run record: the temp directory is half full
-    monkeypatch.setattr("jaxllava.train.provenance.write_run_json", fail)
+    monkeypatch.setattr("jaxllava.provenance.write_run_json", fail)
     with pytest.raises(KeyboardInterrupt):
         import_hf_once(sources, tmp_path / "out")
     # after model.safetensors is written, before the tokenizer

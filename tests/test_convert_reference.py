@@ -27,8 +27,8 @@ from safetensors.numpy import load_file, save_file
 
 import launch
 from conftest import WORDS
-from jaxllava.convert import checkpoint_io
-from jaxllava.convert.checkpoint_io import load_checkpoint_params, model_from_params
+from jaxllava import checkpoint
+from jaxllava.checkpoint import load_checkpoint_params, model_from_params
 from jaxllava.convert.reference import PROJECTOR_PREFIX, VISION_PREFIX, import_reference
 from jaxllava.errors import ConversionError
 from conftest import randomize_torch_model
@@ -204,7 +204,7 @@ def test_reference_checkpoint_imports_and_matches_the_reference_forward_on_an_im
 
 
 def test_report_accounts_for_every_reference_tensor(reference, imported):
-    with open(os.path.join(imported, checkpoint_io.REPORT_JSON)) as f:
+    with open(os.path.join(imported, checkpoint.REPORT_JSON)) as f:
         report = json.load(f)
     assert set(report["mapped"]) | set(report["unused"]) == set(reference["tensors"])
     assert not set(report["mapped"]) & set(report["unused"])
@@ -222,7 +222,7 @@ def test_report_accounts_for_every_reference_tensor(reference, imported):
     assert (model.resampler.kind, model.projector.kind, model.image_tokens) == ("identity", "mlp2x_gelu", N)
     tokenizer = transformers.AutoTokenizer.from_pretrained(config.data.tokenizer)
     assert len(tokenizer) == VOCAB and tokenizer.convert_tokens_to_ids(ADDED) == list(range(VOCAB - 8, VOCAB))
-    assert checkpoint_io.read_meta(imported)["reference"]["stage"] == 1
+    assert checkpoint.read_meta(imported)["reference"]["stage"] == 1
 
 
 def test_reference_export_round_trips_through_import(reference, imported, tmp_path):
@@ -264,7 +264,7 @@ def test_lape_tensors_are_refused_unless_dropped(reference, tmp_path):
     assert not os.path.exists(tmp_path / "out")
     report = import_reference(source, str(tmp_path / "out"), drop_lape=True)
     assert all("LAPE embedding, dropped on request" in report["unused"][k] for k in lape)
-    assert checkpoint_io.read_meta(str(tmp_path / "out"))["reference"]["lape_dropped"] is True
+    assert checkpoint.read_meta(str(tmp_path / "out"))["reference"]["lape_dropped"] is True
 
 
 def test_unexpected_and_missing_reference_tensors_are_errors(reference, tmp_path):

@@ -1,7 +1,7 @@
 """`launch.py eval` end to end on a tiny checkpoint written by the conversion path.
 
 The checkpoint is configs/tiny.yaml's LLaVA (tiny tower included) with random weights,
-stored by `checkpoint_io.write_params_checkpoint` with the bundled tokenizer.
+stored by `checkpoint.write_params_checkpoint` with the bundled tokenizer.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from flax import nnx
 
 import launch
 from jaxllava.config import load_config
-from jaxllava.convert.checkpoint_io import write_params_checkpoint
-from jaxllava.data.samples import load_tokenizer
+from jaxllava.checkpoint import write_params_checkpoint
+from jaxllava.data.tokenizer import load_tokenizer
 from jaxllava.errors import ConfigError
 from jaxllava.eval.cli import parse_image_templates, parse_tasks
 from jaxllava.eval.evaluator import MinimalPairEvaluator

@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 
 from jaxllava.config import load_config
-from jaxllava.data.samples import load_tokenizer
+from jaxllava.data.tokenizer import load_tokenizer
 from jaxllava.errors import ConfigError, DataError
 from jaxllava.eval import scoring
 from jaxllava.eval.evaluator import MinimalPairEvaluator, detect_task_kind
@@ -185,8 +185,8 @@ if spec["processes"] > 1:
     jax.distributed.initialize(f"localhost:{spec['port']}", spec["processes"], spec["process_id"])
 from flax import nnx
 from jaxllava.config import load_config
-from jaxllava.convert.checkpoint_io import model_from_params
-from jaxllava.data.samples import load_tokenizer
+from jaxllava.checkpoint import model_from_params
+from jaxllava.data.tokenizer import load_tokenizer
 from jaxllava.eval import scoring
 from jaxllava.eval.evaluator import MinimalPairEvaluator
 from jaxllava.model.sharding import make_mesh, tree_shardings

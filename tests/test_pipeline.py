@@ -11,7 +11,7 @@ from conftest import image_record, text_record, write_json, write_jsonl, write_p
 from jaxllava.data.batch import IGNORE, ImageBatch, TextBatch
 from jaxllava.data.config import DataConfig, SourceConfig
 from jaxllava.data.pipeline import DataPipeline
-from jaxllava.data.samples import special_ids
+from jaxllava.data.tokenizer import special_ids
 from jaxllava.errors import DataError
 
 N = 6

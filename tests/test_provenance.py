@@ -9,7 +9,7 @@ import pytest
 
 from jaxllava.config import build_config, config_to_dict
 from jaxllava.model.sharding import make_mesh
-from jaxllava.train.provenance import (code_version, data_fingerprint, fingerprint_files, package_versions,
+from jaxllava.provenance import (code_version, data_fingerprint, fingerprint_files, package_versions,
                                        run_record, write_run_json)
 
 

@@ -25,7 +25,8 @@ from jaxllava.data.config import DataConfig, SourceConfig
 from jaxllava.data.images import load_image
 from jaxllava.data.pipeline import DataPipeline
 from jaxllava.data.records import read_records
-from jaxllava.data.samples import build_sample_table, load_tokenizer, record_pieces, special_ids
+from jaxllava.data.samples import build_sample_table, record_pieces
+from jaxllava.data.tokenizer import load_tokenizer, special_ids
 from jaxllava.errors import ConfigError, DataError
 from jaxllava.eval.evaluator import MinimalPairEvaluator
 from jaxllava.model.config import LlamaConfig, ModelConfig, ResamplerConfig

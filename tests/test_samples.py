@@ -9,7 +9,8 @@ from conftest import image_record, text_record, write_json, write_jsonl, write_p
 
 from jaxllava.data.config import DataConfig
 from jaxllava.data.records import SkipReport, read_records
-from jaxllava.data.samples import build_sample_table, load_tokenizer, special_ids
+from jaxllava.data.samples import build_sample_table
+from jaxllava.data.tokenizer import load_tokenizer, special_ids
 from jaxllava.errors import DataError
 
 N = 6  # image tokens in these tests

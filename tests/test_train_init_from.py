@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxllava.config import load_config
-from jaxllava.convert.checkpoint_io import load_checkpoint_params, write_params_checkpoint
+from jaxllava.checkpoint import load_checkpoint_params, write_params_checkpoint
 from jaxllava.errors import ConfigError, TrainingError
 from jaxllava.train.loop import train
 

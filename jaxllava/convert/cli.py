@@ -17,7 +17,7 @@ import os
 import sys
 from typing import TextIO
 
-from jaxllava.convert.checkpoint_io import REPORT_JSON
+from jaxllava.checkpoint import REPORT_JSON
 from jaxllava.errors import ConfigError
 
 

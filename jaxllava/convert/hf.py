@@ -30,8 +30,9 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from jaxllava.convert.checkpoint_io import (atomic_output_dir, copy_tokenizer, ensure_new_output,
-                                            load_checkpoint_params, model_from_params, write_params_checkpoint)
+from jaxllava.checkpoint import (abstract_model, atomic_output_dir, ensure_new_output, load_checkpoint_params,
+                                 model_from_params, write_params_checkpoint)
+from jaxllava.data.tokenizer import copy_tokenizer
 from jaxllava.errors import ConversionError
 from jaxllava.model.hf_weights import CheckpointTensors, read_config
 from jaxllava.model.hf_weights import iter_hf_tensors, save_sharded_safetensors
@@ -155,12 +156,6 @@ def fresh_parts(model_config, seed: int, names: Iterable[str]) -> dict:
     return init()
 
 
-def _abstract_model(model_config):
-    from jaxllava.model.llava import LlavaModel
-
-    return nnx.eval_shape(lambda: LlavaModel(model_config, rngs=nnx.Rngs(0)))
-
-
 def _tokenizer_source(tokenizer_dir: Optional[str], lm_dir: str, config) -> str:
     if tokenizer_dir:
         return tokenizer_dir
@@ -181,7 +176,7 @@ def import_hf(config, out: str, lm_dir: str, vision_dir: Optional[str] = None,
     projector kinds. The LM and tower architectures come from the checkpoints'
     config.json; where they differ from `config`, the report notes it.
     """
-    from jaxllava.data.samples import load_tokenizer
+    from jaxllava.data.tokenizer import load_tokenizer
 
     ensure_new_output(out)
     if config.model.vision is not None and not vision_dir:
@@ -208,7 +203,7 @@ def import_hf(config, out: str, lm_dir: str, vision_dir: Optional[str] = None,
     model_config = dataclasses.replace(config.model, lm=grown_lm_config, vision=vision_config)
     config = dataclasses.replace(config, model=model_config)
 
-    model = _abstract_model(model_config)
+    model = abstract_model(model_config)
     grow = {}
     if new_tokens:
         grow = {EMBED: (lm_config.vocab_size, vocab_size)}

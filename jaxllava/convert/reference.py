@@ -39,8 +39,8 @@ from typing import Optional
 
 from flax import nnx
 
-from jaxllava.convert.checkpoint_io import (atomic_output_dir, ensure_new_output, load_checkpoint_params,
-                                            model_from_params, read_meta, write_params_checkpoint)
+from jaxllava.checkpoint import (abstract_model, atomic_output_dir, ensure_new_output, load_checkpoint_params,
+                                 model_from_params, read_meta, write_params_checkpoint)
 from jaxllava.convert.hf import ImportSource, classify_unused, save_export_tokenizer, save_safetensors, \
     write_provenance
 from jaxllava.errors import ConversionError
@@ -157,8 +157,7 @@ def import_reference(ref_dir: str, out: str, *, config=None, vision_config_dir: 
     optimisation; default: the schema defaults); its model section is replaced.
     """
     from jaxllava.config import ExperimentConfig, config_to_dict
-    from jaxllava.data.samples import load_tokenizer
-    from jaxllava.model.llava import LlavaModel
+    from jaxllava.data.tokenizer import load_tokenizer
 
     ensure_new_output(out)
     config = config or ExperimentConfig()
@@ -182,7 +181,7 @@ def import_reference(ref_dir: str, out: str, *, config=None, vision_config_dir: 
         config.data.image, aspect="pad" if aspect == "pad" else "resize"))
     config = dataclasses.replace(config, model=model_config, data=data)
 
-    model = nnx.eval_shape(lambda: LlavaModel(model_config, rngs=nnx.Rngs(0)))
+    model = abstract_model(model_config)
     source = ImportSource(tensors)
     load_hf_llama_weights(model.lm, source)
     lm_mapped = set(source.read)

@@ -27,7 +27,8 @@ from jaxllava.data.config import DataConfig
 from jaxllava.data.images import ImageProcessing, load_image
 from jaxllava.data.packing import MicrobatchPlan, plan_epoch
 from jaxllava.data.records import Record, SkipReport, fingerprint_files, read_records
-from jaxllava.data.samples import SampleTable, SpecialIds, build_sample_table, load_tokenizer, special_ids
+from jaxllava.data.samples import SampleTable, build_sample_table
+from jaxllava.data.tokenizer import SpecialIds, load_tokenizer, special_ids
 from jaxllava.errors import DataError
 
 

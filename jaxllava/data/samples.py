@@ -30,64 +30,16 @@ import numpy as np
 from jaxllava.data.config import DataConfig
 from jaxllava.data.records import Record, SkipReport
 from jaxllava.data.templates import get_template
+from jaxllava.data.tokenizer import IMAGE_TOKEN, special_ids
 from jaxllava.data.words import record_words
 from jaxllava.errors import DataError
-
-IMAGE_MARKER = "<image>"
-PLACEHOLDER_TOKENS = ("<im_start>", "<im_patch>", "<im_end>")
-
-
-@dataclasses.dataclass(frozen=True)
-class SpecialIds:
-    bos: int | None
-    eos: int | None
-    pad: int
-    im_start: int
-    im_patch: int
-    im_end: int
-
-    def image_span(self, n: int) -> list[int]:
-        if n < 2:
-            raise ValueError(f"an image span needs at least 2 tokens (start and end), got N={n}")
-        return [self.im_start] + [self.im_patch] * (n - 2) + [self.im_end]
-
-
-def load_tokenizer(path: str):
-    """A Hugging Face tokenizer from a local directory (never the hub).
-
-    The image placeholder tokens are added as special tokens when missing, as the
-    reference's stage 1 did; the model's vocabulary must then cover them (checked
-    when training starts).
-    """
-    from transformers import AutoTokenizer
-
-    if not path:
-        raise DataError("data.tokenizer is not set: give a local tokenizer directory", field="data.tokenizer")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot load a tokenizer from {path!r}: {e}", file=path, field="data.tokenizer") from e
-    missing = [t for t in PLACEHOLDER_TOKENS if t not in tokenizer.get_vocab()]
-    if missing:
-        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
-    return tokenizer
-
-
-def special_ids(tokenizer) -> SpecialIds:
-    vocab = tokenizer.get_vocab()
-    pad = tokenizer.pad_token_id
-    if pad is None:
-        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    return SpecialIds(bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id, pad=pad,
-                      im_start=vocab["<im_start>"], im_patch=vocab["<im_patch>"], im_end=vocab["<im_end>"])
-
 
 # A piece is ("bos",), ("eos", target), ("image",) or ("text", text, target).
 Piece = tuple
 
 
 def _strip_image_marker(text: str) -> str:
-    return text.replace(IMAGE_MARKER, "").strip()
+    return text.replace(IMAGE_TOKEN, "").strip()
 
 
 def record_pieces(record: Record, cfg: DataConfig, *, has_bos: bool) -> list[Piece]:
@@ -118,7 +70,7 @@ def record_pieces(record: Record, cfg: DataConfig, *, has_bos: bool) -> list[Pie
             if turn.role == "user":
                 if not first_user and template.bos_each_round and has_bos:
                     pieces.append(("bos",))
-                image_here = with_image and IMAGE_MARKER in text
+                image_here = with_image and IMAGE_TOKEN in text
                 text = _strip_image_marker(text)
                 if first_user and template.system:
                     text = template.system_format.format(system=template.system) + text

@@ -68,7 +68,7 @@ def parse_image_templates(values: Optional[Sequence[str]]) -> tuple[bool, tuple[
 
 
 def default_out_dir(checkpoint: str) -> str:
-    from jaxllava.convert.checkpoint_io import resolve_checkpoint
+    from jaxllava.checkpoint import resolve_checkpoint
 
     location = resolve_checkpoint(checkpoint)
     base = location.workdir or os.path.dirname(location.step_dir)
@@ -81,9 +81,9 @@ def run_eval(args) -> int:
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from jaxllava.convert.checkpoint_io import load_checkpoint_params, model_from_params, read_meta
+    from jaxllava.checkpoint import load_checkpoint_params, model_from_params, read_meta
     from jaxllava.model.sharding import make_mesh
-    from jaxllava.data.samples import load_tokenizer
+    from jaxllava.data.tokenizer import load_tokenizer
     from jaxllava.eval.evaluator import MinimalPairEvaluator
 
     tasks = parse_tasks(args.task)

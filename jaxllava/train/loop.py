@@ -44,11 +44,11 @@ from jaxllava.eval.evaluator import MinimalPairEvaluator
 from jaxllava.model.config import ModelConfig
 from jaxllava.model.llava import LlavaModel, check_image_mask
 from jaxllava.model.sharding import make_mesh
-from jaxllava.train.checkpoint import Checkpointer, write_diagnostics
+from jaxllava.checkpoint import Checkpointer, milestone_name, write_diagnostics
 from jaxllava.train.config import MeshConfig
 from jaxllava.train.metrics import MetricsLogger, StepProfiler, lm_flops_per_token, mfu, peak_memory_gb
-from jaxllava.train.milestones import BABYLM_MILESTONES, MilestoneTracker, budget_reached, milestone_name
-from jaxllava.train.provenance import data_fingerprint, run_record, write_run_json
+from jaxllava.train.milestones import BABYLM_MILESTONES, MilestoneTracker, budget_reached
+from jaxllava.provenance import data_fingerprint, run_record, write_run_json
 from jaxllava.model.sharding import tree_shardings
 from jaxllava.train.step import TrainStep, check_finite, device_arrays, host_metrics
 
@@ -238,11 +238,10 @@ def _start_or_resume(config: ExperimentConfig, workdir: str, trainer: TrainStep,
 
 def _params_from_checkpoint(config: ExperimentConfig, params: nnx.State) -> nnx.State:
     """`params` with their values from `config.train.init_from`, kept in their shardings."""
-    from jaxllava.config import build_config
-    from jaxllava.convert.checkpoint_io import load_checkpoint_params, read_run_record, resolve_checkpoint
+    from jaxllava.checkpoint import load_checkpoint_params, read_checkpoint_config
 
     source = config.train.init_from
-    stored = build_config(read_run_record(resolve_checkpoint(source).step_dir)["config"])
+    stored, _, _ = read_checkpoint_config(source)
     if stored.model != config.model:
         mine, theirs = config_to_dict(config.model), config_to_dict(stored.model)
         raise ConfigError(f"train.init_from={source}: its model differs from this config's in "

@@ -21,20 +21,6 @@ BABYLM_MILESTONES: tuple[int, ...] = (
 )
 
 
-def format_words(words: int) -> str:
-    """'10M', '1.5M', '1000M', '500k', '750': BabyLM counts in millions, smaller in thousands."""
-    if words >= M:
-        return f"{words / M:.3f}".rstrip("0").rstrip(".") + "M"
-    if words >= 1000:
-        return f"{words / 1000:.3f}".rstrip("0").rstrip(".") + "k"
-    return str(words)
-
-
-def milestone_name(words: int) -> str:
-    """BabyLM's revision name for a milestone: `chck_10M`."""
-    return f"chck_{format_words(words)}"
-
-
 def budget_reached(words: int, budget: Optional[int]) -> bool:
     """True once `words` reached the budget: checked after every optimizer step, so a
     run stops at most one step past it."""
@@ -56,7 +42,3 @@ class MilestoneTracker:
 
     def state(self) -> dict:
         return {"done": sorted(self.done)}
-
-    @classmethod
-    def from_state(cls, state: dict, milestones: Sequence[int] = BABYLM_MILESTONES) -> "MilestoneTracker":
-        return cls(milestones, done=state.get("done", ()))
