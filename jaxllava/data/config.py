@@ -5,11 +5,20 @@ import dataclasses
 from typing import Literal, Optional
 
 
+# ImageNet statistics: DINOv2's (and most towers') normalisation, the default when no
+# preprocessor_config.json is given.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
 @dataclasses.dataclass(frozen=True)
 class SourceConfig:
     path: str  # a .json (list) or .jsonl file of LLaVA-format records
     weight: float = 1.0  # copies per epoch: 2.0 repeats every record, 0.5 takes a seeded half
     image_folder: Optional[str] = None  # image paths are relative to this (default: the file's folder)
+    # Image paths must resolve inside image_folder (no "..", absolute paths or symlinks
+    # leading out) unless this is true.
+    allow_outside: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,8 +27,11 @@ class ImageConfig:
     # mean/std; size always follows the vision tower's image_size.
     preprocessor_config: Optional[str] = None
     aspect: Literal["pad", "resize"] = "pad"  # the reference's image_aspect_ratio=pad
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    # Images with more pixels (width × height) are refused before they are decoded: a small
+    # compressed file can hold a huge picture that takes gigabytes to decode.
+    max_pixels: int = 50_000_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +46,9 @@ class DataConfig:
     add_eos: bool = False  # the reference's plain LM appended no EOS (pitfall 10)
     use_images: bool = True  # False: image records are trained as text-only records
     on_bad_record: Literal["error", "skip"] = "error"
+    # Decode every image once at start, so a corrupt one stops the run (or is skipped)
+    # before training instead of when its batch comes up. Always done under "skip".
+    check_images: bool = False
     # Words the budget counts: "trained" = whitespace words of every turn the model
     # is trained on; "reference" = the reference's rule (assistant turns, alnum split).
     word_rule: Literal["trained", "reference"] = "trained"

@@ -25,6 +25,7 @@ import zlib
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
+from jaxllava.data.config import IMAGENET_MEAN, IMAGENET_STD
 from jaxllava.errors import ConfigError, DataError
 
 # Exceptions Pillow raises for damaged files (struct/zlib/EOF come from inside plugins).
@@ -40,8 +41,8 @@ class ImageProcessing:
 
     size: int  # square output side (the tower's input size)
     aspect: str = "pad"  # "pad": pad to square with the mean colour | "resize": squash to square
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
     rescale: float = 1 / 255
 
     def __post_init__(self):

@@ -9,9 +9,13 @@ times (REFERENCE.md §1.8, pitfall 29).
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from typing import Literal, Optional
+
+
+ComputeDtype = Literal["float32", "bfloat16"]
+AttentionImpl = Literal["auto", "xla", "cudnn"]
+Remat = Literal["none", "full", "save_dots"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,29 +123,26 @@ class ModelConfig:
     vision: Optional[VisionConfig] = None  # None: a text-only model with no vision parameters
     resampler: ResamplerConfig = dataclasses.field(default_factory=ResamplerConfig)
     projector: ProjectorConfig = dataclasses.field(default_factory=ProjectorConfig)
-    dtype: Literal["float32", "bfloat16"] = "bfloat16"  # compute; parameters stay float32
-    attention_impl: Literal["auto", "xla", "cudnn"] = "auto"  # auto: cudnn on GPU when supported
+    dtype: ComputeDtype = "bfloat16"  # compute; parameters stay float32
+    attention_impl: AttentionImpl = "auto"  # auto: cudnn on GPU when supported
     # Rematerialisation of decoder layers: "none", "full" (recompute everything), or
     # "save_dots" (keep matmul outputs without batch dims, recompute the rest).
-    remat: Literal["none", "full", "save_dots"] = "none"
+    remat: Remat = "none"
 
     @property
     def image_tokens(self) -> int:
         """N: how many placeholder positions one image occupies in the sequence."""
-        if self.vision is None:
-            return 0
-        tower_tokens = self.vision.output_tokens
-        kind = self.resampler.kind
-        if kind == "identity":
-            return tower_tokens
-        if kind == "perceiver":
-            return self.resampler.num_latents
-        if kind == "token_packer":
-            side = math.isqrt(self.resampler.num_latents)
-            if side * side != self.resampler.num_latents:
-                raise ValueError(f"token_packer needs a square num_latents, got {self.resampler.num_latents}")
-            return self.resampler.num_latents
-        if kind == "avg_pool":
-            side = self.vision.grid // self.resampler.pool_stride
-            return side * side + (tower_tokens - self.vision.grid ** 2)
-        raise ValueError(f"unknown resampler kind {kind!r}")
+        return 0 if self.vision is None else image_token_count(self.vision, self.resampler)
+
+
+def image_token_count(vision: VisionConfig, resampler: ResamplerConfig) -> int:
+    """N, the number of visual vectors one image becomes (tower grid → resampler): the one
+    place it is derived. The data pipeline writes exactly N placeholders per image, the
+    resamplers output exactly N vectors, and the model overwrites exactly those N positions."""
+    kind = resampler.kind
+    if kind == "identity":
+        return vision.output_tokens
+    if kind in ("perceiver", "token_packer"):
+        return resampler.num_latents
+    side = vision.grid // resampler.pool_stride  # avg_pool: remainder rows and columns dropped
+    return side * side + (vision.output_tokens - vision.grid ** 2)

@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from jaxllava.errors import ConfigError, DataError
+from jaxllava.errors import ConfigError
 from jaxllava.model.config import ModelConfig
 from jaxllava.model.llama import Llama
 from jaxllava.model.projectors import Projector
@@ -48,22 +47,6 @@ def merge_image_features(embeds: jax.Array, features: jax.Array, image_mask: jax
     index = jnp.clip(jnp.cumsum(image_mask.astype(jnp.int32), axis=1) - 1, 0, features.shape[1] - 1)
     gathered = jnp.take_along_axis(features, index[..., None], axis=1)  # (B, T, D)
     return jnp.where(image_mask[..., None], gathered.astype(embeds.dtype), embeds)
-
-
-def check_image_mask(image_mask: np.ndarray, image_rows: np.ndarray, n: int) -> None:
-    """Host-side boundary check: every image row has exactly `n` placeholder positions and
-    every other row none (the data pipeline guarantees it; the model relies on it)."""
-    image_mask, image_rows = np.asarray(image_mask), np.asarray(image_rows)
-    if image_mask.ndim != 2 or image_rows.shape != image_mask.shape[:1]:
-        raise DataError(f"image_mask {image_mask.shape} and image_rows {image_rows.shape} must be (B, T) and (B,)",
-                        field="image_mask")
-    counts = image_mask.astype(bool).sum(axis=1)
-    for row, (count, has_image) in enumerate(zip(counts, image_rows.astype(bool))):
-        expected = n if has_image else 0
-        if count != expected:
-            what = "image row" if has_image else "row without an image"
-            raise DataError(f"{what} has {count} image placeholder positions, the model expects {expected}",
-                            record=f"microbatch row {row}", field="image_mask")
 
 
 class LlavaModel(nnx.Module):
