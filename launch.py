@@ -1,9 +1,15 @@
-"""The one entry point: train, inspect-data, eval, convert.
+"""The one entry point: train, inspect-data, cache-images, eval, convert.
 
     python launch.py train --config configs/tiny.yaml [--workdir DIR] [--set a.b=value ...]
     python launch.py inspect-data --config configs/tiny.yaml [--batches N] [--set ...]
+    python launch.py cache-images --config CFG --out DIR [--workers N] [--set ...]
     python launch.py eval --checkpoint CKPT --task NAME=PATH [...]
     python launch.py convert {import-hf,import-reference,export-hf} ...
+
+Exit codes: 0 done; 2 a mistake in the input (config, data, checkpoint), printed as one
+`error:` line (`--debug` shows the traceback); 128 + the signal number when a run was
+stopped by a signal after saving (143 for SIGTERM, 130 for SIGINT), so job scripts can
+tell a preempted run from a finished one; 1 an unexpected failure (a bug: full traceback).
 """
 from __future__ import annotations
 
@@ -38,8 +44,8 @@ def cmd_train(args) -> int:
     if args.workdir:
         overrides.append(f"train.workdir={args.workdir}")
     config = load_config(args.config, overrides)
-    train(config)
-    return 0
+    summary = train(config)
+    return 128 + summary["signal"] if summary["signal"] is not None else 0
 
 
 def cmd_eval(args) -> int:
@@ -55,8 +61,12 @@ def cmd_convert(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from jaxllava.convert.cli import add_convert_parsers
+    from jaxllava.eval.cli import add_eval_arguments
+
     parser = argparse.ArgumentParser(prog="launch.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of input errors too")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train (resumes automatically from the workdir's latest checkpoint)")
@@ -66,35 +76,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect-data", help="print the dataset report and the first microbatches as JSON lines")
     _config_args(p)
-    p.add_argument("--batches", type=int, default=8, help="microbatches to print")
+    p.add_argument("--batches", type=int, default=8, help="microbatches to print (default 8)")
     p.set_defaults(func=cmd_inspect_data)
 
     p = sub.add_parser("eval", help="score minimal pairs (BLiMP format) with a checkpoint")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--task", action="append", default=[], metavar="NAME=PATH", required=True)
-    p.add_argument("--image-template", action="append", default=None,
-                   help='"none" or a template such as "<image>\\n{text}" (repeatable: reported side by side)')
-    p.add_argument("--protocol", choices=["2025", "2024"], default="2025")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="compute dtype (default float32, as the official pipeline)")
-    p.add_argument("--out", help="directory for predictions and summary")
+    add_eval_arguments(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("convert", help="Hugging Face / reference checkpoints in and out")
-    p.add_argument("what", choices=["import-hf", "import-reference", "export-hf"])
-    p.add_argument("rest", nargs=argparse.REMAINDER)
+    add_convert_parsers(p)
     p.set_defaults(func=cmd_convert)
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere on the line, not only before the subcommand
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
     from jaxllava.errors import JaxllavaError
 
     try:
         return args.func(args)
     except JaxllavaError as error:
+        if debug:
+            raise
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -29,7 +29,7 @@ import time
 import yaml
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-BLIMP_PAIRS = 59_875  # filtered BLiMP, 67 paradigms (BABYLM_EVAL.md §0)
+BLIMP_PAIRS = 59_875  # filtered BLiMP, 67 paradigms (docs/evaluation.md#data-sets)
 BLIMP_CANDIDATES = ("shared/babylm_eval/blimp_filtered", "/work/shared/babylm_eval/blimp_filtered")
 
 

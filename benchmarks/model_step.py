@@ -113,7 +113,7 @@ def time_torch(model_cfg, batch: int, seq: int, steps: int) -> tuple[float, str]
     import torch
     import transformers
 
-    from jaxllava.model.llama import llama_config_to_hf
+    from jaxllava.convert.hf_configs import llama_config_to_hf
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, model_cfg.dtype)

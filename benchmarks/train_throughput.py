@@ -31,9 +31,10 @@ from flax import nnx
 from jaxllava.config import load_config
 from jaxllava.data.pipeline import DataPipeline
 from jaxllava.model.sharding import make_mesh
-from jaxllava.train.loop import create_model, plan_steps, train
+from jaxllava.train.loop import train
+from jaxllava.train.setup import create_model, plan_steps
 from jaxllava.train.metrics import lm_flops_per_token, mfu
-from jaxllava.train.step import TrainStep, device_arrays, host_metrics
+from jaxllava.train.step import TrainStep, device_batch, host_metrics
 
 
 def step_flops(stats, lm_config) -> float:
@@ -49,7 +50,7 @@ def report(mode: str, steps: int, tokens: int, flops: float, seconds: float) -> 
 
 def time_loop(config, warmup: int, steps: int) -> dict:
     """The loop as launch.py runs it, timed from its own metrics rows (every step logged):
-    an on_step hook would make the loop wait for every step before dispatching the next."""
+    a hook would make the loop wait for every step before dispatching the next."""
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, log_every=1))
     with tempfile.TemporaryDirectory() as workdir:
         train(config, workdir)
@@ -72,7 +73,7 @@ def time_step(config, warmup: int, steps: int) -> tuple[dict, int, float]:
     state = trainer.init_state(nnx.split(model, nnx.Param, ...)[1])
     iterator = pipeline.iterator()
     per_step = [[next(iterator) for _ in range(config.train.grad_accum)] for _ in range(warmup + steps)]
-    on_device = [[device_arrays(b, mesh) for b in batches] for batches in per_step]
+    on_device = [[device_batch(b, mesh) for b in batches] for batches in per_step]
     for arrays in on_device[:warmup]:  # compile every shape
         state, metrics = trainer.apply(state, arrays)
     host_metrics(metrics)

@@ -328,7 +328,8 @@ def write_jsonl(path: pathlib.Path, records: list[dict]) -> None:
 
 # ---------------------------------------------------------------- tokenizer
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
-IMAGE_TOKENS = ["<im_start>", "<im_patch>", "<im_end>"]  # placeholders, one id each (REFERENCE.md §1.3)
+# Image placeholders, one id each (docs/reference.md#special-tokens-and-vocabulary-growth).
+IMAGE_TOKENS = ["<im_start>", "<im_patch>", "<im_end>"]
 
 
 def write_tokenizer(out: pathlib.Path, sentences: list[str]) -> None:

@@ -11,7 +11,9 @@ is parsed as a YAML scalar or flow collection: `--set optim.lr=1e-4`,
 Every key is checked against the dataclass fields: a misspelt key is a
 `ConfigError` naming the file (or override) and the dotted key, with the nearest
 valid key suggested; a value of the wrong type names the key, the expected type
-and the value given. Fields left out take the dataclass defaults.
+and the value given. Fields left out take the dataclass defaults. Each dataclass
+then checks its values in `__post_init__`; a `FieldError` there names a field,
+which the error message extends to the full dotted key.
 """
 from __future__ import annotations
 
@@ -26,11 +28,18 @@ import yaml
 
 from jaxllava.data.config import DataConfig
 from jaxllava.errors import ConfigError
-from jaxllava.model.config import ModelConfig
-from jaxllava.train.config import (CheckpointConfig, EvalConfig, LoggingConfig, MeshConfig, OptimConfig,
+from jaxllava.model.config import FieldError, ModelConfig, require
+from jaxllava.train.config import (PARTS, CheckpointConfig, EvalConfig, LoggingConfig, MeshConfig, OptimConfig,
                                    TrainConfig)
 
 BASE_KEY = "base"
+
+# Keys that were renamed, old -> new: difflib finds nothing close to these, so the
+# unknown-key error names the new key itself.
+RENAMED_KEYS = {
+    **{f"optim.{part}_lr": f"optim.parts.{part}.lr" for part in PARTS},
+    **{f"optim.train_{part}": f"optim.parts.{part}.train" for part in PARTS},
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +52,13 @@ class ExperimentConfig:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+
+    def __post_init__(self):
+        longest, positions = max(self.data.buckets), self.model.lm.max_position_embeddings
+        # The reference trained 32768-token samples on a 2048-position LM unchecked.
+        require(longest <= positions, "data.buckets",
+                f"go up to {longest} tokens but model.lm.max_position_embeddings is {positions}: lower the "
+                f"buckets or raise the position range")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -74,12 +90,18 @@ def _merge_file(path: str, raw: dict, origins: dict[str, str], chain: tuple[str,
     real = os.path.realpath(path)
     if real in chain:
         raise ConfigError(f"{path}: base chain loops back to itself ({' -> '.join(chain + (real,))})")
+    via = f" (a base of {chain[-1]})" if chain else ""
     try:
         with open(path, encoding="utf-8") as f:
             content = yaml.safe_load(f)
     except FileNotFoundError:
-        via = f" (a base of {chain[-1]})" if chain else ""
         raise ConfigError(f"{path}: config file not found{via}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a config file{via}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file{via}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}){via}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
     if content is None:
@@ -167,7 +189,12 @@ def _check_keys(raw: Any, cls: type, prefix: str, where) -> None:
         dotted = f"{prefix}{key}"
         if key not in fields:
             near = difflib.get_close_matches(str(key), fields, n=1, cutoff=0.6)
-            hint = f"; did you mean '{prefix}{near[0]}'?" if near else f"; valid keys here: {', '.join(fields)}"
+            if dotted in RENAMED_KEYS:
+                hint = f"; it is now '{RENAMED_KEYS[dotted]}'"
+            elif near:
+                hint = f"; did you mean '{prefix}{near[0]}'?"
+            else:
+                hint = f"; valid keys here: {', '.join(fields)}"
             raise ConfigError(f"{where(dotted)}: unknown key '{dotted}'{hint}")
         tp = hints[key]
         inner = _dataclass_of(tp)
@@ -232,6 +259,9 @@ def _convert(value: Any, tp, key: str, origins: dict[str, str]) -> Any:
                 raise ConfigError(f"{_origin_of(key, origins)}: '{key}.{field.name}' is required")
         try:
             return tp(**kwargs)
+        except FieldError as e:
+            full = f"{key}.{e.key}" if key else e.key
+            raise ConfigError(f"{_origin_of(full, origins)}: '{full}': {e.detail}") from None
         except (ConfigError, ValueError, TypeError) as e:
             raise ConfigError(f"{_origin_of(key, origins)}: '{key or tp.__name__}': {e}") from None
 

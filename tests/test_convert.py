@@ -337,7 +337,7 @@ def test_existing_output_is_never_overwritten(sources, imported):
 
 
 def test_sharded_export_writes_an_index_that_reads_back_identically(tmp_path):
-    from jaxllava.model.hf_weights import CheckpointTensors, save_sharded_safetensors
+    from jaxllava.convert.checkpoint_files import CheckpointTensors, save_sharded_safetensors
 
     rng = np.random.default_rng(0)
     tensors = {f"layer.{i}.weight": rng.standard_normal((8, 16)).astype(np.float32) for i in range(5)}
@@ -348,3 +348,42 @@ def test_sharded_export_writes_an_index_that_reads_back_identically(tmp_path):
     read = CheckpointTensors(str(tmp_path))
     for name, array in tensors.items():
         np.testing.assert_array_equal(read[name], array)
+
+
+def test_key_map_walker_applies_renames_list_indices_flattening_and_layouts():
+    from jaxllava.model.hf_keys import LINEAR, SAME, Layout, hf_entries
+    from jaxllava.model.layers import Dense, LayerNorm
+
+    leading_axis = Layout(lambda a: a[0], lambda a: a[None])
+
+    class Block(nnx.Module):
+        HF_RENAMES = {"proj": "dense"}
+
+        def __init__(self, rngs):
+            self.proj = Dense(2, 3, axes=(None, None), rngs=rngs)
+            self.norm = LayerNorm(3, eps=1e-5)
+
+    class Tower(nnx.Module):
+        def __init__(self, rngs):
+            self.blocks = nnx.List([Block(rngs), Block(rngs)])
+            self.head = Dense(3, 4, axes=(None, None), use_bias=False, rngs=rngs)
+            self.token = nnx.Param(jnp.zeros((3,)))
+
+        def hf_renames(self):
+            # the outer declaration wins over Block's own "proj" rename for the second block
+            return {"blocks": "encoder.layer", "blocks.1.proj": "second", "head": "", "token": "embeddings.cls"}
+
+        def hf_layouts(self):
+            return {"token": leading_axis}
+
+    tower = Tower(nnx.Rngs(0))
+    entries = {e.name: e for e in hf_entries(tower)}
+    assert sorted(entries) == sorted([
+        "encoder.layer.0.dense.weight", "encoder.layer.0.dense.bias", "encoder.layer.0.norm.weight",
+        "encoder.layer.0.norm.bias", "second.weight", "second.bias", "encoder.layer.1.norm.weight",
+        "encoder.layer.1.norm.bias", "weight", "embeddings.cls"])
+    assert entries["weight"].layout is LINEAR and entries["second.weight"].layout is LINEAR
+    assert entries["encoder.layer.0.norm.weight"].layout is SAME
+    assert entries["embeddings.cls"].layout is leading_axis
+    assert entries["second.bias"].param is tower.blocks[1].proj.bias  # the module's own Variable, for loading
+    assert leading_axis.hf_shape((3,)) == (1, 3)

@@ -38,12 +38,13 @@ ADDED = ["<im_start>", "<im_end>", "<im_patch>", "<vid_start>", "<vid_end>", "<v
          "<slow_vid_end>"]
 SPECIALS = ["<unk>", "<s>", "</s>"]
 VOCAB = len(SPECIALS) + len(WORDS) + len(ADDED)
+# 2048 positions, as the reference's Baby Llama: the default data.buckets reach 2048 tokens.
 LM = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-          rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=64, tie_word_embeddings=False)
+          rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=2048, tie_word_embeddings=False)
 # 64-wide heads, so the importer infers the head count from the shapes as for the real DINOv2-L.
 TOWER = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, patch_size=4, image_size=16, mlp_ratio=2)
 IMAGE_SIZE = 12  # 3×3 patches from a 4×4 position grid: interpolated, as 224 px from 518 in the reference
-N = (IMAGE_SIZE // TOWER["patch_size"]) ** 2
+IMAGE_TOKENS = (IMAGE_SIZE // TOWER["patch_size"]) ** 2  # I, image tokens per image
 RESAMPLER = {"token_packer.devide_attention.to_q.0.weight": (16, 32), "token_packer.ln_q.weight": (16,),
              "token_packer_slow.attn.in_proj_weight": (48, 16), "token_packer_fast.to_out.weight": (32, 16)}
 
@@ -121,7 +122,7 @@ def imported(reference):
 
 def interpolate_like_transformers_4_40(self, embeddings, height, width):
     """DINOv2 position embeddings as the reference's transformers 4.40 resized them (REFERENCE.md §1.4):
-    bicubic with scale_factor (g + 0.1) / G rather than a target size."""
+    bicubic with scale_factor (g + 0.1) / L (learned grid L) rather than a target size."""
     cls, patches = self.position_embeddings[:, :1], self.position_embeddings[:, 1:]
     source = int(patches.shape[1] ** 0.5)
     g = height // self.config.patch_size
@@ -160,8 +161,8 @@ def reference_logits(reference, ids: np.ndarray, attention_mask: np.ndarray, pix
         for b in range(len(ids)):
             row = embeds[b]
             for p in torch.where(ids_t[b] == im_start)[0].tolist():
-                assert ids[b, p + N - 1] == im_end
-                row = torch.cat([row[:p], features[image], row[p + N:]])
+                assert ids[b, p + IMAGE_TOKENS - 1] == im_end
+                row = torch.cat([row[:p], features[image], row[p + IMAGE_TOKENS:]])
                 image += 1
             rows.append(row)
         mask = torch.from_numpy(attention_mask).long()
@@ -173,9 +174,9 @@ def test_reference_checkpoint_imports_and_matches_the_reference_forward_on_an_im
     base = len(SPECIALS) + len(WORDS)
     im_start, im_end, im_patch = base, base + 1, base + 2
     words = np.random.RandomState(0).randint(3, base, 12)
-    length = 1 + N + 5
+    length = 1 + IMAGE_TOKENS + 5
     ids = np.zeros((2, length), np.int32)  # pad = <unk> = 0, right padding
-    ids[0] = [1, im_start] + [im_patch] * (N - 2) + [im_end] + list(words[:5])
+    ids[0] = [1, im_start] + [im_patch] * (IMAGE_TOKENS - 2) + [im_end] + list(words[:5])
     ids[1, :8] = [1] + list(words[5:12])
     real = np.zeros_like(ids, bool)
     real[0], real[1, :8] = True, True
@@ -183,7 +184,7 @@ def test_reference_checkpoint_imports_and_matches_the_reference_forward_on_an_im
     expected = reference_logits(reference, ids, real.astype(np.int64), pixels)
 
     image_mask = np.zeros_like(real)
-    image_mask[0, 1:1 + N] = True
+    image_mask[0, 1:1 + IMAGE_TOKENS] = True
     model = model_from_params(dataclasses.replace(config.model, dtype="float32", attention_impl="xla"), params)
     graphdef, state = nnx.split(model)
     forward = jax.jit(lambda s, *a: nnx.merge(graphdef, s)(a[0], segment_ids=a[1], positions=a[2], pixels=a[3],
@@ -219,7 +220,7 @@ def test_report_accounts_for_every_reference_tensor(reference, imported):
     assert (model.vision.kind, model.vision.num_heads, model.vision.pretrained_image_size) == ("dinov2", 2, 16)
     assert (model.vision.image_size, model.vision.pos_interpolation, model.vision.feature_layer) == \
         (IMAGE_SIZE, "scale_factor", -1)
-    assert (model.resampler.kind, model.projector.kind, model.image_tokens) == ("identity", "mlp2x_gelu", N)
+    assert (model.resampler.kind, model.projector.kind, model.image_tokens) == ("identity", "mlp2x_gelu", IMAGE_TOKENS)
     tokenizer = transformers.AutoTokenizer.from_pretrained(config.data.tokenizer)
     assert len(tokenizer) == VOCAB and tokenizer.convert_tokens_to_ids(ADDED) == list(range(VOCAB - 8, VOCAB))
     assert checkpoint.read_meta(imported)["reference"]["stage"] == 1
@@ -238,13 +239,33 @@ def test_reference_export_round_trips_through_import(reference, imported, tmp_pa
         hf_config = json.load(f)
     assert hf_config["model_type"] == "llava_llama" and hf_config["mm_vision_tower"] == "facebook/dinov2-large"
     assert (hf_config["mm_projector_type"], hf_config["mm_hidden_size"], hf_config["image_token_num"]) == \
-        ("mlp2x_gelu", 128, N)
+        ("mlp2x_gelu", 128, IMAGE_TOKENS)
 
     import_reference(str(tmp_path / "ref"), str(tmp_path / "again"))
     first, first_params, _ = load_checkpoint_params(imported)
     second, second_params, _ = load_checkpoint_params(str(tmp_path / "again"))
     assert second.model == first.model
     jax.tree.map(np.testing.assert_array_equal, second_params, first_params)
+
+
+def test_reference_export_streams_through_the_sharded_writer(imported, tmp_path, monkeypatch):
+    from jaxllava.convert import reference as reference_module
+    from jaxllava.convert.checkpoint_files import save_sharded_safetensors
+
+    def small_shards(tensors, directory):
+        assert not isinstance(tensors, dict)  # a stream, never the whole model at once
+        return save_sharded_safetensors(tensors, directory, max_shard_bytes=64 * 1024)
+
+    monkeypatch.setattr(reference_module, "save_sharded_safetensors", small_shards)
+    report = reference_module.export_reference(imported, str(tmp_path / "ref"))
+    shards = list((tmp_path / "ref").glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "ref" / "model.safetensors.index.json").exists()
+    import_reference(str(tmp_path / "ref"), str(tmp_path / "again"))
+    _, first_params, _ = load_checkpoint_params(imported)
+    _, second_params, _ = load_checkpoint_params(str(tmp_path / "again"))
+    jax.tree.map(np.testing.assert_array_equal, second_params, first_params)
+    assert report["tensors"] == len(json.loads((tmp_path / "ref" / "model.safetensors.index.json").read_text())
+                                    ["weight_map"])
 
 
 # ----------------------------------------------------------------------------- refusals
@@ -278,6 +299,12 @@ def test_unexpected_and_missing_reference_tensors_are_errors(reference, tmp_path
     with pytest.raises(ConversionError, match=r"'model\.mm_projector\.0\.weight': checkpoint shape \(32, 64\), "
                                               r"model expects \(32, 128\)"):
         import_reference(variant(reference, tmp_path / "c", wrong), str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_unknown_projector_type_is_a_conversion_error(reference, tmp_path):
+    with pytest.raises(ConversionError, match="mm_projector_type.*'mlp2x_relu'"):
+        import_reference(variant(reference, tmp_path, mm_projector_type="mlp2x_relu"), str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out")
 
 

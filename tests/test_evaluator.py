@@ -140,7 +140,7 @@ def test_task_kind_comes_from_the_fields_and_a_stray_line_names_its_file_and_lin
 
 
 def test_exact_model_input_is_recorded_and_scalars_name_task_and_setting(tokenizer, tasks):
-    # REFERENCE.md §7.28: the reference's eval formatting drifted unrecorded.
+    # README pitfall 28: the reference's eval formatting drifted unrecorded.
     evaluator = MinimalPairEvaluator({"pairs": tasks["pairs"]}, tokenizer, image_templates=(TEMPLATE,),
                                      batch_size=16)
     sentence = evaluator.tasks["pairs"].items[0].sentences[0]

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import io
 import json
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -233,7 +235,122 @@ def test_loading_refuses_to_run_when_truncated_images_are_allowed(tmp_path, monk
         load_image(path, ImageProcessing(size=4))
 
 
-@pytest.mark.parametrize("kwargs", [{"size": 0}, {"size": 8, "aspect": "crop"}, {"size": 8, "std": (1, 0, 1)}])
+@pytest.mark.parametrize("kwargs", [{"size": 0}, {"size": 8, "aspect": "crop"}, {"size": 8, "std": (1, 0, 1)},
+                                    {"size": 8, "max_pixels": 0}, {"size": 8, "max_pixels": 1.5e6}])
 def test_invalid_processing_settings_are_config_errors(kwargs):
     with pytest.raises(ConfigError):
         ImageProcessing(**kwargs)
+
+
+def png_header_only(path, width: int, height: int) -> str:
+    """A valid PNG header declaring width × height, followed by no pixel data: a few bytes on disk."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+    return str(path)
+
+
+def _never_decode(monkeypatch):
+    def never(self):
+        raise AssertionError("the image was decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", never)
+
+
+def test_image_over_the_pixel_budget_is_refused_before_it_is_decoded(tmp_path, monkeypatch):
+    path = _save(Image.new("RGB", (400, 300), (10, 20, 30)), tmp_path / "big.png")  # solid: tiny on disk
+    _never_decode(monkeypatch)
+    with pytest.raises(DataError) as caught:
+        load_image(path, ImageProcessing(size=8, max_pixels=400 * 300 - 1), record="line 2", record_id="big")
+    error = caught.value
+    assert (error.reason, error.field, error.file, error.record, error.record_id) == (
+        "too_many_pixels", "image", path, "line 2", "big")
+    assert "400×300 = 120000 pixels" in str(error) and "max_pixels=119999" in str(error)
+
+
+def test_image_exactly_at_the_pixel_budget_is_loaded(tmp_path):
+    path = _save(Image.new("RGB", (400, 300), (10, 20, 30)), tmp_path / "big.png")
+    assert load_image(path, ImageProcessing(size=8, max_pixels=400 * 300)).shape == (8, 8, 3)
+
+
+def test_144_megapixel_header_is_refused_by_the_default_budget_without_decoding(tmp_path, monkeypatch):
+    path = png_header_only(tmp_path / "bomb.png", 12_000, 12_000)
+    assert (tmp_path / "bomb.png").stat().st_size < 100
+    _never_decode(monkeypatch)
+    with pytest.raises(DataError) as caught:
+        load_image(path, ImageProcessing(size=8), record=0, record_id="bomb")
+    assert caught.value.reason == "too_many_pixels" and "12000×12000" in str(caught.value)
+
+
+def test_pillow_decompression_bomb_error_has_the_same_reason(tmp_path, monkeypatch):
+    # Above twice its limit Pillow raises inside Image.open, before our budget sees the size.
+    path = _save(Image.new("RGB", (100, 100)), tmp_path / "img.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(DataError) as caught:
+        load_image(path, ImageProcessing(size=8), record=1, record_id="b")
+    assert caught.value.reason == "too_many_pixels" and caught.value.field == "image"
+
+
+def test_image_processing_for_takes_max_pixels_from_the_config(tmp_path):
+    from jaxllava.data.config import DataConfig, ImageConfig
+    from jaxllava.data.pipeline import image_processing_for
+
+    cfg = DataConfig(image=ImageConfig(max_pixels=1234))
+    assert image_processing_for(cfg, 16).max_pixels == 1234
+    from_file = DataConfig(image=ImageConfig(max_pixels=99, preprocessor_config=write_json(tmp_path / "p.json",
+                                                                                             SIGLIP_CONFIG)))
+    assert image_processing_for(from_file, 16).max_pixels == 99
+    assert ImageProcessing(size=8).max_pixels == ImageConfig().max_pixels
+
+
+def corrupt_image_config(tmp_path, tokenizer, **changes):
+    from conftest import image_record, write_json as write_records, write_png
+
+    from jaxllava.data.config import DataConfig, SourceConfig
+
+    (tmp_path / "broken.png").write_bytes(b"not a png at all")
+    write_png(str(tmp_path / "ok.png"))
+    path = write_records(tmp_path / "recs.json", [image_record(0, "ok.png", "a red circle"),
+                                                   image_record(1, "broken.png", "a red circle")])
+    return DataConfig(sources=(SourceConfig(path),), tokenizer=tokenizer, buckets=(16,), image_rows=1, **changes)
+
+
+def test_check_images_stops_a_run_with_a_corrupt_image_at_start(tmp_path, word_tokenizer_dir):
+    from jaxllava.data.pipeline import DataPipeline
+
+    cfg = corrupt_image_config(tmp_path, word_tokenizer_dir, check_images=True)
+    with pytest.raises(DataError) as caught:
+        DataPipeline(cfg, image_tokens=6, image_size=8)
+    error = caught.value
+    assert (error.reason, error.field, error.file, error.record_id) == (
+        "corrupt_image", "image", str(tmp_path / "broken.png"), "i1")
+    assert error.record == f"{tmp_path / 'recs.json'} record 1"
+
+
+def test_check_images_refuses_an_image_over_the_pixel_budget_at_start(tmp_path, word_tokenizer_dir):
+    from jaxllava.data.config import ImageConfig
+    from jaxllava.data.pipeline import DataPipeline
+
+    cfg = corrupt_image_config(tmp_path, word_tokenizer_dir, check_images=True, image=ImageConfig(max_pixels=50))
+    with pytest.raises(DataError) as caught:  # ok.png is 12×8 = 96 pixels, and comes first
+        DataPipeline(cfg, image_tokens=6, image_size=8)
+    assert (caught.value.reason, caught.value.record_id) == ("too_many_pixels", "i0")
+
+
+def test_without_check_images_a_corrupt_image_is_found_when_its_batch_is_built(tmp_path, word_tokenizer_dir):
+    from jaxllava.data.pipeline import DataPipeline
+
+    pipeline = DataPipeline(corrupt_image_config(tmp_path, word_tokenizer_dir), image_tokens=6, image_size=8)
+    assert pipeline.summary.image_samples == 2
+    with pytest.raises(DataError, match="undecodable"):
+        [pipeline.builder(plan) for plan in pipeline.plans]
+
+
+def test_check_images_under_skip_counts_the_bad_image(tmp_path, word_tokenizer_dir):
+    from jaxllava.data.pipeline import DataPipeline
+
+    cfg = corrupt_image_config(tmp_path, word_tokenizer_dir, check_images=True, on_bad_record="skip")
+    pipeline = DataPipeline(cfg, image_tokens=6, image_size=8)
+    assert pipeline.table.ids == ["i0"] and dict(pipeline.skips.counts) == {"corrupt_image": 1}

@@ -12,11 +12,13 @@ import transformers
 from flax import nnx
 from safetensors.numpy import save_file
 
+from jaxllava.convert.checkpoint_files import CheckpointTensors, read_config
+from jaxllava.convert.hf_configs import llama_config_from_hf, llama_config_to_hf
+from jaxllava.convert.weights import hf_state_dict, load_hf_llama_weights
 from jaxllava.errors import ConversionError
 from jaxllava.model.attention import attention, resolve_implementation
-from jaxllava.model.hf_weights import CheckpointTensors, read_config
-from jaxllava.model.llama import (Llama, llama_config_from_hf, llama_config_to_hf, llama_hf_state_dict,
-                                  load_hf_llama_weights)
+from jaxllava.model.layers import RMSNorm
+from jaxllava.model.llama import Llama
 
 VOCAB = 101
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -189,9 +191,10 @@ def test_prefixed_keys_load_and_foreign_keys_are_reported_unused(tmp_path):
     tensors["vision_tower.patch_embed.weight"] = np.zeros((4, 3), np.float32)
     model = Llama(llama_config_from_hf(read_config(str(tmp_path))), dtype=jnp.float32, rngs=nnx.Rngs(0))
     assert load_hf_llama_weights(model, tensors, prefix="language_model.") == ["vision_tower.patch_embed.weight"]
-    exported = llama_hf_state_dict(model)
+    exported = hf_state_dict(model)
     assert all(np.array_equal(exported[k], v) for k, v in original.items())
-    assert sorted(llama_hf_state_dict(model, prefix="language_model.")) == sorted(set(tensors) - {"vision_tower.patch_embed.weight"})
+    assert sorted(hf_state_dict(model, prefix="language_model.")) == sorted(
+        set(tensors) - {"vision_tower.patch_embed.weight"})
 
 
 @pytest.mark.parametrize("name", ["mha_untied", "gqa_tied_llama3_rope"])
@@ -199,7 +202,7 @@ def test_export_round_trip_is_bit_exact_and_loads_in_transformers(tmp_path, name
     hf = _hf_model(tmp_path / "in", name)
     original = dict(CheckpointTensors(str(tmp_path / "in")).items())
     model = _load(tmp_path / "in")
-    exported = llama_hf_state_dict(model)
+    exported = hf_state_dict(model)
     assert sorted(exported) == sorted(original)
     for key, value in original.items():
         assert exported[key].dtype == value.dtype and np.array_equal(exported[key], value), key
@@ -242,10 +245,30 @@ def test_gqa_attention_shares_each_kv_head_with_consecutive_query_heads():
     assert np.isfinite(np.asarray(grouped)).all()
 
 
-def test_auto_attention_uses_xla_off_gpu_and_rejects_unknown_names():
+def test_auto_attention_uses_xla_off_gpu():
     q = jnp.zeros((1, 4, 2, 8), jnp.bfloat16)
     expected = "cudnn" if jax.default_backend() == "gpu" else "xla"
     assert resolve_implementation("auto", q, q) == expected
     assert resolve_implementation("auto", q.astype(jnp.float32), q.astype(jnp.float32)) == "xla"  # cuDNN: bf16/fp16 only
-    with pytest.raises(ValueError, match="'flash'"):
-        resolve_implementation("flash", q, q)
+
+
+def test_bf16_rmsnorm_equals_transformers_llama_rmsnorm_bit_for_bit():
+    # transformers: weight (in the model dtype) * normed.to(input dtype). Scales and inputs are
+    # drawn in float32, so neither is bf16-representable and every rounding step shows.
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    rng = np.random.RandomState(0)
+    width = 256
+    scale = (1.0 + 0.3 * rng.randn(width)).astype(np.float32)
+    x = (3.0 * rng.randn(4, 64, width)).astype(np.float32)
+    reference = LlamaRMSNorm(width, eps=1e-5)
+    with torch.no_grad():
+        reference.weight.copy_(torch.from_numpy(scale))
+    reference = reference.to(torch.bfloat16)
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(x).to(torch.bfloat16)).float().numpy()
+    norm = RMSNorm(width, eps=1e-5, dtype=jnp.bfloat16)
+    norm.scale.set_value(jnp.asarray(scale))  # float32, as every parameter here
+    out = jax.jit(lambda v: norm(v))(jnp.asarray(x).astype(jnp.bfloat16))
+    assert out.dtype == jnp.bfloat16
+    assert np.array_equal(np.asarray(out.astype(jnp.float32)), expected)

@@ -10,13 +10,12 @@ import torch
 import transformers
 from flax import nnx
 
-from jaxllava.errors import ConfigError, DataError
+from jaxllava.errors import ConfigError
 from jaxllava.model.config import LlamaConfig, ModelConfig, ProjectorConfig, ResamplerConfig
-from jaxllava.model.hf_weights import CheckpointTensors, read_config
-from jaxllava.model.llama import llama_config_from_hf, load_hf_llama_weights
-from jaxllava.model.llava import LlavaModel, check_image_mask, merge_image_features
-from jaxllava.model.projectors import load_projector_weights
-from jaxllava.model.vision import load_hf_vision_weights, vision_config_from_hf
+from jaxllava.convert.checkpoint_files import CheckpointTensors, read_config
+from jaxllava.convert.hf_configs import llama_config_from_hf, vision_config_from_hf
+from jaxllava.convert.weights import load_hf_llama_weights, load_hf_vision_weights, load_projector_weights
+from jaxllava.model.llava import LlavaModel, merge_image_features
 from conftest import randomize_torch_model
 
 VOCAB, LM_WIDTH, IMAGE_SIZE, PATCH = 89, 48, 32, 8  # 4×4 grid → N = 16 image tokens
@@ -40,14 +39,14 @@ def reference(tmp_path_factory):
         hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2, image_size=IMAGE_SIZE,
         patch_size=PATCH)), 1)
     dino.save_pretrained(str(vision_dir))
-    # REFERENCE.md §1.6: Sequential(Linear(vision, lm), GELU() [exact erf], Linear(lm, lm))
+    # docs/reference.md#projector: Sequential(Linear(vision, lm), GELU() [exact erf], Linear(lm, lm))
     projector = _randomize(torch.nn.Sequential(torch.nn.Linear(32, LM_WIDTH), torch.nn.GELU(),
                                                torch.nn.Linear(LM_WIDTH, LM_WIDTH)), 2)
     return dict(lm=lm, dino=dino, projector=projector, lm_dir=str(lm_dir), vision_dir=str(vision_dir))
 
 
 def _torch_logits(ref, ids, attention_mask, pixels, image_mask, image_rows) -> np.ndarray:
-    """REFERENCE.md §1.10: embed the ids, overwrite each image row's placeholder span with its
+    """docs/reference.md#image-placeholders: embed the ids, overwrite each image row's placeholder span with its
     projected patch features (DINOv2 last_hidden_state without CLS), run the LM on the embeddings."""
     with torch.no_grad():
         features = ref["dino"](pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2)).last_hidden_state[:, 1:]
@@ -113,7 +112,6 @@ IMAGE_FIELDS = TEXT_FIELDS + ("pixels", "image_mask")
 def test_image_microbatch_logits_match_the_torch_reference(reference):
     model = _jax_model(reference)
     batch = _image_microbatch()
-    check_image_mask(batch["image_mask"], batch["image_rows"], model.config.image_tokens)
     ours = np.asarray(_forward(*nnx.split(model), _device(batch, IMAGE_FIELDS)))
     ref = _torch_logits(reference, batch["input_ids"], batch["real"], batch["pixels"], batch["image_mask"],
                         batch["image_rows"])
@@ -169,19 +167,3 @@ def test_merge_writes_the_kth_vector_to_the_kth_placeholder():
     mask = jnp.asarray([[False, True, True, True, False, False], [False] * 6])
     merged = merge_image_features(embeds, features, mask)
     np.testing.assert_array_equal(merged[..., 0], [[0, 1, 2, 3, 0, 0], [0, 0, 0, 0, 0, 0]])
-
-
-def test_image_mask_check_names_the_row_with_the_wrong_placeholder_count():
-    mask = np.zeros((3, 30), bool)
-    mask[0, 1:1 + N] = True
-    mask[1, 2:2 + N] = True
-    rows = np.array([True, True, False])
-    check_image_mask(mask, rows, N)  # consistent: no error
-    short = mask.copy()
-    short[1, 2] = False
-    with pytest.raises(DataError, match=rf"microbatch row 1.*'image_mask'.*{N - 1} image placeholder.*expects {N}"):
-        check_image_mask(short, rows, N)
-    stray = mask.copy()
-    stray[2, 5] = True
-    with pytest.raises(DataError, match=r"row 2.*row without an image has 1 image placeholder"):
-        check_image_mask(stray, rows, N)

@@ -64,11 +64,31 @@ def test_resume_drops_rows_logged_after_the_checkpoint(tmp_path):
     for step in (1, 2, 3, 4):
         logger.log(step, {"loss": 1.0})
     logger.close()
-    resumed = MetricsLogger(str(tmp_path), tensorboard=False, progress=False, resume_step=2)
+    resumed = MetricsLogger(str(tmp_path), tensorboard=False, progress=False, keep_through_step=2)
     resumed.log(3, {"loss": 0.5})
     resumed.close()
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 1.0), (3, 0.5)]
+
+
+def test_a_torn_last_line_is_dropped_on_resume_and_a_new_run_starts_an_empty_file(tmp_path):
+    logger = MetricsLogger(str(tmp_path), tensorboard=False, progress=False)
+    for step in (1, 2):
+        logger.log(step, {"loss": 1.0})
+    logger.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 0.')  # killed mid-write
+    resumed = MetricsLogger(str(tmp_path), tensorboard=False, progress=False, keep_through_step=2)
+    resumed.log(3, {"loss": 0.5})
+    resumed.close()
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 1.0), (3, 0.5)]
+    # A run that starts afresh (no checkpoint to resume) keeps no row of an earlier attempt,
+    # e.g. the step-0 evaluation of a run that crashed before its first checkpoint.
+    fresh = MetricsLogger(str(tmp_path), tensorboard=False, progress=False)
+    fresh.log(0, {"eval/x/text/accuracy": 50.0})
+    fresh.close()
+    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [0]
 
 
 def test_tensorboard_event_file_holds_the_scalars(tmp_path):

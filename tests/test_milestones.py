@@ -1,4 +1,4 @@
-"""BabyLM milestones, names, the budget check and the tracker's resume state."""
+"""BabyLM milestones, their names and the tracker's resume state."""
 from __future__ import annotations
 
 from jaxllava.checkpoint import format_words, milestone_name
@@ -48,10 +48,3 @@ def test_custom_milestones_for_small_runs():
     tracker = MilestoneTracker([300, 100, 200])
     assert tracker.update(250) == [100, 200]
     assert tracker.update(300) == [300]
-
-
-def test_budget_is_reached_at_or_past_it_and_never_without_one():
-    assert not budget_reached(99, 100)
-    assert budget_reached(100, 100)
-    assert budget_reached(150, 100)
-    assert not budget_reached(10**12, None)

@@ -1,7 +1,7 @@
 """Reading BLiMP, BLiMP-supplement and EWoK files as the BabyLM 2025 pipeline reads them.
 
 All data here is written by hand; the EWoK lines only have EWoK's shape (its items must
-never be copied, BABYLM_EVAL.md §3.4).
+never be copied, docs/evaluation.md#ewok-terms-of-use).
 """
 from __future__ import annotations
 

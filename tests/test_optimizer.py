@@ -1,6 +1,8 @@
 """The optimizer: HF-equal schedules, frozen parts, per-part learning rates, decay mask, clipping."""
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +11,7 @@ from flax import nnx
 
 from jaxllava.errors import ConfigError
 from jaxllava.model.layers import Dense, Embed, LayerNorm, RMSNorm
-from jaxllava.train.config import OptimConfig
+from jaxllava.train.config import PARTS, FrozenPartConfig, OptimConfig, PartConfig, PartsConfig
 from jaxllava.train.optimizer import make_optimizer, path_str, trainable_manifest, trainable_mask
 
 
@@ -126,8 +128,9 @@ def test_vision_is_frozen_by_default_and_has_no_optimizer_state():
 
 
 def test_every_part_can_be_frozen():
-    cfg = OptimConfig(warmup_steps=0, train_lm=False, train_projector=False, train_resampler=True,
-                      train_vision=True)
+    cfg = OptimConfig(warmup_steps=0, parts=PartsConfig(lm=PartConfig(train=False), projector=PartConfig(train=False),
+                                                       resampler=PartConfig(train=True),
+                                                       vision=FrozenPartConfig(train=True)))
     before, after, _ = run_steps(cfg, 2)
     for path in before:
         changed = not np.array_equal(before[path], after[path])
@@ -158,8 +161,8 @@ def test_manifest_lists_every_parameter_with_its_trainability():
 
 
 def test_per_part_learning_rates_scale_each_parts_update():
-    cfg = OptimConfig(lr=1e-2, projector_lr=0.0, resampler_lr=3e-2, warmup_steps=0, schedule="constant",
-                      grad_clip=None, eps=1e-12)
+    cfg = OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant", grad_clip=None, eps=1e-12) \
+        .with_part("projector", lr=0.0).with_part("resampler", lr=3e-2)
     before, after, _ = run_steps(cfg, 1)
     step = {path: before[path] - after[path] for path in before}
     np.testing.assert_array_equal(step["projector/kernel"], 0.0)
@@ -197,6 +200,34 @@ def test_clipping_uses_the_norm_of_trained_gradients_only():
     for path in big:
         np.testing.assert_allclose(big[path], manual[path], rtol=1e-5, err_msg=path)
     assert np.abs(big["lm/layer/kernel"]).max() > 0
+
+
+def test_each_part_has_its_own_lr_falling_back_to_lr_and_only_the_tower_starts_frozen():
+    cfg = OptimConfig(lr=0.1).with_part("lm", lr=0.2)
+    assert [cfg.part_lr(p) for p in PARTS] == [0.2, 0.1, 0.1, 0.1]
+    assert [cfg.part_trainable(p) for p in PARTS] == [True, True, True, False]
+    # Changing one setting of the tower keeps its frozen default, in code as in YAML.
+    assert not cfg.with_part("vision", lr=1e-3).part_trainable("vision")
+    assert cfg.with_part("vision", train=True).part_trainable("vision")
+
+
+def test_the_parts_are_the_fields_of_optim_parts():
+    assert PARTS == tuple(f.name for f in dataclasses.fields(PartsConfig)) == ("lm", "projector", "resampler",
+                                                                               "vision")
+    with pytest.raises(ValueError, match="unknown model part 'decoder'; the parts are lm, projector"):
+        OptimConfig().part_lr("decoder")
+
+
+def test_trainability_keeps_which_parts_train_and_nothing_else():
+    a = OptimConfig(lr=0.1, schedule="linear", warmup_steps=3).with_part("lm", lr=0.5).with_part("vision", train=True)
+    b = OptimConfig(lr=0.2, weight_decay=0.1).with_part("vision", train=True, lr=1.0)
+    assert a.trainability() == b.trainability() and hash(a.trainability()) == hash(b.trainability())
+    assert a.trainability() == a.trainability().trainability()
+    assert a.trainability() != OptimConfig().trainability()  # the tower trains in one only
+    assert OptimConfig(freeze_lm_head=True).trainability() != OptimConfig().trainability()
+    assert OptimConfig().with_part("projector", train=False).trainability() != OptimConfig().trainability()
+    params = toy_params()
+    assert trainable_manifest(params, a.trainability()) == trainable_manifest(params, a)
 
 
 def test_parameter_outside_the_known_parts_is_rejected():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import image_record, text_record, write_json, write_jsonl, write_png
 
-from jaxllava.data.batch import IGNORE, ImageBatch, TextBatch
+from jaxllava.data.batch import IGNORE, ImageBatch, TextBatch, batch_arrays
 from jaxllava.data.config import DataConfig, SourceConfig
 from jaxllava.data.pipeline import DataPipeline
 from jaxllava.data.tokenizer import special_ids
@@ -51,7 +51,7 @@ def test_text_only_batches_carry_no_pixels_and_no_image_ids(files, word_tokenize
     text = [b for b in batches if b.modality == "text"]
     assert text and all(isinstance(b, TextBatch) for b in text)
     for b in text:
-        assert not hasattr(b, "pixels") and "pixels" not in b.arrays()
+        assert not hasattr(b, "pixels") and "pixels" not in batch_arrays(b)
         assert not np.isin(b.input_ids, [ids.im_start, ids.im_patch, ids.im_end]).any()
         assert b.stats.image_tokens == 0
 
@@ -124,8 +124,8 @@ def test_pipeline_is_deterministic(files, word_tokenizer_dir):
     b = all_batches(pipeline(files, word_tokenizer_dir))
     for x, y in zip(a, b):
         assert x.modality == y.modality
-        for k in x.arrays():
-            np.testing.assert_array_equal(x.arrays()[k], y.arrays()[k])
+        for k in batch_arrays(x):
+            np.testing.assert_array_equal(batch_arrays(x)[k], batch_arrays(y)[k])
 
 
 def test_iterator_state_restores_mid_epoch(files, word_tokenizer_dir):
@@ -140,8 +140,8 @@ def test_iterator_state_restores_mid_epoch(files, word_tokenizer_dir):
     for want in expected:
         got = next(fresh)
         assert got.stats == want.stats
-        for k in want.arrays():
-            np.testing.assert_array_equal(got.arrays()[k], want.arrays()[k])
+        for k in batch_arrays(want):
+            np.testing.assert_array_equal(batch_arrays(got)[k], batch_arrays(want)[k])
 
 
 def test_process_shares_are_disjoint_and_complete(files, word_tokenizer_dir):
@@ -217,5 +217,5 @@ def test_worker_processes_yield_the_same_batches_and_restore_state(files, word_t
         resumed.close()
     for want, have in zip(expected, got):
         assert want.stats == have.stats
-        for k in want.arrays():
-            np.testing.assert_array_equal(want.arrays()[k], have.arrays()[k])
+        for k in batch_arrays(want):
+            np.testing.assert_array_equal(batch_arrays(want)[k], batch_arrays(have)[k])

@@ -158,6 +158,14 @@ BAD_RECORDS = [
     ("empty_image_list", {**image_record(), "id": "bad", "image": []}, "image", "image_field"),
     ("image_not_string", {**image_record(), "id": "bad", "image": 3}, "image", "image_field"),
     ("missing_image_file", {**image_record(), "id": "bad", "image": "absent.png"}, "image", "missing_image"),
+    # Valid JSON ("\\ud800"), but not text any tokenizer or file system can encode.
+    ("lone_surrogate_in_text", text_record("a \ud800 b", "bad"), "conversations[1].value", "encoding"),
+    ("lone_surrogate_in_user_text", {**image_record(), "id": "bad",
+                                     "conversations": turns(("human", "<image> \udfff"), ("gpt", "a"))},
+     "conversations[0].value", "encoding"),
+    ("lone_surrogate_in_image_path", {**image_record(), "id": "bad", "image": "cat\ud800.png"}, "image", "encoding"),
+    ("image_path_leaving_the_folder", {**image_record(), "id": "bad", "image": "../cat.png"}, "image",
+     "image_outside"),
 ]
 
 
@@ -313,3 +321,190 @@ def test_records_survive_pickling_for_data_loader_workers():
     record = Record("f.json", "record 0", "x", (Turn("user", ""), Turn("assistant", "a")), "img.png")
     restored = pickle.loads(pickle.dumps(record))
     assert restored == record and restored.modality == "image"
+
+
+def test_lone_surrogate_is_refused_where_a_surrogate_pair_is_text(tmp_path):
+    path = tmp_path / "data.jsonl"
+    # As JSON writers escape them: a pair (one emoji), then a lone high surrogate.
+    path.write_text('{"id": "ok", "conversations": [{"from": "gpt", "value": "hi \\ud83d\\ude00"}]}\n'
+                    '{"id": "bad", "conversations": [{"from": "gpt", "value": "hi \\ud83d"}]}\n')
+    skips = SkipReport()
+    (record,) = read_records(str(path), on_bad_record="skip", skips=skips)
+    assert record.turns[0].text == "hi \U0001F600"
+    assert skips.counts == {"encoding": 1} and "line 2" in skips.examples["encoding"][0]
+    with pytest.raises(DataError, match="lone UTF-16 surrogate") as caught:
+        read_records(str(path))
+    assert (caught.value.record, caught.value.record_id, caught.value.field) == (
+        "line 2", "bad", "conversations[0].value")
+
+
+def test_lone_surrogate_in_the_id_is_refused(tmp_path):
+    path = write_records(tmp_path, "data", [text_record("fine", "ok\udc80")], jsonl=True)
+    with pytest.raises(DataError) as caught:
+        read_records(path)
+    assert (caught.value.field, caught.value.reason, caught.value.record) == ("id", "encoding", "line 1")
+    str(caught.value).encode("utf-8")  # the message itself is printable
+
+
+@pytest.mark.parametrize("bad_id", [["x"], {"a": 1}, True])
+def test_id_that_is_not_a_string_or_number_is_refused(tmp_path, bad_id):
+    path = write_records(tmp_path, "data", [text_record("fine", bad_id)], jsonl=False)
+    with pytest.raises(DataError) as caught:
+        read_records(path)
+    assert (caught.value.field, caught.value.reason, caught.value.record_id) == ("id", "id", "data:record 0")
+
+
+def nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+def test_jsonl_line_nested_too_deeply_is_a_bad_line_not_a_recursion_error(tmp_path):
+    path = tmp_path / "data.jsonl"
+    good = json.dumps(text_record("fine", "g"))
+    path.write_text(f"{good}\n{nested(200_000)}\n{good}\n")
+    with pytest.raises(DataError, match="nested too deeply") as caught:
+        read_records(str(path))
+    assert (caught.value.file, caught.value.record, caught.value.reason) == (str(path), "line 2", "too_deep")
+    skips = SkipReport()
+    assert [r.where for r in read_records(str(path), on_bad_record="skip", skips=skips)] == ["line 1", "line 3"]
+    assert skips.counts == {"too_deep": 1}
+
+
+def test_json_list_nested_too_deeply_is_an_error_naming_the_file(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text(f"[{json.dumps(text_record('fine'))}, {nested(200_000)}]")
+    for policy in ("error", "skip"):  # one parse for the whole file: no record can be skipped alone
+        with pytest.raises(DataError, match="nested too deeply") as caught:
+            read_records(str(path), on_bad_record=policy, skips=SkipReport())
+        assert (caught.value.file, caught.value.record, caught.value.reason) == (str(path), None, "too_deep")
+
+
+@pytest.mark.parametrize("field", ["id", "image", "conversations", "turn"])
+def test_deep_nesting_in_a_field_is_a_bad_record_at_every_depth_near_the_parser_limit(tmp_path, field):
+    """A value nested just under the parser's recursion limit parses; validating it and showing
+    it in an error must not recurse further (a RecursionError names no record). Every depth
+    around the limit gives a DataError naming the line."""
+    depths = range(850, 1001)
+    lines = []
+    for depth in depths:
+        value = "DEEP"
+        record = {"id": "x", "conversations": [{"from": "gpt", "value": "a"}]}
+        if field == "id":
+            record["id"] = value
+        elif field == "image":
+            record.update(image=value, conversations=[{"from": "human", "value": "<image>"}])
+        elif field == "conversations":
+            record["conversations"] = {"turns": value}
+        else:
+            record["conversations"] = [{"from": "gpt", "value": value}]
+        lines.append(json.dumps(record).replace('"DEEP"', nested(depth)))
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    skips = SkipReport()
+    assert read_records(str(path), on_bad_record="skip", skips=skips) == []
+    assert skips.total == len(depths)
+    assert skips.counts["too_deep"] < len(depths), "no depth parsed: the field's validation was not reached"
+    for message in (m for examples in skips.examples.values() for m in examples):
+        assert str(path) in message and "line " in message
+
+
+@pytest.mark.parametrize("field, value", [
+    ("image", [{str(k): k for k in range(100_000)}]),
+    ("conversations", "x" * 100_000),
+    ("id", [list(range(100_000))]),
+])
+def test_errors_about_huge_values_stay_short(tmp_path, field, value):
+    record = {**image_record(), field: value}
+    path = write_records(tmp_path, "data", [record], jsonl=True)
+    with pytest.raises(DataError) as caught:
+        read_records(path)
+    assert caught.value.field == field and len(str(caught.value)) < 400
+
+
+def outside_layout(tmp_path):
+    """data/records next to data/images/, and a secret file beside data/."""
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "images" / "inside.png").write_bytes(b"x")
+    (tmp_path / "secret.png").write_bytes(b"x")
+    return data
+
+
+def escaping_path(kind, data):
+    if kind == "dotdot":
+        return "../../secret.png"
+    if kind == "absolute":
+        return str(data.parent / "secret.png")
+    (data / "images" / "link.png").symlink_to(data.parent / "secret.png")
+    return "link.png"
+
+
+@pytest.mark.parametrize("jsonl", [False, True], ids=["json", "jsonl"])
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])
+def test_image_path_leaving_the_image_folder_is_refused_unless_allowed(tmp_path, kind, jsonl):
+    data = outside_layout(tmp_path)
+    image = escaping_path(kind, data)
+    path = write_records(data, "recs", [text_record("fine", "g"), image_record(image=image, record_id="esc")],
+                         jsonl=jsonl)
+    folder = str(data / "images")
+    with pytest.raises(DataError, match="outside the image folder") as caught:
+        read_records(path, image_folder=folder)
+    error = caught.value
+    assert (error.file, error.record_id, error.field, error.reason) == (path, "esc", "image", "image_outside")
+    assert error.record == ("line 2" if jsonl else "record 1")
+    assert str(tmp_path / "secret.png") in str(error)  # where it really leads
+    skips = SkipReport()
+    assert [r.id for r in read_records(path, image_folder=folder, on_bad_record="skip", skips=skips)] == ["g"]
+    assert skips.counts == {"image_outside": 1}
+    (_, allowed) = read_records(path, image_folder=folder, allow_outside=True)
+    assert allowed.image == os.path.join(folder, image)  # the path to open, as before
+
+
+def test_image_folder_defaults_to_the_records_folder_for_confinement(tmp_path):
+    data = outside_layout(tmp_path)
+    inside = write_records(data, "ok", [image_record(image="images/inside.png")], jsonl=True)
+    assert read_records(inside)[0].image == os.path.join(str(data), "images/inside.png")
+    outside = write_records(data, "bad", [image_record(image="../secret.png")], jsonl=True)
+    with pytest.raises(DataError, match="outside the image folder"):
+        read_records(outside)
+
+
+def test_symlinks_and_dotdot_that_stay_inside_the_folder_are_fine(tmp_path):
+    data = outside_layout(tmp_path)
+    images = data / "images"
+    (images / "sub").mkdir()
+    (images / "sub" / "alias.png").symlink_to(images / "inside.png")
+    (images / "linked_dir").symlink_to(images / "sub", target_is_directory=True)
+    names = ["sub/alias.png", "sub/../inside.png", "linked_dir/alias.png", "./inside.png"]
+    path = write_records(data, "recs", [image_record(image=name, record_id=name) for name in names], jsonl=True)
+    records = read_records(path, image_folder=str(images))
+    assert [r.image for r in records] == [os.path.join(str(images), name) for name in names]
+
+
+def test_image_folder_that_is_itself_a_symlink_confines_to_its_target(tmp_path):
+    data = outside_layout(tmp_path)
+    (tmp_path / "alias").symlink_to(data / "images", target_is_directory=True)
+    path = write_records(data, "recs", [image_record(image="inside.png"), image_record(image="../secret.png",
+                                                                                       record_id="esc")],
+                         jsonl=True)
+    skips = SkipReport()
+    records = read_records(path, image_folder=str(tmp_path / "alias"), on_bad_record="skip", skips=skips)
+    assert [r.image for r in records] == [str(tmp_path / "alias" / "inside.png")]
+    assert skips.counts == {"image_outside": 1}
+
+
+def test_pipeline_passes_the_source_allow_outside_flag(tmp_path, word_tokenizer_dir):
+    from conftest import write_png
+
+    from jaxllava.data.config import DataConfig, SourceConfig
+    from jaxllava.data.pipeline import DataPipeline
+
+    write_png(str(tmp_path / "shared" / "pic.png"))
+    (tmp_path / "data").mkdir()
+    path = write_records(tmp_path / "data", "recs", [image_record("a red circle", "i", image="../shared/pic.png")],
+                         jsonl=True)
+    cfg = DataConfig(sources=(SourceConfig(path),), tokenizer=word_tokenizer_dir, buckets=(16,), image_rows=1)
+    with pytest.raises(DataError, match="outside the image folder"):
+        DataPipeline(cfg, image_tokens=6, image_size=8)
+    allowed = dataclasses.replace(cfg, sources=(SourceConfig(path, allow_outside=True),))
+    assert DataPipeline(allowed, image_tokens=6, image_size=8).summary.image_samples == 1

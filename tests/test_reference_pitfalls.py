@@ -1,4 +1,4 @@
-"""The reference's pitfalls (REFERENCE.md §7) that no module test covers on its own.
+"""The reference's pitfalls (the README's pitfall table) that no module test covers on its own.
 
 Each test names the pitfall it guards in its docstring; the table in the README maps every
 pitfall 1-34 to its tests (most live beside the module they concern). Tiny configs, the
@@ -33,7 +33,8 @@ from jaxllava.model.config import LlamaConfig, ModelConfig, ResamplerConfig
 from jaxllava.model.llava import LlavaModel
 from jaxllava.model.sharding import make_mesh
 from jaxllava.model.vision import VisionTower
-from jaxllava.train.loop import check_config, create_model, plan_steps, train
+from jaxllava.train.loop import train
+from jaxllava.train.setup import create_model, plan_steps
 from jaxllava.train.optimizer import lr_multiplier, trainable_manifest
 from jaxllava.train.step import microbatch_loss
 
@@ -159,7 +160,7 @@ def test_text_only_microbatch_never_calls_the_vision_tower(tiny, sample_pipeline
 
     def trace(batch):
         calls.clear()
-        jax.make_jaxpr(lambda s: microbatch_loss(nnx.merge(graphdef, s), batch.arrays(), 32))(state)
+        jax.make_jaxpr(lambda s: microbatch_loss(nnx.merge(graphdef, s), batch, 32))(state)
         return list(calls)
 
     text = first_batch(sample_pipeline, "text")
@@ -575,9 +576,9 @@ def test_buckets_longer_than_the_lm_position_range_are_rejected(tmp_path, word_t
                             "num_heads": 2, "num_kv_heads": 1, "max_position_embeddings": 64}, "vision": None},
            "data": {"sources": [{"path": str(tmp_path / "text.jsonl")}], "tokenizer": word_tokenizer_dir,
                     "buckets": [32, 128]}}
-    check_config(build_config({**raw, "data": {**raw["data"], "buckets": [32, 64]}}))  # fits: accepted
+    build_config({**raw, "data": {**raw["data"], "buckets": [32, 64]}})  # fits: accepted
     with pytest.raises(ConfigError, match=r"max_position_embeddings.*64|64.*max_position_embeddings"):
-        check_config(build_config(raw))
+        build_config(raw)
 
 
 @pytest.mark.parametrize("resampler", [ResamplerConfig("identity"), ResamplerConfig("avg_pool", pool_stride=2),

@@ -103,13 +103,80 @@ def test_add_eos_is_explicit(tmp_path, tok):
     assert with_eos[-1] == tok.eos_token_id and len(with_eos) == len(without) + 1
 
 
-def test_use_images_false_trains_image_records_as_text(tmp_path, tok):
-    ids = special_ids(tok)
-    table = table_for(tmp_path, [image_record(0, "img.png", "a red circle")], tok, use_images=False)
+@pytest.fixture(scope="module")
+def chat_tok(tmp_path_factory):
+    from conftest import make_word_tokenizer
+    # The llama_2 template's markup must be in the vocabulary of a word-level tokenizer.
+    return load_tokenizer(make_word_tokenizer(str(tmp_path_factory.mktemp("chat_tok")),
+                                              extra_words=("[INST]", "[/INST]")))
+
+
+# What an image record (human "<image>", gpt "a red circle") becomes with use_images false.
+TEXT_ONLY_PIECES = {
+    "plain_lm": ["<s>", "a", "red", "circle"],
+    "captions": ["<s>", "a", "red", "circle"],
+    "chat": ["<s>", "[INST]", "[/INST]", "a", "red", "circle", "</s>"],
+}
+
+
+@pytest.mark.parametrize("objective", ["plain_lm", "captions", "chat"])
+def test_use_images_false_trains_image_records_as_text(tmp_path, chat_tok, objective):
+    ids = special_ids(chat_tok)
+    table = table_for(tmp_path, [image_record(0, "img.png", "a red circle")], chat_tok, use_images=False,
+                      objective=objective)
     tokens, _ = table.sample(0)
-    assert table.image_start[0] == -1 and table.images[0] is None
+    assert table.image_start[0] == -1 and table.images[0] is None and not table.has_image.any()
     assert not np.isin(tokens, [ids.im_start, ids.im_patch, ids.im_end]).any()
-    assert tokens.tolist() == tok("a red circle")["input_ids"]
+    assert chat_tok.convert_ids_to_tokens(tokens.tolist()) == TEXT_ONLY_PIECES[objective]
+
+
+@pytest.mark.parametrize("use_images", [True, False])
+def test_chat_image_marker_inside_the_user_text_is_removed_never_tokenized(tmp_path, chat_tok, use_images):
+    ids = special_ids(chat_tok)
+    record = image_record(0, "img.png", "runs .", prompt="the <image> dog")
+    table = table_for(tmp_path, [record], chat_tok, objective="chat", use_images=use_images)
+    tokens, _ = table.sample(0)
+    pieces = chat_tok.convert_ids_to_tokens(tokens.tolist())
+    span = ["<im_start>"] + ["<im_patch>"] * (N - 2) + ["<im_end>"] if use_images else []
+    # The marker's own text is gone: "the <image> dog" trains as "the  dog" (no <unk>).
+    assert pieces == ["<s>"] + span + ["[INST]", "the", "dog", "[/INST]", "runs", ".", "</s>"]
+    assert table.has_image[0] == use_images
+    assert np.isin(tokens, [ids.im_start, ids.im_patch, ids.im_end]).sum() == (N if use_images else 0)
+
+
+@pytest.mark.parametrize("objective", ["plain_lm", "captions", "chat"])
+def test_image_marker_in_an_assistant_turn_still_gives_one_span_and_is_never_tokenized(tmp_path, chat_tok,
+                                                                                       objective):
+    # records.py accepts the one <image> in any turn; the span depends on the record having an image.
+    record = {"id": "m", "image": "img.png", "conversations": [{"from": "human", "value": "the dog"},
+                                                                {"from": "gpt", "value": "<image> runs ."}]}
+    table = table_for(tmp_path, [record], chat_tok, objective=objective)
+    tokens, is_target = table.sample(0)
+    start = table.image_start[0]
+    pieces = chat_tok.convert_ids_to_tokens(tokens.tolist())
+    assert start == 1 and pieces[start:start + N] == ["<im_start>"] + ["<im_patch>"] * (N - 2) + ["<im_end>"]
+    assert "<unk>" not in pieces and pieces.count("<im_start>") == 1
+    assert not is_target[start:start + N].any()
+    trained = [p for p, t in zip(pieces, is_target) if t]
+    assert trained[:2] == (["the", "dog"] if objective == "plain_lm" else ["runs", "."])
+
+
+def test_chat_image_record_without_a_user_turn_puts_the_span_after_bos(tmp_path, chat_tok):
+    record = {"id": "a", "image": "img.png", "conversations": [{"from": "gpt", "value": "<image> a red circle"}]}
+    table = table_for(tmp_path, [record], chat_tok, objective="chat")
+    pieces = chat_tok.convert_ids_to_tokens(table.sample(0)[0].tolist())
+    assert table.image_start[0] == 1
+    assert pieces[N + 1:] == ["a", "red", "circle", "</s>"]
+
+
+@pytest.mark.parametrize("use_images", [True, False])
+def test_text_only_record_with_a_literal_image_marker_is_refused(tmp_path, chat_tok, use_images):
+    record = {"id": "x", "conversations": [{"from": "human", "value": "<image> the dog"},
+                                           {"from": "gpt", "value": "runs ."}]}
+    with pytest.raises(DataError) as caught:
+        table_for(tmp_path, [record], chat_tok, objective="chat", use_images=use_images)
+    assert (caught.value.reason, caught.value.field, caught.value.record_id) == (
+        "image_token", "conversations[0].value", "x")
 
 
 def test_over_long_text_is_truncated_and_marked(tmp_path, tok):

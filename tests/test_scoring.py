@@ -32,7 +32,7 @@ from jaxllava.model.sharding import make_mesh, mesh_of
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SAMPLE_TOKENIZER = ROOT / "data" / "sample" / "tokenizer"
-IMAGE_TEMPLATE = "<image>\n{text}"  # the reference's template (REFERENCE.md §4.1)
+IMAGE_TEMPLATE = "<image>\n{text}"  # the reference's template (docs/reference.md#evaluation)
 
 CORPUS = [
     "The cat sleeps.", "The cats sleep on the mat.", "Who did the dog see?", "A man walks to the store.",
@@ -496,7 +496,9 @@ def test_report_files_hold_scores_and_the_official_layout(tmp_path):
 
 
 def test_jax_llama_loaded_from_transformers_scores_like_the_torch_reference():
-    from jaxllava.model.llama import Llama, llama_config_from_hf, load_hf_llama_weights
+    from jaxllava.convert.hf_configs import llama_config_from_hf
+    from jaxllava.convert.weights import load_hf_llama_weights
+    from jaxllava.model.llama import Llama
 
     tokenizer = _tokenizer("sample" if "sample" in TOKENIZERS else "bos")
     sample_pairs = ROOT / "data" / "sample" / "minimal_pairs.jsonl"

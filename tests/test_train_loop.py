@@ -18,7 +18,8 @@ from conftest import image_record, text_record, write_json, write_jsonl, write_p
 
 from jaxllava.config import build_config, config_to_dict, dump_yaml, load_config
 from jaxllava.errors import ConfigError, TrainingError
-from jaxllava.train.loop import plan_steps, train
+from jaxllava.train.loop import Hook, train
+from jaxllava.train.setup import plan_steps
 from jaxllava.train.optimizer import path_str
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0}  # halves CPU compile time; numerics unchanged
@@ -69,7 +70,7 @@ def metrics_rows(workdir, kind: str = "train") -> list[dict]:
 
 
 class Recorder:
-    """on_step hook: keeps each step's row and compile count, the final params, and can send a signal."""
+    """A hook after every step: keeps each step's row and compile count, the final params, and can send a signal."""
 
     def __init__(self, signal_at: int | None = None):
         self.signal_at, self.rows, self.compiles, self.params = signal_at, {}, [], None
@@ -105,7 +106,7 @@ def uninterrupted(budget_config, tmp_path_factory):
     cfg, _ = budget_config
     workdir = str(tmp_path_factory.mktemp("uninterrupted"))
     recorder = Recorder()
-    summary = train(cfg, workdir, on_step=recorder, compiler_options=FAST_COMPILE)
+    summary = train(cfg, workdir, hooks=[Hook(recorder)], compiler_options=FAST_COMPILE)
     return workdir, summary, recorder
 
 
@@ -114,10 +115,10 @@ def test_sigterm_saves_and_the_resumed_run_equals_the_uninterrupted_one(budget_c
     ref_dir, ref_summary, ref = uninterrupted
     workdir = str(tmp_path / "run")
     # A signal is seen when the next step is dispatched; that step finishes, is saved, and the run ends.
-    first = train(cfg, workdir, on_step=Recorder(signal_at=1), compiler_options=FAST_COMPILE)
+    first = train(cfg, workdir, hooks=[Hook(Recorder(signal_at=1))], compiler_options=FAST_COMPILE)
     assert first["stopped_by"] == "signal SIGTERM" and first["steps"] == 2 and first["last_checkpoint"] == 2
     second_rec = Recorder()
-    second = train(cfg, workdir, on_step=second_rec, compiler_options=FAST_COMPILE)
+    second = train(cfg, workdir, hooks=[Hook(second_rec)], compiler_options=FAST_COMPILE)
     assert second["resumed_from"] == 2 and second["steps"] == ref_summary["steps"]
     assert second["words_seen"] == ref_summary["words_seen"]
     assert second["milestones"] == ref_summary["milestones"]
@@ -240,7 +241,7 @@ def test_non_finite_loss_stops_with_diagnostics_and_no_bad_checkpoint(data, tmp_
 def test_steps_between_saves_are_read_after_the_next_one_is_dispatched(budget_config, uninterrupted, tmp_path,
                                                                      monkeypatch):
     """The host reads a step's metrics only once the next step is queued, so the device
-    never waits for logging; the run's numbers equal the step-by-step (on_step) run's."""
+    never waits for logging; the run's numbers equal the step-by-step (hook) run's."""
     import jaxllava.train.loop as loop
     from jaxllava.train.step import TrainStep
 
@@ -268,6 +269,10 @@ def test_plan_steps_counts_partial_last_step_and_rejects_too_many_steps():
     assert plan_steps(stats, 2, None, None) == (3, "data")
     assert plan_steps(stats, 2, 2, None) == (2, "steps")
     assert plan_steps(stats, 2, None, 31) == (2, "word_budget")  # 30 after step 1, 100 after step 2
+    # A budget equal to a step's total ends at that step; one step later would stretch the
+    # learning-rate schedule past the run, so it would never reach its floor.
+    assert plan_steps(stats, 2, None, 30) == (1, "word_budget")
+    assert plan_steps(stats, 2, None, 100) == (2, "word_budget")
     assert plan_steps(stats, 2, None, 10_000) == (3, "data")
     with pytest.raises(ConfigError, match="train.steps=4 needs 8 microbatches"):
         plan_steps(stats, 2, 4, None)
@@ -313,10 +318,10 @@ def test_two_processes_with_gloo_give_the_single_process_losses(budget_config, u
 
 
 def test_resume_check_ignores_speed_only_settings_and_names_real_changes():
-    from jaxllava.train.loop import _resume_mismatch
+    from jaxllava.train.setup import resume_mismatch
     saved = config_to_dict(build_config({}))
     faster = config_to_dict(build_config({"data": {"num_workers": 4, "prefetch": 8}, "model": {"remat": "full"},
                                           "logging": {"progress": False}, "checkpoint": {"keep_last": 9}}))
-    assert _resume_mismatch(saved, faster) == []
+    assert resume_mismatch(saved, faster) == []
     changed = config_to_dict(build_config({"data": {"seed": 5}, "train": {"grad_accum": 3}}))
-    assert _resume_mismatch(saved, changed) == ["data", "train.grad_accum"]
+    assert resume_mismatch(saved, changed) == ["data", "train.grad_accum"]

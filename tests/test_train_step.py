@@ -16,12 +16,12 @@ from flax import nnx
 from jaxllava.data.batch import IGNORE, BatchStats, ImageBatch, TextBatch
 from jaxllava.errors import TrainingError
 from jaxllava.model.config import LlamaConfig, ModelConfig, VisionConfig
-from jaxllava.train.loop import create_model
+from jaxllava.train.setup import create_model
 from jaxllava.model.sharding import make_mesh
 from jaxllava.train.config import OptimConfig
 from jaxllava.train.optimizer import path_str
 from jaxllava.train.step import (TrainStep, _accumulate, _zero_accumulator, check_finite, cross_entropy_sum,
-                                 device_arrays, host_metrics)
+                                 device_batch, host_metrics)
 
 VOCAB = 48
 MODEL = ModelConfig(
@@ -110,14 +110,24 @@ def test_loss_is_the_mean_over_all_target_tokens_of_the_step():
     assert int(metrics["target_tokens"]) == sum(counts)
 
 
+def mean_gradients(trainer, state, batches):
+    """(gradient of the trainable params averaged over the step's target tokens, loss): what the
+    optimizer update receives, computed with the step's own jitted accumulation."""
+    spec = trainer.spec.for_gradients()
+    accum = trainer._zeros(state["params"], spec=spec)
+    for batch in batches:
+        accum = trainer._accumulate(state["params"], trainer.rest, accum, device_batch(batch, trainer.mesh), spec=spec)
+    tokens = float(accum["tokens"])
+    return jax.tree.map(lambda g: g / tokens, accum["grads"]), float(accum["ce"]) / tokens
+
+
 def test_accumulating_microbatches_equals_one_large_batch():
     whole = text_batch(5, rows=8, fill=0.6)
     halves = [TextBatch(*(getattr(whole, f)[sl] for f in ("input_ids", "targets", "segment_ids", "positions")),
                         whole.stats) for sl in (slice(0, 4), slice(4, 8))]
     trainer, state = make_trainer()
-    to_device = lambda batches: [device_arrays(b, trainer.mesh) for b in batches]  # noqa: E731
-    grads_whole, loss_whole = trainer.gradients(state, to_device([whole]))
-    grads_parts, loss_parts = trainer.gradients(state, to_device(halves))
+    grads_whole, loss_whole = mean_gradients(trainer, state, [whole])
+    grads_parts, loss_parts = mean_gradients(trainer, state, halves)
     assert float(loss_parts) == pytest.approx(float(loss_whole), rel=1e-6)
     a, b = flat(grads_whole), flat(grads_parts)
     assert set(a) == set(b) and len(a) > 5
@@ -148,7 +158,7 @@ def test_overfits_one_mixed_step():
 def test_vision_tower_is_frozen_by_default():
     trainer, state = make_trainer()
     before = flat(state["params"])
-    trainable, frozen = trainer.split_params(state["params"])
+    trainable, frozen = trainer.spec.split(state["params"])
     assert "vision" not in trainable and "vision" in frozen  # never differentiated
     state, _ = trainer(state, [text_batch(0), image_batch(1)])
     after = flat(state["params"])
@@ -170,9 +180,9 @@ def _count_dot_generals(jaxpr) -> int:
 
 
 def test_a_frozen_tower_runs_forward_only_and_a_trained_one_backward_too():
-    """Freezing is one switch (optim.train_vision): frozen parameters are not differentiated,
+    """Freezing is one switch (optim.parts.vision.train): frozen parameters are not differentiated,
     so the step has no backward matmul in the tower, with no stop_gradient in the model."""
-    batch = device_arrays(image_batch(1), make_mesh(devices=jax.devices()[:1]))
+    batch = device_batch(image_batch(1), make_mesh(devices=jax.devices()[:1]))
 
     def step_matmuls(optim):
         trainer, state = make_trainer(optim)
@@ -183,11 +193,11 @@ def test_a_frozen_tower_runs_forward_only_and_a_trained_one_backward_too():
         return _count_dot_generals(jaxpr), trainer.model(state["params"])
 
     frozen, model = step_matmuls(OptimConfig(lr=1e-2, warmup_steps=0))
-    trained, _ = step_matmuls(OptimConfig(lr=1e-2, warmup_steps=0, train_vision=True))
+    trained, _ = step_matmuls(OptimConfig(lr=1e-2, warmup_steps=0).with_part("vision", train=True))
     graphdef, tower_params = nnx.split(model.vision)
 
     def tower_sum(params):
-        return nnx.merge(graphdef, params)(batch["pixels"]).sum()
+        return nnx.merge(graphdef, params)(batch.pixels).sum()
 
     forward = _count_dot_generals(jax.make_jaxpr(tower_sum)(tower_params).jaxpr)
     backward = _count_dot_generals(jax.make_jaxpr(jax.grad(tower_sum))(tower_params).jaxpr) - forward
@@ -199,9 +209,10 @@ def test_a_frozen_tower_runs_forward_only_and_a_trained_one_backward_too():
 
 
 def test_trainable_parts_and_per_part_rates_follow_the_config():
-    optim = OptimConfig(lr=1e-2, projector_lr=0.0, warmup_steps=0, freeze_lm_head=True, train_vision=True)
+    optim = OptimConfig(lr=1e-2, warmup_steps=0, freeze_lm_head=True).with_part("projector", lr=0.0) \
+        .with_part("vision", train=True)
     trainer, state = make_trainer(optim)
-    trainable, frozen = trainer.split_params(state["params"])
+    trainable, frozen = trainer.spec.split(state["params"])
     assert set(trainable.keys()) == {"lm", "projector", "vision"} and "lm_head" in frozen["lm"]
     before = flat(state["params"])
     state, _ = trainer(state, [image_batch(1)])

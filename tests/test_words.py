@@ -3,7 +3,7 @@ import re
 import pytest
 
 from jaxllava.data.records import Record, Turn
-from jaxllava.data.words import count_words, count_words_reference, record_words
+from jaxllava.data.words import OBJECTIVES, WORD_RULES, count_words, count_words_reference, record_words
 
 
 @pytest.mark.parametrize("text, words", [
@@ -19,7 +19,7 @@ from jaxllava.data.words import count_words, count_words_reference, record_words
     ("line one\\nline two", 3),  # backslash-n is not whitespace under this rule: "one\\nline" is one word
     ("café naïve 東京", 3),
 ])
-def test_whitespace_rule_counts_hand_checked_examples(text, words):
+def test_trained_rule_counts_hand_checked_examples(text, words):
     assert count_words(text) == words
 
 
@@ -60,19 +60,31 @@ RECORD = Record(
            Turn("user", "And?"), Turn("assistant", "It's big.")))
 
 
-def test_record_words_counts_only_the_given_roles():
-    assert record_words(RECORD, roles=("assistant",)) == 3 + 2
-    assert record_words(RECORD, roles=("user",)) == 3 + 1
-    assert record_words(RECORD, roles=("user", "assistant")) == 9
-    assert record_words(RECORD, roles=()) == 0
+@pytest.mark.parametrize("objective, rule, words", [
+    ("plain_lm", "trained", 3 + 3 + 1 + 2),  # every turn is trained on
+    ("captions", "trained", 3 + 2),  # only the assistant turns are targets
+    ("chat", "trained", 3 + 2),
+    ("plain_lm", "reference", 3 + 3),  # the reference: assistant turns under every objective, "It's" = 2
+    ("captions", "reference", 3 + 3),
+    ("chat", "reference", 3 + 3),
+])
+def test_record_words_picks_the_turns_and_rule_of_the_objective(objective, rule, words):
+    assert record_words(RECORD, objective=objective, rule=rule) == words
 
 
-def test_record_words_reference_rule_counts_assistant_contractions_as_two():
-    assert record_words(RECORD, roles=("assistant",), rule="reference") == 3 + 3
+def test_word_rules_are_the_config_names():
+    from typing import get_args, get_type_hints
+
+    from jaxllava.data.config import DataConfig
+
+    hints = get_type_hints(DataConfig)
+    assert set(WORD_RULES) == set(get_args(hints["word_rule"]))
+    assert set(OBJECTIVES) == set(get_args(hints["objective"]))
+    assert record_words(RECORD, objective="captions") == record_words(RECORD, objective="captions", rule="trained")
 
 
-def test_record_words_rejects_unknown_rule_and_role():
+def test_record_words_rejects_unknown_rule_and_objective():
     with pytest.raises(ValueError, match="word rule"):
-        record_words(RECORD, roles=("assistant",), rule="tokens")
-    with pytest.raises(ValueError, match="roles"):
-        record_words(RECORD, roles=("gpt",))
+        record_words(RECORD, objective="plain_lm", rule="whitespace")
+    with pytest.raises(ValueError, match="objective"):
+        record_words(RECORD, objective="captioning")

@@ -21,35 +21,40 @@ from jaxllava.checkpoint import REPORT_JSON
 from jaxllava.errors import ConfigError
 
 
-def _parser(what: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"launch.py convert {what}")
-    if what == "import-hf":
-        parser.add_argument("--lm", required=True, help="transformers LlamaForCausalLM directory")
-        parser.add_argument("--vision", help="transformers vision tower directory (DINOv2, CLIP, SigLIP)")
-        parser.add_argument("--tokenizer", help="tokenizer directory (default: the --lm directory)")
-        parser.add_argument("--config", required=True, help="experiment YAML (data, optim, vision input, "
-                                                            "resampler and projector kinds)")
-        parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-        parser.add_argument("--out", required=True, help="new jaxllava work directory")
-    elif what == "import-reference":
-        parser.add_argument("--dir", required=True, help="reference checkpoint directory (config.json, "
-                                                         "model.safetensors, tokenizer)")
-        parser.add_argument("--out", required=True, help="new jaxllava work directory")
-        parser.add_argument("--config", help="experiment YAML for data/optim settings (model section replaced)")
-        parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-        parser.add_argument("--vision-config", help="directory with the DINOv2 tower's config.json "
-                                                    "(default: inferred from the tensor shapes)")
-        parser.add_argument("--image-size", type=int, help="vision input size in pixels (default 224, the "
-                                                           "reference's processor override)")
-        parser.add_argument("--drop-lape", action="store_true",
-                            help="import a stage-2 checkpoint without its LAPE image-position embeddings")
-    else:
-        parser.add_argument("--checkpoint", required=True, help="jaxllava work directory, step or milestone")
-        parser.add_argument("--out", required=True, help="new transformers directory")
-        parser.add_argument("--what", choices=["lm", "reference"], default="lm",
-                            help="lm: LlamaForCausalLM (BabyLM pipeline); reference: the full model in the "
-                                 "reference's LlavaLlamaForCausalLM layout")
-    return parser
+def add_convert_parsers(parser: argparse.ArgumentParser) -> None:
+    """The `convert` subcommands and their arguments (shown by `launch.py convert WHAT -h`)."""
+    sub = parser.add_subparsers(dest="what", required=True, metavar="{import-hf,import-reference,export-hf}")
+    p = sub.add_parser("import-hf", help="transformers LM (+ vision tower) directories -> a jaxllava checkpoint")
+    p.add_argument("--lm", required=True, help="transformers LlamaForCausalLM directory")
+    p.add_argument("--vision", help="transformers vision tower directory (DINOv2, CLIP, SigLIP)")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the --lm directory)")
+    p.add_argument("--config", required=True, help="experiment YAML (data, optim, vision input, resampler and "
+                                                    "projector kinds)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value (repeatable)")
+    p.add_argument("--out", required=True, help="new jaxllava work directory")
+
+    p = sub.add_parser("import-reference", help="a checkpoint of the PyTorch reference -> a jaxllava checkpoint")
+    p.add_argument("--dir", required=True, help="reference checkpoint directory (config.json, model.safetensors, "
+                                                "tokenizer)")
+    p.add_argument("--out", required=True, help="new jaxllava work directory")
+    p.add_argument("--config", help="experiment YAML for data/optim settings (its model section is replaced)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value (repeatable; needs --config)")
+    p.add_argument("--vision-config", help="directory with the DINOv2 tower's config.json (default: inferred "
+                                           "from the tensor shapes)")
+    p.add_argument("--image-size", type=int, help="vision input size in pixels (default 224, the reference's "
+                                                  "processor override)")
+    p.add_argument("--drop-lape", action="store_true",
+                   help="import a stage-2 checkpoint without its LAPE image-position embeddings")
+
+    p = sub.add_parser("export-hf", help="a jaxllava checkpoint -> a transformers directory")
+    p.add_argument("--checkpoint", required=True, help="jaxllava work directory (latest step), step directory or "
+                                                       "milestones/chck_<N>M entry")
+    p.add_argument("--out", required=True, help="new transformers directory")
+    p.add_argument("--what", dest="export_what", choices=["lm", "reference"], default="lm",
+                   help="lm: LlamaForCausalLM (what the BabyLM pipeline loads); reference: the full model in the "
+                        "reference's LlavaLlamaForCausalLM layout")
 
 
 def print_report(report: dict, out: TextIO = sys.stdout) -> None:
@@ -73,16 +78,15 @@ def print_report(report: dict, out: TextIO = sys.stdout) -> None:
         print(f"note: {note}", file=out)
 
 
-def run_convert(args) -> int:
+def run_convert(options) -> int:
     from jaxllava.config import ExperimentConfig, load_config
 
-    options = _parser(args.what).parse_args(args.rest)
-    if args.what == "import-hf":
+    if options.what == "import-hf":
         from jaxllava.convert.hf import import_hf
 
         config = load_config(options.config, options.overrides)
         report = import_hf(config, options.out, options.lm, options.vision, options.tokenizer)
-    elif args.what == "import-reference":
+    elif options.what == "import-reference":
         from jaxllava.convert.reference import import_reference
 
         if options.config:
@@ -94,13 +98,13 @@ def run_convert(args) -> int:
         report = import_reference(options.dir, options.out, config=config, vision_config_dir=options.vision_config,
                                   image_size=options.image_size, drop_lape=options.drop_lape)
     else:
-        if options.what == "lm":
+        if options.export_what == "lm":
             from jaxllava.convert.hf import export_lm as export
         else:
             from jaxllava.convert.reference import export_reference as export
         report = export(options.checkpoint, options.out)
     print_report(report)
-    if args.what.startswith("import"):
+    if options.what.startswith("import"):
         print(f"wrote {os.path.abspath(options.out)} (report: {os.path.join(options.out, REPORT_JSON)})")
     else:
         print(f"wrote {report['out']} ({report['tensors']} tensors)")

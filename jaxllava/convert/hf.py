@@ -34,11 +34,9 @@ from jaxllava.checkpoint import (abstract_model, atomic_output_dir, ensure_new_o
                                  model_from_params, write_params_checkpoint)
 from jaxllava.data.tokenizer import copy_tokenizer
 from jaxllava.errors import ConversionError
-from jaxllava.model.hf_weights import CheckpointTensors, read_config
-from jaxllava.model.hf_weights import iter_hf_tensors, save_sharded_safetensors
-from jaxllava.model.llama import (llama_config_from_hf, llama_config_to_hf, llama_weight_map,
-                                  load_hf_llama_weights)
-from jaxllava.model.vision import load_hf_vision_weights, vision_config_from_hf
+from jaxllava.convert.checkpoint_files import CheckpointTensors, read_config, save_sharded_safetensors
+from jaxllava.convert.hf_configs import llama_config_from_hf, llama_config_to_hf, vision_config_from_hf
+from jaxllava.convert.weights import hf_tensors, load_hf_llama_weights, load_hf_vision_weights
 
 EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64), np.dtype(ml_dtypes.bfloat16))
@@ -248,13 +246,6 @@ def import_hf(config, out: str, lm_dir: str, vision_dir: Optional[str] = None,
 # ----------------------------------------------------------------------------- export
 
 
-def save_safetensors(tensors: dict[str, np.ndarray], path: str) -> None:
-    from safetensors.numpy import save_file
-
-    # transformers reads a safetensors file only when its metadata says format "pt"
-    save_file(tensors, path, metadata={"format": "pt"})
-
-
 def save_export_tokenizer(config, directory: str) -> None:
     """The checkpoint's tokenizer, loadable by transformers 4.x (the BabyLM pipeline) and 5.x."""
     copy_tokenizer(config.data.tokenizer, directory, config.model.lm.vocab_size, portable=True)
@@ -274,7 +265,7 @@ def export_lm(checkpoint: str, out: str) -> dict:
     del params
     with atomic_output_dir(out) as tmp:
         # Streamed shard by shard: the export holds one shard beside the model, not a second copy.
-        tensors = save_sharded_safetensors(iter_hf_tensors(llama_weight_map(model.lm)), tmp)
+        tensors = save_sharded_safetensors(hf_tensors(model.lm), tmp)
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(llama_config_to_hf(config.model.lm), f, indent=2)
         save_export_tokenizer(config, tmp)

@@ -31,6 +31,7 @@ What becomes of each part (REFERENCE.md §1.4-1.10):
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -41,18 +42,16 @@ from flax import nnx
 
 from jaxllava.checkpoint import (abstract_model, atomic_output_dir, ensure_new_output, load_checkpoint_params,
                                  model_from_params, read_meta, write_params_checkpoint)
-from jaxllava.convert.hf import ImportSource, classify_unused, save_export_tokenizer, save_safetensors, \
-    write_provenance
-from jaxllava.errors import ConversionError
+from jaxllava.convert.checkpoint_files import CheckpointTensors, read_config, save_sharded_safetensors
+from jaxllava.convert.hf import ImportSource, classify_unused, save_export_tokenizer, write_provenance
+from jaxllava.convert.hf_configs import llama_config_from_hf, llama_config_to_hf, vision_config_from_hf, \
+    vision_hf_config
+from jaxllava.convert.weights import (PROJECTOR_PREFIX, hf_tensors, load_hf_llama_weights, load_hf_vision_weights,
+                                      load_projector_weights)
+from jaxllava.errors import ConfigError, ConversionError
 from jaxllava.model.config import ModelConfig, ProjectorConfig, ResamplerConfig
-from jaxllava.model.hf_weights import CheckpointTensors, read_config
-from jaxllava.model.llama import llama_config_from_hf, llama_config_to_hf, llama_hf_state_dict, load_hf_llama_weights
-from jaxllava.model.projectors import load_projector_weights, projector_hf_state_dict
-from jaxllava.model.vision import load_hf_vision_weights, vision_config_from_hf, vision_hf_config, \
-    vision_hf_state_dict
 
 VISION_PREFIX = "model.vision_tower.vision_tower."
-PROJECTOR_PREFIX = "model.mm_projector."
 RESAMPLER_PREFIX = "model.vision_resampler."
 LAPE = re.compile(r"^model\.(spatial_height|spatial_width|temporal)_")
 DINOV2_HEAD_DIM = 64  # every released DINOv2 (small/base/large/giant) uses 64-wide heads
@@ -129,10 +128,9 @@ def reference_model_config(hf_config: dict, tensors, *, vision_config_dir: Optio
     if hf_config.get("use_downsample_image"):
         raise ConversionError("config.json: use_downsample_image=true (gen 16): the image tokens came from the "
                               "reference's TokenPacker, which jaxllava does not reproduce")
-    projector = ProjectorConfig(kind=hf_config.get("mm_projector_type", "linear"))
     try:
-        projector.depth
-    except ValueError as e:
+        projector = ProjectorConfig(kind=hf_config.get("mm_projector_type", "linear"))
+    except ConfigError as e:
         raise ConversionError(f"config.json: mm_projector_type: {e}") from None
     model = dataclasses.replace(base, lm=lm, vision=vision, resampler=ResamplerConfig(kind="identity"),
                                 projector=projector)
@@ -259,12 +257,12 @@ def export_reference(checkpoint: str, out: str) -> dict:
                      f"4.40) interpolates in 'scale_factor' mode and would compute different image features")
     reference_meta = read_meta(checkpoint).get("reference") or {}
     model = model_from_params(model_config, params)
-    tensors = {**llama_hf_state_dict(model.lm),
-               **vision_hf_state_dict(model.vision, prefix=VISION_PREFIX),
-               **projector_hf_state_dict(model.projector, prefix=PROJECTOR_PREFIX)}
     del params
     with atomic_output_dir(out) as tmp:
-        save_safetensors(tensors, os.path.join(tmp, "model.safetensors"))
+        # Streamed shard by shard, as export_lm: one shard beside the model, not a second copy.
+        tensors = save_sharded_safetensors(itertools.chain(
+            hf_tensors(model.lm), hf_tensors(model.vision, prefix=VISION_PREFIX),
+            hf_tensors(model.projector, prefix=PROJECTOR_PREFIX)), tmp)
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(reference_hf_config(config, reference_meta.get("mm_vision_tower")), f, indent=2)
         save_export_tokenizer(config, tmp)

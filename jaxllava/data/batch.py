@@ -1,10 +1,12 @@
 """Microbatches: the contract between the data pipeline, the model and the train step.
 
-Modality is a type. A `TextBatch` has no pixel field at all, so code that needs
-pixels cannot be handed a text-only batch; an `ImageBatch` carries exactly one
-image per row. Shapes are static per bucket: B rows × T tokens.
+Modality is a type, from the loader to the jitted step. A `TextBatch` has no
+pixel field at all, so code that needs pixels cannot be handed a text-only batch;
+an `ImageBatch` carries exactly one image per row. Both are pytrees of their
+arrays: the step receives the same type with the arrays on the devices. Shapes
+are static per bucket: B rows × T tokens.
 
-Array conventions (all numpy on the host, int32 unless noted):
+Array conventions (numpy on the host, int32 unless noted):
   input_ids   (B, T)  token ids; padding positions hold the tokenizer's pad id.
   targets     (B, T)  next-token target for each position, already shifted:
                       targets[b, t] is the token the model must predict after
@@ -25,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal, Union
 
+import jax
 import numpy as np
 
 IGNORE = -100
@@ -54,18 +57,9 @@ class TextBatch:
     targets: np.ndarray
     segment_ids: np.ndarray
     positions: np.ndarray
-    stats: BatchStats
+    stats: BatchStats | None  # host metadata; None on the device copy
 
     modality = "text"
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        """The arrays the jitted step consumes (no host-side metadata)."""
-        return {
-            "input_ids": self.input_ids,
-            "targets": self.targets,
-            "segment_ids": self.segment_ids,
-            "positions": self.positions,
-        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,20 +71,34 @@ class ImageBatch:
     pixels: np.ndarray
     image_mask: np.ndarray
     image_rows: np.ndarray
-    stats: BatchStats
+    stats: BatchStats | None  # host metadata; None on the device copy
 
     modality = "image"
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        return {
-            "input_ids": self.input_ids,
-            "targets": self.targets,
-            "segment_ids": self.segment_ids,
-            "positions": self.positions,
-            "pixels": self.pixels,
-            "image_mask": self.image_mask,
-            "image_rows": self.image_rows,
-        }
-
 
 Microbatch = Union[TextBatch, ImageBatch]
+
+
+def batch_arrays(batch: Microbatch) -> dict[str, np.ndarray]:
+    """Every array of a microbatch by field name (for diagnostics and comparisons)."""
+    return {field.name: getattr(batch, field.name) for field in dataclasses.fields(batch) if field.name != "stats"}
+
+
+def _register_as_pytree(cls) -> None:
+    """The batch types are pytrees of their arrays, so the jitted step receives a TextBatch or
+    an ImageBatch, not a dict: modality stays a type on the device too. `stats` travels as
+    static metadata (Grain's worker processes move batches as pytrees); the device copy drops
+    it (train/step.py `device_batch`) so that every batch of one shape hits one compiled step."""
+    names = tuple(field.name for field in dataclasses.fields(cls) if field.name != "stats")
+
+    def flatten(batch):
+        return tuple(getattr(batch, name) for name in names), batch.stats
+
+    def unflatten(stats, arrays):
+        return cls(**dict(zip(names, arrays)), stats=stats)
+
+    jax.tree_util.register_pytree_node(cls, flatten, unflatten)
+
+
+_register_as_pytree(TextBatch)
+_register_as_pytree(ImageBatch)

@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal, Optional
+
+from jaxllava.data.templates import TEMPLATES
+from jaxllava.model.config import at_least, positive, require
 
 
 # ImageNet statistics: DINOv2's (and most towers') normalisation, the default when no
@@ -20,6 +24,11 @@ class SourceConfig:
     # leading out) unless this is true.
     allow_outside: bool = False
 
+    def __post_init__(self):
+        require(bool(self.path), "path", "must name a .json or .jsonl file, got an empty string")
+        # A weight of 0, below 0 or NaN used to drop the source without a word.
+        positive(self, "weight")
+
 
 @dataclasses.dataclass(frozen=True)
 class ImageConfig:
@@ -32,6 +41,15 @@ class ImageConfig:
     # Images with more pixels (width × height) are refused before they are decoded: a small
     # compressed file can hold a huge picture that takes gigabytes to decode.
     max_pixels: int = 50_000_000
+
+    def __post_init__(self):
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            require(len(values) == 3 and all(math.isfinite(v) for v in values), name,
+                    f"must be three finite numbers (R, G, B), got {list(values)}")
+        require(all(v > 0 for v in self.std), "std", f"every value must be > 0 (pixels are divided by it), "
+                                                     f"got {list(self.std)}")
+        at_least(self, 1, "max_pixels")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,3 +81,17 @@ class DataConfig:
     seed: int = 0
     num_workers: int = 0  # Grain worker processes building microbatches (0: in the main process)
     prefetch: int = 2  # microbatches buffered per worker
+
+    def __post_init__(self):
+        require(self.chat_template in TEMPLATES, "chat_template",
+                f"must be one of {', '.join(sorted(TEMPLATES))}, got {self.chat_template!r}")
+        buckets = list(self.buckets)
+        require(bool(buckets), "buckets", "must list at least one sequence length, got []")
+        # The shortest sequence that trains anything is a token and the target after it.
+        require(all(b >= 2 for b in buckets), "buckets",
+                f"every bucket must be >= 2 tokens (a 1-token row cannot hold a token and its target, so "
+                f"it has no training target), got {buckets}")
+        require(all(a < b for a, b in zip(buckets, buckets[1:])), "buckets",
+                f"must be strictly increasing (a sample goes to the first bucket it fits), got {buckets}")
+        at_least(self, 1, "text_rows", "image_rows", "epochs", "prefetch")
+        at_least(self, 0, "num_workers")

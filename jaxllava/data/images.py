@@ -6,7 +6,9 @@ reference (REFERENCE.md §1.5):
 1. decode with Pillow and load every byte: a truncated or undecodable file is a
    `DataError` (the reference set `ImageFile.LOAD_TRUNCATED_IMAGES=True` and
    trained on half-grey images; a failed load then pulled in the next sample,
-   pitfall 21);
+   pitfall 21). Before decoding, the size in the file's header is checked against
+   `max_pixels`: a few hundred KB of PNG can hold a 144-megapixel picture that
+   takes gigabytes to decode;
 2. apply the EXIF orientation, so the pixels are the picture people see;
 3. convert to RGB, see `to_rgb`;
 4. aspect "pad": pad to a square with the mean colour, original centred
@@ -25,12 +27,11 @@ import zlib
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-from jaxllava.data.config import IMAGENET_MEAN, IMAGENET_STD
+from jaxllava.data.config import IMAGENET_MEAN, IMAGENET_STD, ImageConfig
 from jaxllava.errors import ConfigError, DataError
 
 # Exceptions Pillow raises for damaged files (struct/zlib/EOF come from inside plugins).
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, IndexError,
-                  Image.DecompressionBombError)
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, IndexError)
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _PIL_BICUBIC = 3  # the `resample` value of HF preprocessor configs that PIL BICUBIC matches
 
@@ -44,10 +45,14 @@ class ImageProcessing:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     rescale: float = 1 / 255
+    # Larger images (width × height) are refused before they are decoded (`data.image.max_pixels`).
+    max_pixels: int = ImageConfig.max_pixels
 
     def __post_init__(self):
         if not isinstance(self.size, int) or self.size <= 0:
             raise ConfigError(f"image size must be a positive integer, got {self.size!r}")
+        if isinstance(self.max_pixels, bool) or not isinstance(self.max_pixels, int) or self.max_pixels <= 0:
+            raise ConfigError(f"max_pixels must be a positive integer, got {self.max_pixels!r}")
         if self.aspect not in ("pad", "resize"):
             raise ConfigError(f"image aspect must be 'pad' or 'resize', got {self.aspect!r}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
@@ -164,35 +169,63 @@ def pad_to_square(image: Image.Image, background: tuple[int, int, int]) -> Image
     return square
 
 
-def square_image(path: str | os.PathLike, processing: ImageProcessing, *, record: str | int | None = None,
-                 record_id: str | None = None) -> Image.Image:
-    """Steps 1-5: the RGB size × size picture the tower sees, before rescaling.
+class _TooManyPixels(Exception):
+    """The picture is larger than the pixel budget; raised before it is decoded."""
 
-    Raises `DataError` (field "image", naming the file, `record` and `record_id`)
-    with reason "missing_image" when there is no file, "corrupt_image" when it is
-    truncated or undecodable, "unsupported_image" when its mode is ambiguous
-    (see `to_rgb`). Never returns a substitute image. Saved losslessly (PNG), this
-    is a cache of the expensive part: `load_image` of the saved file gives the same
-    pixels (a square image of the right size is neither padded nor resized again).
-    """
-    location = dict(file=os.fspath(path), record=record, record_id=record_id, field="image")
+
+def _decoded_rgb(path: str | os.PathLike, processing: ImageProcessing, location: dict) -> Image.Image:
+    """Steps 1-3: the upright RGB picture at full size; errors as `square_image`."""
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise ConfigError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True (set by some import); truncated images "
                           "would decode as grey padding, so jaxllava refuses to load images (REFERENCE.md §1.5)")
     try:
-        with Image.open(path) as opened:
+        with Image.open(path) as opened:  # reads the header only
+            width, height = opened.size
+            if width * height > processing.max_pixels:
+                raise _TooManyPixels(f"{width}×{height} = {width * height} pixels, more than "
+                                     f"data.image.max_pixels={processing.max_pixels}; refused before decoding")
             opened.load()
             # exif_transpose copies the image even when there is nothing to undo;
             # checking the tag first saves a full-image copy per sample.
             oriented = opened if opened.getexif().get(_EXIF_ORIENTATION, 1) == 1 else ImageOps.exif_transpose(opened)
-            rgb = to_rgb(oriented)
+            return to_rgb(oriented)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
         raise DataError(f"image file not found ({e.strerror})", reason="missing_image", **location) from None
+    except _TooManyPixels as e:
+        raise DataError(str(e), reason="too_many_pixels", **location) from None
+    except Image.DecompressionBombError as e:
+        # Pillow's own limit (twice PIL.Image.MAX_IMAGE_PIXELS) refuses some pictures inside
+        # `Image.open`, before their size can be compared with ours; they are just as large.
+        raise DataError(f"more pixels than Pillow opens ({e}); data.image.max_pixels={processing.max_pixels}",
+                        reason="too_many_pixels", **location) from None
     except _UnsupportedImage as e:
         raise DataError(str(e), reason="unsupported_image", **location) from None
     except _DECODE_ERRORS as e:
         raise DataError(f"truncated or undecodable image ({type(e).__name__}: {e})", reason="corrupt_image",
                         **location) from e
+
+
+def check_image(path: str | os.PathLike, processing: ImageProcessing, *, record: str | int | None = None,
+                record_id: str | None = None) -> None:
+    """Raise what `load_image` would raise for this file, without the padding and resizing."""
+    _decoded_rgb(path, processing, dict(file=os.fspath(path), record=record, record_id=record_id, field="image"))
+
+
+def square_image(path: str | os.PathLike, processing: ImageProcessing, *, record: str | int | None = None,
+                 record_id: str | None = None) -> Image.Image:
+    """Steps 1-5: the RGB size × size picture the tower sees, before rescaling.
+
+    Raises `DataError` (field "image", naming the file, `record` and `record_id`)
+    with reason "missing_image" when there is no file, "too_many_pixels" when it
+    holds more than `processing.max_pixels` pixels (checked before decoding),
+    "corrupt_image" when it is truncated or undecodable, "unsupported_image" when
+    its mode is ambiguous (see `to_rgb`). Never returns a substitute image. Saved
+    losslessly (PNG), this is a cache of the expensive part: `load_image` of the
+    saved file gives the same pixels (a square image of the right size is neither
+    padded nor resized again).
+    """
+    rgb = _decoded_rgb(path, processing, dict(file=os.fspath(path), record=record, record_id=record_id,
+                                              field="image"))
     if processing.aspect == "pad":
         rgb = pad_to_square(rgb, processing.background)
     if rgb.size != (processing.size, processing.size):

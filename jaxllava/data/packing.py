@@ -4,7 +4,7 @@ Planning works on sample lengths only (no tokens, no pixels), so it is cheap,
 deterministic from (seed, epoch), and identical in every JAX process: each
 process then loads only its own rows of every global microbatch.
 
-- Modality grouping: a microbatch is all text-only or all image (REFERENCE.md §7.3-4:
+- Modality grouping: a microbatch is all text-only or all image (README pitfalls 3-4:
   the reference's runs mixed modalities in every microbatch, and its grouped
   sampler appended one mixed tail batch).
 - Static shapes: every microbatch has one of the configured bucket lengths and a

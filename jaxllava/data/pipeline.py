@@ -24,7 +24,7 @@ import numpy as np
 
 from jaxllava.data.batch import IGNORE, BatchStats, ImageBatch, Microbatch, TextBatch
 from jaxllava.data.config import DataConfig
-from jaxllava.data.images import ImageProcessing, load_image
+from jaxllava.data.images import ImageProcessing, check_image, load_image
 from jaxllava.data.packing import MicrobatchPlan, plan_epoch
 from jaxllava.data.records import Record, SkipReport, fingerprint_files, read_records
 from jaxllava.data.samples import SampleTable, build_sample_table
@@ -39,7 +39,7 @@ def image_processing_for(cfg: DataConfig, image_size: int) -> ImageProcessing:
     else:
         processing = ImageProcessing(size=image_size, aspect=cfg.image.aspect, mean=tuple(cfg.image.mean),
                                      std=tuple(cfg.image.std))
-    return dataclasses.replace(processing, size=image_size)
+    return dataclasses.replace(processing, size=image_size, max_pixels=cfg.image.max_pixels)
 
 
 class MicrobatchBuilder:
@@ -102,8 +102,26 @@ class MicrobatchBuilder:
                 cursor += n
         stats = self.stats(plan)
         if plan.modality == "text":
+            self._check_placeholders(rows, input_ids, np.zeros(input_ids.shape, bool))
             return TextBatch(input_ids, targets, segment_ids, positions, stats)
         return self._image_batch(plan, rows, input_ids, targets, segment_ids, positions, stats)
+
+    def _check_placeholders(self, rows, input_ids: np.ndarray, image_mask: np.ndarray) -> None:
+        """The model overwrites exactly the masked positions with the I visual vectors, so they
+        must hold one whole image span each, and no placeholder id may appear anywhere else
+        (a text row with one would train on an image token that no image fills)."""
+        placeholder = np.isin(input_ids, (self.ids.im_start, self.ids.im_patch, self.ids.im_end))
+        span = np.asarray(self.ids.image_span(self.image_tokens)) if self.image_tokens >= 2 else None
+        for r, members in enumerate(rows):
+            masked = input_ids[r, image_mask[r]]
+            good = (np.array_equal(placeholder[r], image_mask[r])
+                    and (masked.size == 0 or span is not None and np.array_equal(masked, span)))
+            if not good:
+                origins = ", ".join(f"{self.table.origins[i]} (id {self.table.ids[i]!r})" for i in members)
+                raise DataError(f"microbatch row {r} holds {int(placeholder[r].sum())} image placeholder ids, "
+                                f"{int(image_mask[r].sum())} of them where an image goes (expected 0, or one whole "
+                                f"span of {self.image_tokens}); samples: {origins}", field="image span",
+                                reason="image_span")
 
     def _image_batch(self, plan, rows, input_ids, targets, segment_ids, positions, stats) -> ImageBatch:
         size = self.processing.size
@@ -121,6 +139,7 @@ class MicrobatchBuilder:
             image_rows[r] = True
             pixels[r] = load_image(self.table.images[i], self.processing, record=self.table.origins[i],
                                    record_id=self.table.ids[i])
+        self._check_placeholders(rows, input_ids, image_mask)
         return ImageBatch(input_ids, targets, segment_ids, positions, pixels, image_mask, image_rows, stats)
 
 
@@ -162,9 +181,10 @@ class DataPipeline:
         records: list[list[Record]] = []
         for source in cfg.sources:
             records.append(read_records(source.path, image_folder=source.image_folder,
-                                        on_bad_record=cfg.on_bad_record, skips=self.skips))
-        if cfg.on_bad_record == "skip" and cfg.use_images and image_size:
-            # Under the skip policy images are decoded now, so a bad one is a counted
+                                        on_bad_record=cfg.on_bad_record, skips=self.skips,
+                                        allow_outside=source.allow_outside))
+        if (cfg.check_images or cfg.on_bad_record == "skip") and cfg.use_images and image_size:
+            # Under the skip policy images are always decoded now, so a bad one is a counted
             # skip before planning instead of a hole in a batch later.
             processing = image_processing_for(cfg, image_size)
             records = [self._drop_undecodable(rs, processing) for rs in records]
@@ -198,13 +218,17 @@ class DataPipeline:
                 image_rows=cfg.image_rows, pack_text=cfg.pack_text, seed=cfg.seed, epoch=epoch))
 
     def _drop_undecodable(self, records: list[Record], processing: ImageProcessing) -> list[Record]:
+        """Decode every image once: the first bad one raises its DataError, or under
+        `on_bad_record: skip` its record is dropped and counted."""
         kept = []
         for record in records:
             if record.image is not None:
                 try:
-                    load_image(record.image, processing, record=f"{record.file} {record.where}",
-                               record_id=record.id)
+                    check_image(record.image, processing, record=f"{record.file} {record.where}",
+                                record_id=record.id)
                 except DataError as error:
+                    if self.cfg.on_bad_record != "skip":
+                        raise
                     self.skips.add(error)
                     continue
             kept.append(record)

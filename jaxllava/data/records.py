@@ -14,9 +14,17 @@ Accepted schema (REFERENCE.md §2.1):
                  {"role": "user"|"assistant", "content": str}; either role
                  spelling is accepted under either key.
   image          absent/None (text-only), a path, or a list of exactly one path,
-                 relative to `image_folder` (default: the record file's folder).
-  id             optional; "<file stem>:<where>" when absent.
+                 relative to `image_folder` (default: the record file's folder). The
+                 path must resolve (symlinks followed) inside that folder unless the
+                 source sets `allow_outside`: a record file from elsewhere must not
+                 make the run read, and train on, any file the user can read.
+  id             optional, a string or number; "<file stem>:<where>" when absent.
 Other keys (origin, word_count, variables, ...) are ignored.
+
+Text (turns, id, image path) must be encodable: JSON can escape a lone UTF-16
+surrogate ("\\ud800"), which Python keeps but no tokenizer or file system accepts.
+JSON nested deeper than the parser's recursion limit is a bad line (or, in a
+.json list, a bad file), never a RecursionError.
 
 Text rules:
   - an empty human turn is normal: the reference's text-only records are
@@ -38,6 +46,7 @@ import gc
 import hashlib
 import json
 import os
+import reprlib
 from typing import Any, Iterable, Iterator, Literal
 
 from jaxllava.data.tokenizer import IMAGE_TOKEN, PLACEHOLDER_TOKENS, VIDEO_TOKEN
@@ -50,6 +59,10 @@ ON_BAD_RECORD = ("error", "skip")
 
 _ROLES: dict[str, Role] = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 _MAX_EXAMPLES = 3
+# Error messages show raw values through this: it is bounded in length and nesting depth,
+# so a deeply nested value cannot raise RecursionError while an error about it is built.
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 60
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -103,32 +116,82 @@ class SkipReport:
 
 
 def read_records(path: str, *, image_folder: str | None = None, on_bad_record: str = "error",
-                 skips: SkipReport | None = None, check_image_files: bool = True) -> list[Record]:
+                 skips: SkipReport | None = None, check_image_files: bool = True,
+                 allow_outside: bool = False) -> list[Record]:
     """Reads and validates every record of one .json or .jsonl file, in file order.
 
     on_bad_record: "error" raises the first `DataError`; "skip" drops bad records
     and counts them in `skips` (required, so no record disappears uncounted).
     check_image_files: a missing image file is an error (reason "missing_image");
     whether it decodes is checked by the image loader.
+    allow_outside: accept image paths that resolve outside the image folder
+    (otherwise reason "image_outside"; `SourceConfig.allow_outside`).
     """
+    return [record for record, _ in read_records_with_raw(
+        path, image_folder=image_folder, on_bad_record=on_bad_record, skips=skips,
+        check_image_files=check_image_files, allow_outside=allow_outside)]
+
+
+def read_records_with_raw(path: str, *, image_folder: str | None = None, on_bad_record: str = "error",
+                          skips: SkipReport | None = None, check_image_files: bool = True,
+                          allow_outside: bool = False) -> list[tuple[Record, dict]]:
+    """`read_records`, each record paired with the JSON object it was read from (for tools that
+    rewrite record files, such as the image cache, without parsing the file a second time)."""
     if on_bad_record not in ON_BAD_RECORD:
         raise ValueError(f"on_bad_record must be one of {ON_BAD_RECORD}, got {on_bad_record!r}")
     if on_bad_record == "skip" and skips is None:
         raise ValueError("on_bad_record='skip' needs a SkipReport to count the skipped records")
     folder = image_folder if image_folder is not None else os.path.dirname(path)
-    stem = os.path.splitext(os.path.basename(path))[0]
+    context = _Context(path, os.path.splitext(os.path.basename(path))[0], folder,
+                       None if allow_outside else _ImageFolder(folder), check_image_files)
     records = []
     with _cyclic_gc_paused():
         for where, raw in _raw_records(path):
             try:
                 if isinstance(raw, DataError):  # an unparsable JSONL line
                     raise raw
-                records.append(_parse_record(raw, path, where, stem, folder, check_image_files))
+                records.append((_parse_record(raw, where, context), raw))
             except DataError as error:
                 if on_bad_record == "error":
                     raise
                 skips.add(error)
     return records
+
+
+@dataclasses.dataclass(frozen=True)
+class _Context:
+    file: str
+    stem: str
+    folder: str
+    confinement: "_ImageFolder | None"  # None: image paths may lead anywhere (allow_outside)
+    check_image_files: bool
+
+
+class _ImageFolder:
+    """Where an image path really leads, and whether that is inside the folder.
+
+    `os.path.realpath` costs one lstat per path component (~35 µs for a short path);
+    resolving each directory once and lstat-ing only the file name keeps reading a
+    million records fast.
+    """
+
+    def __init__(self, folder: str):
+        self.root = os.path.realpath(folder)
+        self._prefix = self.root if self.root.endswith(os.sep) else self.root + os.sep
+        self._real_dirs: dict[str, str] = {}
+
+    def resolve(self, path: str) -> str:
+        directory, name = os.path.split(path)
+        if name in ("", ".", ".."):
+            return os.path.realpath(path)
+        real_dir = self._real_dirs.get(directory)
+        if real_dir is None:
+            real_dir = self._real_dirs[directory] = os.path.realpath(directory)
+        candidate = os.path.join(real_dir, name)
+        return os.path.realpath(candidate) if os.path.islink(candidate) else candidate
+
+    def contains(self, real: str) -> bool:
+        return real == self.root or real.startswith(self._prefix)
 
 
 @contextlib.contextmanager
@@ -158,6 +221,10 @@ def _raw_records(path: str) -> Iterator[tuple[str, Any]]:
         if extension == ".json":
             try:
                 data = json.loads(handle.read())
+            except RecursionError:
+                # One parse covers the whole file, so no single record can be named.
+                raise DataError("JSON nested too deeply to parse (beyond Python's recursion limit); "
+                                "no record can be read from this file", file=path, reason="too_deep") from None
             except json.JSONDecodeError as error:
                 raise DataError(f"invalid JSON at line {error.lineno} column {error.colno}: {error.msg}",
                                 file=path, reason="json") from error
@@ -176,6 +243,10 @@ def _raw_records(path: str) -> Iterator[tuple[str, Any]]:
             except json.JSONDecodeError as error:
                 yield f"line {number}", DataError(f"invalid JSON at column {error.colno}: {error.msg}",
                                                   file=path, record=f"line {number}", reason="json")
+            except RecursionError:
+                yield f"line {number}", DataError("JSON nested too deeply to parse (beyond Python's recursion "
+                                                  "limit)", file=path, record=f"line {number}",
+                                                  reason="too_deep")
             except UnicodeDecodeError as error:
                 yield f"line {number}", DataError(f"not UTF-8 text at byte {error.start} of the line",
                                                   file=path, record=f"line {number}", reason="json")
@@ -189,19 +260,28 @@ class _Invalid(Exception):
         self.message, self.field, self.reason = message, field, reason
 
 
-def _parse_record(raw: Any, file: str, where: str, stem: str, folder: str, check_image_files: bool) -> Record:
-    record_id = str(raw["id"]) if isinstance(raw, dict) and raw.get("id") is not None else f"{stem}:{where}"
+def _parse_record(raw: Any, where: str, context: _Context) -> Record:
+    raw_id = raw.get("id") if isinstance(raw, dict) else None
+    # Only a scalar id names the record in errors; anything else is refused below.
+    record_id = str(raw_id) if isinstance(raw_id, (str, int, float)) and not isinstance(raw_id, bool) \
+        else f"{context.stem}:{where}"
     try:
-        return _validated_record(raw, file, where, record_id, folder, check_image_files)
+        return _validated_record(raw, where, record_id, context)
     except _Invalid as invalid:
-        raise DataError(invalid.message, file=file, record=where, record_id=record_id, field=invalid.field,
-                        reason=invalid.reason) from None
+        raise DataError(invalid.message, file=context.file, record=where, record_id=record_id,
+                        field=invalid.field, reason=invalid.reason) from None
 
 
-def _validated_record(raw: Any, file: str, where: str, record_id: str, folder: str,
-                      check_image_files: bool) -> Record:
+def _validated_record(raw: Any, where: str, record_id: str, context: _Context) -> Record:
     if not isinstance(raw, dict):
         raise _Invalid(f"a record must be a JSON object, got {type(raw).__name__}", None, "not_object")
+    raw_id = raw.get("id")
+    if raw_id is not None:
+        if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int, float)):
+            raise _Invalid(f"id must be a string or number, got {type(raw_id).__name__} {_SHORT.repr(raw_id)}",
+                           "id", "id")
+        if isinstance(raw_id, str):
+            _check_encodable(raw_id, "id")
     if raw.get("video") is not None:
         raise _Invalid("video records are not supported", "video", "video")
     turns, image_token_fields = _validated_turns(raw.get("conversations"))
@@ -211,7 +291,7 @@ def _validated_record(raw: Any, file: str, where: str, record_id: str, folder: s
         if image_token_fields:
             raise _Invalid(f"literal {IMAGE_TOKEN} in a text-only record (no 'image' field)",
                            image_token_fields[0], "image_token")
-        return Record(file, where, record_id, turns, None)
+        return Record(context.file, where, record_id, turns, None)
 
     if isinstance(image, list):
         if len(image) > 1:
@@ -220,15 +300,22 @@ def _validated_record(raw: Any, file: str, where: str, record_id: str, folder: s
             raise _Invalid("empty image list", "image", "image_field")
         image = image[0]
     if not isinstance(image, str) or not image:
-        raise _Invalid(f"image must be a non-empty path string, got {image!r}", "image", "image_field")
+        raise _Invalid(f"image must be a non-empty path string, got {_SHORT.repr(image)}", "image", "image_field")
+    _check_encodable(image, "image")
     if len(image_token_fields) != 1:
         field = image_token_fields[1] if image_token_fields else "conversations"
         raise _Invalid(f"an image record needs exactly one {IMAGE_TOKEN} in its text, "
                        f"found {len(image_token_fields)}", field, "image_token")
-    resolved = os.path.join(folder, image)
-    if check_image_files and not os.path.isfile(resolved):
+    resolved = os.path.join(context.folder, image)
+    confinement = context.confinement
+    if confinement is not None:
+        real = confinement.resolve(resolved)
+        if not confinement.contains(real):
+            raise _Invalid(f"image path {image!r} leads to {real}, outside the image folder {confinement.root}; "
+                           f"set allow_outside: true on this source to allow it", "image", "image_outside")
+    if context.check_image_files and not os.path.isfile(resolved):
         raise _Invalid(f"image file not found: {resolved}", "image", "missing_image")
-    return Record(file, where, record_id, turns, resolved)
+    return Record(context.file, where, record_id, turns, resolved)
 
 
 def _validated_turns(conversations: Any) -> tuple[tuple[Turn, ...], list[str]]:
@@ -237,7 +324,7 @@ def _validated_turns(conversations: Any) -> tuple[tuple[Turn, ...], list[str]]:
     Field names are built only on failure: this loop runs once per turn of every record.
     """
     if not isinstance(conversations, list) or not conversations:
-        found = "missing" if conversations is None else f"{type(conversations).__name__} {conversations!r:.40}"
+        found = "missing" if conversations is None else f"{type(conversations).__name__} {_SHORT.repr(conversations)}"
         raise _Invalid(f"conversations must be a non-empty list of turns, got {found}", "conversations",
                        "conversations")
     turns = []
@@ -259,6 +346,8 @@ def _validated_turns(conversations: Any) -> tuple[tuple[Turn, ...], list[str]]:
         if not isinstance(text, str):
             raise _Invalid(f"turn text must be a string, got {type(text).__name__}",
                            f"conversations[{index}].{text_key}", "turn_text")
+        if not text.isascii():
+            _check_encodable(text, f"conversations[{index}].{text_key}")
         # Almost no text contains "<", so the token scans rarely run.
         if "<" in text:
             field = f"conversations[{index}].{text_key}"
@@ -270,6 +359,14 @@ def _validated_turns(conversations: Any) -> tuple[tuple[Turn, ...], list[str]]:
     if not has_text:
         raise _Invalid("no text in any turn", "conversations", "no_text")
     return tuple(turns), image_token_fields
+
+
+def _check_encodable(text: str, field: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise _Invalid(f"lone UTF-16 surrogate {text[error.start]!r} at character {error.start}: not valid Unicode "
+                       f"text (an escaped \\ud800-\\udfff in the JSON without its pair)", field, "encoding") from None
 
 
 def _check_markup(text: str, field: str) -> None:

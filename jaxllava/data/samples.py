@@ -18,7 +18,13 @@ Objectives:
   captions  the image span (image records) then the assistant turns; targets are
             the assistant tokens (LLaVA's pretraining format).
   chat      a conversation template (templates.py); targets are the assistant
-            turns and the EOS after each.
+            turns and the EOS after each. The image span opens the user turn that
+            holds `<image>` (the first user turn when `<image>` is in an assistant
+            turn; right after BOS when there is no user turn).
+
+Whether a sample gets an image span is decided once, by "the record has an image
+and data.use_images is on", never by where `<image>` appears; the `<image>` text
+itself is removed from every turn under every objective, never tokenized.
 """
 from __future__ import annotations
 
@@ -42,6 +48,13 @@ def _strip_image_marker(text: str) -> str:
     return text.replace(IMAGE_TOKEN, "").strip()
 
 
+def _image_turn(record: Record) -> int | None:
+    """Index of the chat turn the image span opens (see the module doc); None: right after BOS."""
+    users = [i for i, turn in enumerate(record.turns) if turn.role == "user"]
+    holding = [i for i in users if IMAGE_TOKEN in record.turns[i].text]
+    return holding[0] if holding else (users[0] if users else None)
+
+
 def record_pieces(record: Record, cfg: DataConfig, *, has_bos: bool) -> list[Piece]:
     """The pieces a record becomes under the configured objective."""
     with_image = record.image is not None and cfg.use_images
@@ -57,21 +70,24 @@ def record_pieces(record: Record, cfg: DataConfig, *, has_bos: bool) -> list[Pie
     elif cfg.objective == "captions":
         if with_image:
             pieces.append(("image",))
-        text = " ".join(t for t in (turn.text.strip() for turn in record.turns if turn.role == "assistant") if t)
+        text = " ".join(t for t in (_strip_image_marker(turn.text) for turn in record.turns
+                                    if turn.role == "assistant") if t)
         if text:
             pieces.append(("text", text, True))
         if cfg.add_eos:
             pieces.append(("eos", True))
     elif cfg.objective == "chat":
         template = get_template(cfg.chat_template)
+        image_turn = _image_turn(record) if with_image else None
+        if with_image and image_turn is None:
+            pieces.append(("image",))
         first_user = True
-        for turn in record.turns:
-            text = turn.text
+        for index, turn in enumerate(record.turns):
+            text = _strip_image_marker(turn.text)
             if turn.role == "user":
                 if not first_user and template.bos_each_round and has_bos:
                     pieces.append(("bos",))
-                image_here = with_image and IMAGE_TOKEN in text
-                text = _strip_image_marker(text)
+                image_here = with_image and index == image_turn
                 if first_user and template.system:
                     text = template.system_format.format(system=template.system) + text
                 wrapped = template.user.format(text=text)
@@ -82,21 +98,12 @@ def record_pieces(record: Record, cfg: DataConfig, *, has_bos: bool) -> list[Pie
                 pieces.append(("text", wrapped, False))
                 first_user = False
             else:
-                pieces.append(("text", template.assistant.format(text=text.strip()), True))
+                pieces.append(("text", template.assistant.format(text=text), True))
                 if template.end_assistant_with_eos:
                     pieces.append(("eos", True))
     else:
         raise DataError(f"unknown objective {cfg.objective!r}", field="data.objective")
     return pieces
-
-
-def record_word_count(record: Record, cfg: DataConfig) -> int:
-    """BabyLM words of a record (see jaxllava.data.words for the rules)."""
-    if cfg.word_rule == "reference":
-        return record_words(record, roles=("assistant",), rule="reference")
-    # The model trains on every turn under plain_lm, on assistant turns otherwise.
-    roles = ("user", "assistant") if cfg.objective == "plain_lm" else ("assistant",)
-    return record_words(record, roles=roles)
 
 
 @dataclasses.dataclass
@@ -183,7 +190,7 @@ def build_sample_table(records_by_source: Sequence[Sequence[Record]], tokenizer,
             is_target.append(np.asarray(target, bool))
             lengths.append(len(seq))
             image_start.append(start)
-            words.append(record_word_count(record, cfg))
+            words.append(record_words(record, objective=cfg.objective, rule=cfg.word_rule))
             source.append(s)
             truncated.append(cut)
             images.append(record.image if start >= 0 else None)

@@ -6,7 +6,7 @@ token after them) are the only targets. Adding a template is one entry in
 
 llama_2 follows LLaVA's `conv_llama_2` layout: `[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {assistant} </s><s>[INST] ...`.
 The reference trained with the long Llama-2 safety system prompt and scored BLiMP
-on bare sentences (REFERENCE.md §7 pitfall 6); here the system prompt is empty
+on bare sentences (README pitfall 6); here the system prompt is empty
 unless a template sets one.
 """
 from __future__ import annotations

@@ -67,6 +67,24 @@ def parse_image_templates(values: Optional[Sequence[str]]) -> tuple[bool, tuple[
     return bare, templates
 
 
+def add_eval_arguments(parser) -> None:
+    parser.add_argument("--checkpoint", required=True,
+                        help="jaxllava work directory (its latest complete step), step directory, or "
+                             "milestones/chck_<N>M entry; the model and tokenizer come from it")
+    parser.add_argument("--task", action="append", default=[], metavar="NAME=PATH", required=True,
+                        help="a BLiMP / BLiMP-supplement / EWoK *.jsonl file or a directory of them; NAME "
+                             "(letters, digits, '_', '.', '-') names the outputs (repeatable)")
+    parser.add_argument("--image-template", action="append", default=None,
+                        help='"none" (bare text) or literal text ending in {text}, e.g. "<image>\\n{text}"; '
+                             "repeat to report settings side by side (default: bare text only)")
+    parser.add_argument("--protocol", choices=["2025", "2024"], default="2025",
+                        help="which BabyLM pipeline's scoring to reproduce (default 2025)")
+    parser.add_argument("--batch-size", type=int, default=64, help="candidates per device batch (default 64)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="compute dtype (default float32, as the official pipeline)")
+    parser.add_argument("--out", help="directory for predictions and summary (default <workdir>/eval/<step>)")
+
+
 def default_out_dir(checkpoint: str) -> str:
     from jaxllava.checkpoint import resolve_checkpoint
 

@@ -15,7 +15,8 @@ and line, so a mixed or broken directory is an error, never a silent guess.
 Settings: "text" (bare sentences: the numbers the official pipeline reports) and one
 per image template, "image_template" (one) or "image_template_<k>" (several, k from 1).
 A template is literal text before the sentence, with no image (scoring.py); the
-reference evaluated with "<image>\\n{text}" through gen 19 (REFERENCE.md §4.1, §7.28).
+reference evaluated with "<image>\\n{text}" through gen 19 (README pitfall 28,
+docs/reference.md#evaluation).
 
 Training safety: `evaluate` reads the model's state and never writes it, draws no
 random numbers, and copies only the (B,) sums back to the host, so evaluating inside
@@ -186,7 +187,7 @@ class MinimalPairEvaluator:
                 for task, settings in results.items() for setting, r in settings.items()}
 
     def example(self, task: str, setting: str) -> dict[str, Any]:
-        """Exactly what the model reads for the task's first candidate (REFERENCE.md §7.28)."""
+        """Exactly what the model reads for the task's first candidate (README pitfall 28)."""
         prepared = self.tasks[task]
         template = self.settings[setting]
         sentence = prepared.items[0].sentences[0]

@@ -3,7 +3,7 @@
 Source of every rule: `babylm/evaluation-pipeline-2025`,
 `evaluation_pipeline/sentence_zero_shot/read_files.py` (`read_files`, `decode_blimp`,
 `decode_ewok`) and `dataset.py` (`__getitem__`: which keys are aggregation metadata);
-see shared/BABYLM_EVAL.md §1.2.
+see docs/evaluation.md#reading-task-files.
 
   task "blimp", line has `field`   BLiMP: candidates [sentence_good, sentence_bad], each
                                    scored whole; metadata UID, field
@@ -16,7 +16,7 @@ see shared/BABYLM_EVAL.md §1.2.
                                    context_type, context_contrast, target_contrast.
                                    Context2 is required (the pipeline reads it) but unused
                                    by causal scoring. Never commit EWoK text (its terms of
-                                   use, BABYLM_EVAL.md §3.4).
+                                   use, docs/evaluation.md#ewok-terms-of-use).
 
 The correct candidate is always first (the pipeline's label 0). A directory is read
 like the pipeline: every `*.jsonl` in `pathlib.Path.iterdir()` order (file-system

@@ -24,7 +24,7 @@ special tokens, every continuation token scored (`lm_eval/api/model.py::loglikel
 spaces move to the continuation, continuation = tok(context + cont)[len(tok(context)):]).
 Here context = sentence minus its completion (BLiMP: "", EWoK: Context1).
 
-`image_template` ("<image>\\n{text}", the reference's template, REFERENCE.md §4.1) puts a
+`image_template` ("<image>\\n{text}", the reference's template, docs/reference.md#evaluation) puts a
 literal text prefix before every sentence, with no image; the templated string is
 tokenised as one text and its completion (still only the sentence's scored part) is
 located with the same offset rule. The official pipeline applies a template only when an
@@ -342,7 +342,7 @@ def choose(scores: np.ndarray) -> int:
 
     Same as the pipeline's torch.max(...).indices (compute_results.py::rank_and_evaluate):
     a tie between the good candidate and another goes to the good one (counted correct),
-    e.g. the 7 BLiMP pairs whose two sentences are identical (BABYLM_EVAL.md §1.2).
+    e.g. the 7 BLiMP pairs whose two sentences are identical (docs/evaluation.md#ties).
     """
     return int(np.argmax(scores))
 

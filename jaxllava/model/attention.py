@@ -1,7 +1,6 @@
 """Causal, segment-aware self-attention over `jax.nn.dot_product_attention`.
 
-Axis letters (used project-wide): B batch, T query length, S key/value length,
-N query heads, K key/value heads, G = N // K groups, H head dim, D model width.
+Axis letters as defined in jaxllava.model (T query length, S key/value length).
 
 Packed rows hold several samples; `segment_ids` (B, T) numbers them 1, 2, ...
 and marks padding with 0 (jaxllava/data/batch.py). A query attends a key only
@@ -32,12 +31,10 @@ Backends ("implementation"):
 """
 from __future__ import annotations
 
-from typing import Literal
-
 import jax
 import jax.numpy as jnp
 
-Implementation = Literal["auto", "xla", "cudnn"]
+from jaxllava.model.config import AttentionImpl as Implementation
 
 
 def _gpu_compute_capability() -> tuple[int, ...] | None:
@@ -64,8 +61,6 @@ def cudnn_supports(q: jax.Array, k: jax.Array) -> bool:
 def resolve_implementation(implementation: Implementation, q: jax.Array, k: jax.Array) -> str:
     if implementation == "auto":
         return "cudnn" if cudnn_supports(q, k) else "xla"
-    if implementation not in ("xla", "cudnn"):
-        raise ValueError(f"attention implementation must be 'auto', 'xla' or 'cudnn', got {implementation!r}")
     return implementation
 
 

@@ -9,13 +9,54 @@ times (REFERENCE.md §1.8, pitfall 29).
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Literal, Optional
 
+from jaxllava.errors import ConfigError
 
 ComputeDtype = Literal["float32", "bfloat16"]
 AttentionImpl = Literal["auto", "xla", "cudnn"]
 Remat = Literal["none", "full", "save_dots"]
+
+
+# ----------------------------------------------------------------------------- field checks
+#
+# Every config section (model, data, train) checks its values in __post_init__ with
+# these, so a bad value fails when the config is read, not steps into a run. They live
+# in this module because it imports nothing else of jaxllava's but errors, so the data
+# and train config modules can use them without an import cycle.
+
+
+class FieldError(ConfigError):
+    """A bad value of one field. `key` is dotted relative to the dataclass that raised it
+    ("num_kv_heads", "resampler.num_latents"), so the loader, which knows where that
+    dataclass sits, can name the full key ("model.lm.num_kv_heads") and where it was set."""
+
+    def __init__(self, key: str, detail: str):
+        super().__init__(f"'{key}': {detail}")
+        self.key, self.detail = key, detail
+
+
+def require(ok: bool, key: str, detail: str) -> None:
+    if not ok:
+        raise FieldError(key, detail)
+
+
+def at_least(section, minimum: int, *names: str, null_ok: bool = False) -> None:
+    """Each named field is >= minimum (or None when null_ok)."""
+    for name in names:
+        value = getattr(section, name)
+        if value is None and null_ok:
+            continue
+        require(value >= minimum, name, f"must be >= {minimum}{' or null' if null_ok else ''}, got {value!r}")
+
+
+def positive(section, *names: str) -> None:
+    """Each named field is a finite number > 0 (NaN fails every comparison, so it is refused too)."""
+    for name in names:
+        value = getattr(section, name)
+        require(math.isfinite(value) and value > 0, name, f"must be a finite number > 0, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +67,13 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        positive(self, "factor", "low_freq_factor", "high_freq_factor")
+        at_least(self, 1, "original_max_position_embeddings")
+        # The smoothing between the two bands divides by their difference.
+        require(self.high_freq_factor > self.low_freq_factor, "high_freq_factor",
+                f"must be > low_freq_factor ({self.low_freq_factor}), got {self.high_freq_factor}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +92,22 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     mlp_bias: bool = False
+
+    def __post_init__(self):
+        at_least(self, 1, "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                 "num_kv_heads", "max_position_embeddings")
+        at_least(self, 1, "head_dim", null_ok=True)
+        require(self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
+                f"must divide num_heads ({self.num_heads}): each key/value head serves a whole group of "
+                f"query heads, got {self.num_kv_heads}")
+        if self.head_dim is None:
+            require(self.hidden_size % self.num_heads == 0, "hidden_size",
+                    f"must be a multiple of num_heads ({self.num_heads}) when head_dim is null, "
+                    f"got {self.hidden_size}")
+        require(self.resolved_head_dim % 2 == 0, "head_dim" if self.head_dim else "hidden_size",
+                f"gives an odd head_dim {self.resolved_head_dim}; rotary embeddings rotate pairs of "
+                f"dimensions, so it must be even")
+        positive(self, "rms_norm_eps", "rope_theta")
 
     @property
     def resolved_head_dim(self) -> int:
@@ -75,6 +139,19 @@ class VisionConfig:
     feature_layer: int = -1
     feature_select: Literal["patch", "cls_patch"] = "patch"
 
+    def __post_init__(self):
+        at_least(self, 1, "patch_size", "hidden_size", "intermediate_size", "num_layers", "num_heads")
+        for name in ("image_size", "pretrained_image_size"):
+            value = getattr(self, name)
+            require(value >= self.patch_size, name,
+                    f"must be at least one patch (patch_size {self.patch_size} px), got {value}")
+        require(self.hidden_size % self.num_heads == 0, "num_heads",
+                f"must divide hidden_size ({self.hidden_size}), got {self.num_heads}")
+        layers = self.num_layers
+        require(-(layers + 1) <= self.feature_layer <= layers, "feature_layer",
+                f"must lie in [{-(layers + 1)}, {layers}] for a {layers}-layer tower, got {self.feature_layer}")
+        positive(self, "layer_norm_eps")
+
     @property
     def grid(self) -> int:
         return self.image_size // self.patch_size
@@ -102,19 +179,26 @@ class ResamplerConfig:
     pool_stride: int = 2  # avg_pool window and stride over the patch grid
     layer_norm_eps: float = 1e-5
 
+    def __post_init__(self):
+        at_least(self, 1, "num_latents", "depth", "num_heads", "ff_mult", "pool_stride")
+        positive(self, "layer_norm_eps")
+
+
+PROJECTOR_KIND = re.compile(r"mlp([1-9]\d*)x_gelu")
+
 
 @dataclasses.dataclass(frozen=True)
 class ProjectorConfig:
     kind: str = "mlp2x_gelu"  # "linear" | "mlp{k}x_gelu" (k linear layers, exact GELU between)
 
+    def __post_init__(self):
+        require(self.kind == "linear" or PROJECTOR_KIND.fullmatch(self.kind) is not None, "kind",
+                f"projector kind must be 'linear' or 'mlp{{k}}x_gelu' with k >= 1 linear layers "
+                f"(e.g. 'mlp2x_gelu'), got {self.kind!r}")
+
     @property
     def depth(self) -> int:
-        if self.kind == "linear":
-            return 1
-        match = re.fullmatch(r"mlp(\d+)x_gelu", self.kind)
-        if not match or int(match.group(1)) < 1:
-            raise ValueError(f"projector kind must be 'linear' or 'mlp{{k}}x_gelu', got {self.kind!r}")
-        return int(match.group(1))
+        return 1 if self.kind == "linear" else int(PROJECTOR_KIND.fullmatch(self.kind).group(1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +212,28 @@ class ModelConfig:
     # Rematerialisation of decoder layers: "none", "full" (recompute everything), or
     # "save_dots" (keep matmul outputs without batch dims, recompute the rest).
     remat: Remat = "none"
+
+    def __post_init__(self):
+        vision, resampler = self.vision, self.resampler
+        if vision is None:  # a text-only model builds no resampler
+            return
+        grid = f"the {vision.grid}×{vision.grid} vision grid (image_size {vision.image_size} // patch_size " \
+               f"{vision.patch_size})"
+        if resampler.kind in ("perceiver", "token_packer"):
+            require(vision.hidden_size % resampler.num_heads == 0, "resampler.num_heads",
+                    f"the {resampler.kind} resampler attends over the vision width, so num_heads must divide "
+                    f"vision.hidden_size ({vision.hidden_size}), got {resampler.num_heads}")
+        if resampler.kind == "token_packer":
+            side = math.isqrt(resampler.num_latents)
+            require(side * side == resampler.num_latents, "resampler.num_latents",
+                    f"token_packer places its queries on a square grid, so num_latents must be a square "
+                    f"number (e.g. {side * side} or {(side + 1) ** 2}), got {resampler.num_latents}")
+            require(side <= vision.grid, "resampler.num_latents",
+                    f"token_packer's {side}×{side} queries ({resampler.num_latents}) exceed {grid}")
+        if resampler.kind == "avg_pool":
+            require(resampler.pool_stride <= vision.grid, "resampler.pool_stride",
+                    f"avg_pool's window must fit in {grid}: pool_stride must lie in [1, {vision.grid}], "
+                    f"got {resampler.pool_stride}")
 
     @property
     def image_tokens(self) -> int:

@@ -81,7 +81,14 @@ class Embed(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """Llama RMSNorm: normalise in float32, then scale (transformers LlamaRMSNorm order)."""
+    """Llama RMSNorm: normalise in float32, round to `dtype`, then scale in `dtype`.
+
+    transformers' LlamaRMSNorm returns `weight * normed.to(input_dtype)` with the
+    weight in the model dtype; the scale here is a float32 parameter, so it is cast
+    to `dtype` first: a float32 scale times a bfloat16 value would promote to
+    float32 and multiply by the unrounded scale, which differs from transformers in
+    the last bfloat16 bit.
+    """
 
     def __init__(self, features: int, *, eps: float, axes: Sequence[str | None] = ("embed",),
                  dtype=jnp.float32, param_dtype=jnp.float32):
@@ -92,7 +99,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (self.scale[...] * normed.astype(self.dtype)).astype(self.dtype)
+        return self.scale[...].astype(self.dtype) * normed.astype(self.dtype)
 
 
 class LayerNorm(nnx.Module):

@@ -1,7 +1,9 @@
-"""Resamplers: turn the tower's (B, n_in, Dv) features into the N image tokens, in the vision width Dv.
+"""Resamplers: turn the tower's (B, T, E) features into the I image tokens (B, I, E), in the vision width E.
 
-Every resampler has `output_tokens`, equal to `ModelConfig.image_tokens` (the one
-place N is derived; the data pipeline writes exactly N placeholders per image).
+Axis letters as defined in jaxllava.model. I is derived in one place only,
+`jaxllava.model.config.image_token_count`; the data pipeline writes exactly I
+placeholders per image and the LLaVA model checks the encoder's output count
+against it at trace time, so the resamplers neither derive nor check it.
 
   identity      no parameters; the reference's BabyLM setting (256 DINOv2 patch tokens).
   perceiver     Flamingo's Perceiver resampler (REFERENCE.md §1.7 "Other resamplers";
@@ -16,13 +18,13 @@ place N is derived; the data pipeline writes exactly N placeholders per image).
                 (remainder rows/columns dropped, like torch avg_pool2d); a CLS token
                 stays in front.
 
-Attention width is the vision width Dv with head dim Dv / num_heads for both
+Attention width is the vision width E with head dim E / num_heads for both
 attention resamplers (flamingo-pytorch fixes dim_head = 64; the reference's
 TokenPacker worked in 1024 = DINOv2-L's width with 8 heads). No reference
 resampler weights are loaded: the reference never used trained ones (§1.7).
 
 Inputs carry a leading CLS token exactly when the tower has one and
-feature_select is "cls_patch" (n_in = grid² + 1). The token packer needs the
+feature_select is "cls_patch" (T = grid² + 1). The token packer needs the
 grid alone and drops it; the perceiver attends to it like any other token.
 """
 from __future__ import annotations
@@ -33,7 +35,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxllava.errors import ConfigError
 from jaxllava.model.config import ResamplerConfig, VisionConfig
 from jaxllava.model.layers import Dense, LayerNorm, gelu_exact
 from jaxllava.model.sharding import constrain
@@ -43,12 +44,9 @@ ACT = ("batch", "length", "act_embed")
 
 
 def _split_cls(x: jax.Array, vision: VisionConfig) -> tuple[jax.Array | None, jax.Array]:
-    """(CLS (B, 1, D) or None, patch grid (B, g, g, D)) of the tower's output."""
+    """(CLS (B, 1, E) or None, patch grid (B, g, g, E)) of the tower's output."""
     g = vision.grid
     extra = x.shape[1] - g * g
-    if extra not in (0, 1) or extra != vision.output_tokens - g * g:
-        raise ValueError(f"resampler expects {vision.output_tokens} tokens from the {g}×{g} vision grid, "
-                         f"got {x.shape[1]}")
     cls = x[:, :1] if extra else None
     return cls, x[:, extra:].reshape(x.shape[0], g, g, x.shape[-1])
 
@@ -57,18 +55,8 @@ def _heads(x: jax.Array, num_heads: int) -> jax.Array:
     return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
 
 
-def _check_heads(width: int, num_heads: int) -> None:
-    if num_heads < 1 or width % num_heads:
-        raise ConfigError(f"resampler.num_heads {num_heads} must divide the vision width {width}")
-
-
 class IdentityResampler(nnx.Module):
-    def __init__(self, vision: VisionConfig):
-        self.output_tokens = vision.output_tokens
-
     def __call__(self, x: jax.Array) -> jax.Array:
-        if x.shape[1] != self.output_tokens:
-            raise ValueError(f"identity resampler expects {self.output_tokens} tokens, got {x.shape[1]}")
         return x
 
 
@@ -102,11 +90,6 @@ class PerceiverLayer(nnx.Module):
 
 class PerceiverResampler(nnx.Module):
     def __init__(self, config: ResamplerConfig, width: int, *, dtype, rngs: nnx.Rngs):
-        _check_heads(width, config.num_heads)
-        if config.num_latents < 1 or config.depth < 1:
-            raise ConfigError(f"perceiver needs num_latents >= 1 and depth >= 1, got {config.num_latents}, "
-                              f"{config.depth}")
-        self.output_tokens = config.num_latents
         # torch.randn latents in flamingo-pytorch's PerceiverResampler
         self.latents = nnx.Param(jax.random.normal(rngs.params(), (config.num_latents, width), jnp.float32),
                                  axes=("latents", "vision_embed"))
@@ -123,7 +106,7 @@ class PerceiverResampler(nnx.Module):
 
 
 class TwoLayerMLP(nnx.Module):
-    """Linear → exact GELU → Linear (D → D → D), the TokenPacker's q/k/v input maps."""
+    """Linear → exact GELU → Linear (E → E → E), the TokenPacker's q/k/v input maps."""
 
     def __init__(self, width: int, *, dtype, rngs: nnx.Rngs):
         self.fc1 = Dense(width, width, axes=("vision_embed", "vision_mlp"), dtype=dtype, rngs=rngs)
@@ -134,7 +117,7 @@ class TwoLayerMLP(nnx.Module):
 
 
 def resize_bilinear(grid: jax.Array, side: int) -> jax.Array:
-    """(B, a, a, D) → (B, side, side, D) like torch bilinear, align_corners=False.
+    """(B, a, a, E) → (B, side, side, E) like torch bilinear, align_corners=False.
 
     `jax.image.resize` antialiases when downsampling unless told not to; torch does not.
     """
@@ -145,7 +128,7 @@ def resize_bilinear(grid: jax.Array, side: int) -> jax.Array:
 
 
 class TokenPacker(nnx.Module):
-    """Windowed TokenPacker: g×g queries (g² = num_latents), each attending its s×s key window.
+    """Windowed TokenPacker: g×g queries (g² = num_latents = I), each attending its s×s key window.
 
     a = input grid side, s = ceil(a / g); queries q0 = bilinear(grid → g×g); keys and
     values come from the grid, bilinearly resized to (g·s)×(g·s) when a != g·s.
@@ -156,14 +139,8 @@ class TokenPacker(nnx.Module):
 
     def __init__(self, config: ResamplerConfig, vision: VisionConfig, *, dtype, rngs: nnx.Rngs):
         width = vision.hidden_size
-        _check_heads(width, config.num_heads)
         g = math.isqrt(config.num_latents)
-        if g < 1 or g * g != config.num_latents:
-            raise ConfigError(f"token_packer needs a square resampler.num_latents, got {config.num_latents}")
-        if g > vision.grid:
-            raise ConfigError(f"token_packer: {g}×{g} queries exceed the {vision.grid}×{vision.grid} vision grid")
         self.vision = vision
-        self.output_tokens = config.num_latents
         self.queries_side = g
         self.window = -(-vision.grid // g)  # s = ceil(a / g)
         self.num_heads = config.num_heads
@@ -181,50 +158,44 @@ class TokenPacker(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         _, grid = _split_cls(x.astype(self.dtype), self.vision)
-        b, d = grid.shape[0], grid.shape[-1]
+        b, e = grid.shape[0], grid.shape[-1]
         g, s, n = self.queries_side, self.window, self.num_heads
-        q0 = resize_bilinear(grid, g).reshape(b, g * g, d)
+        q0 = resize_bilinear(grid, g).reshape(b, g * g, e)
         kv0 = resize_bilinear(grid, g * s)
         q = _heads(self.query(self.q_norm(self.q_mlp(q0))), n)  # (B, g², N, H)
         k = _heads(self.key(self.k_norm(self.k_mlp(kv0))), n)  # (B, gs, gs, N, H)
         v = _heads(self.value(self.v_norm(self.v_mlp(kv0))), n)
 
         def windows(t):  # (B, gs, gs, N, H) → (B·g², s², N, H), window (i, j) = rows i·s.., columns j·s..
-            t = t.reshape(b, g, s, g, s, n, d // n).transpose(0, 1, 3, 2, 4, 5, 6)
-            return t.reshape(b * g * g, s * s, n, d // n)
+            t = t.reshape(b, g, s, g, s, n, e // n).transpose(0, 1, 3, 2, 4, 5, 6)
+            return t.reshape(b * g * g, s * s, n, e // n)
 
-        o = full_attention(q.reshape(b * g * g, 1, n, d // n), windows(k), windows(v))
-        o = self.attention_out(o.reshape(b, g * g, d))
+        o = full_attention(q.reshape(b * g * g, 1, n, e // n), windows(k), windows(v))
+        o = self.attention_out(o.reshape(b, g * g, e))
         return constrain(q0 + self.out(o), ACT)
 
 
 class AvgPoolResampler(nnx.Module):
     def __init__(self, config: ResamplerConfig, vision: VisionConfig):
-        if not 1 <= config.pool_stride <= vision.grid:
-            raise ConfigError(f"avg_pool: resampler.pool_stride must lie in [1, {vision.grid}] "
-                              f"(the vision grid), got {config.pool_stride}")
         self.vision = vision
         self.stride = config.pool_stride
-        self.side = vision.grid // config.pool_stride
-        self.output_tokens = self.side ** 2 + (vision.output_tokens - vision.grid ** 2)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         cls, grid = _split_cls(x, self.vision)
-        b, d, side, s = grid.shape[0], grid.shape[-1], self.side, self.stride
-        pooled = grid[:, : side * s, : side * s].reshape(b, side, s, side, s, d).mean(axis=(2, 4), dtype=jnp.float32)
-        pooled = pooled.astype(x.dtype).reshape(b, side * side, d)
+        b, g, e, s = grid.shape[0], grid.shape[1], grid.shape[-1], self.stride
+        side = g // s  # like torch avg_pool2d, windows that do not fit are dropped
+        pooled = grid[:, : side * s, : side * s].reshape(b, side, s, side, s, e).mean(axis=(2, 4), dtype=jnp.float32)
+        pooled = pooled.astype(x.dtype).reshape(b, side * side, e)
         return pooled if cls is None else jnp.concatenate([cls, pooled], axis=1)
 
 
 def make_resampler(config: ResamplerConfig, vision: VisionConfig, *, dtype=jnp.float32,
                    rngs: nnx.Rngs) -> nnx.Module:
-    """The resampler named by config.kind; `__call__((B, n_in, Dv)) -> (B, output_tokens, Dv)`."""
-    if config.kind == "identity":
-        return IdentityResampler(vision)
-    if config.kind == "perceiver":
-        return PerceiverResampler(config, vision.hidden_size, dtype=dtype, rngs=rngs)
-    if config.kind == "token_packer":
-        return TokenPacker(config, vision, dtype=dtype, rngs=rngs)
-    if config.kind == "avg_pool":
-        return AvgPoolResampler(config, vision)
-    raise ConfigError(f"resampler.kind must be identity, perceiver, token_packer or avg_pool, got {config.kind!r}")
+    """The resampler named by config.kind; `__call__((B, T, E)) -> (B, I, E)`."""
+    builders = {
+        "identity": lambda: IdentityResampler(),
+        "perceiver": lambda: PerceiverResampler(config, vision.hidden_size, dtype=dtype, rngs=rngs),
+        "token_packer": lambda: TokenPacker(config, vision, dtype=dtype, rngs=rngs),
+        "avg_pool": lambda: AvgPoolResampler(config, vision),
+    }
+    return builders[config.kind]()

@@ -24,6 +24,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxllava.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 Rules = Mapping[str, "str | tuple[str, ...] | None"]
@@ -60,13 +62,14 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices=None) -> Me
     devices = list(jax.devices() if devices is None else devices)
     shape = [data, fsdp, tensor]
     if shape.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, shape))}")
+        raise ConfigError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, shape))}")
     if -1 in shape:
         known = int(np.prod([s for s in shape if s != -1]))
         shape[shape.index(-1)] = len(devices) // known
     if int(np.prod(shape)) != len(devices):
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {int(np.prod(shape))} devices, "
-                         f"{len(devices)} are present")
+        raise ConfigError(f"mesh {dict(zip(MESH_AXES, shape))} needs {int(np.prod(shape))} devices, but "
+                          f"{len(devices)} {'is' if len(devices) == 1 else 'are'} present; set the mesh.* axes so "
+                          f"their product is the device count (-1 in one axis takes the rest)")
     device_array = np.asarray(devices).reshape(shape)
     axis_types = (jax.sharding.AxisType.Auto,) * 3
     return Mesh(device_array, MESH_AXES, axis_types=axis_types)

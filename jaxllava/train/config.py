@@ -7,36 +7,62 @@ raise `ConfigError` (the loader adds the file and dotted key to the message).
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from typing import Literal, Optional
 
 from jaxllava.errors import ConfigError
+from jaxllava.model.config import FieldError, at_least, positive, require
 
-Part = Literal["lm", "projector", "resampler", "vision"]
-PARTS: tuple[str, ...] = ("lm", "projector", "resampler", "vision")
+
+@dataclasses.dataclass(frozen=True)
+class PartConfig:
+    """Optimizer settings of one model part (a top-level attribute of the model)."""
+
+    lr: Optional[float] = None  # peak learning rate; None: optim.lr
+    train: bool = True  # False: frozen, zero updates and no optimizer state
+
+    def __post_init__(self):
+        if self.lr is not None:
+            require(math.isfinite(self.lr) and self.lr >= 0, "lr", f"must be a finite number >= 0 or null, "
+                                                                    f"got {self.lr!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenPartConfig(PartConfig):
+    """A part that stays frozen unless `train: true` is given. Its own class because the
+    loader builds a section from the keys given plus the class defaults: setting only
+    `optim.parts.vision.lr` must not start training the tower."""
+
+    train: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class PartsConfig:
+    """One entry per model part; the field names are the parameter tree's top-level keys."""
+
+    lm: PartConfig = dataclasses.field(default_factory=PartConfig)
+    projector: PartConfig = dataclasses.field(default_factory=PartConfig)
+    resampler: PartConfig = dataclasses.field(default_factory=PartConfig)
+    # The reference kept its DINOv2 tower frozen.
+    vision: FrozenPartConfig = dataclasses.field(default_factory=FrozenPartConfig)
+
+
+PARTS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(PartsConfig))
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
     """AdamW with warmup then decay, per-part learning rates and trainable parts.
 
-    Defaults are the reference's BabyLM run (REFERENCE.md §3.1): AdamW β=(0.9, 0.999),
-    ε=1e-8, clip 1.0, lr 5e-4, no weight decay, 10% warmup, cosine to zero.
+    Defaults are the reference's BabyLM run: AdamW β=(0.9, 0.999), ε=1e-8, clip 1.0,
+    lr 5e-4, no weight decay, 10% warmup, cosine to zero.
     """
 
     lr: float = 5e-4
-    # Per-part peak learning rates; None means `lr`. Parts are the top-level
-    # attributes of the model: lm, projector, resampler, vision.
-    lm_lr: Optional[float] = None
-    projector_lr: Optional[float] = None
-    resampler_lr: Optional[float] = None
-    vision_lr: Optional[float] = None
-    # A frozen part gets zero updates and no optimizer state.
-    train_lm: bool = True
-    train_projector: bool = True
-    train_resampler: bool = True
-    train_vision: bool = False  # the reference kept DINOv2 frozen (§1.13)
-    # The reference's stage 1 froze a randomly initialised lm_head (§7 pitfall 5);
-    # available for reproducing it, off by default.
+    parts: PartsConfig = dataclasses.field(default_factory=PartsConfig)
+    # The reference's stage 1 froze a randomly initialised lm_head; available for
+    # reproducing it, off by default.
     freeze_lm_head: bool = False
     b1: float = 0.9
     b2: float = 0.999
@@ -51,27 +77,45 @@ class OptimConfig:
     min_lr_ratio: float = 0.0  # decay ends at min_lr_ratio · peak
 
     def __post_init__(self):
-        if self.lr < 0 or any(v is not None and v < 0 for v in self.part_lrs_raw()):
-            raise ConfigError("learning rates must be >= 0")
-        if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if not 0.0 <= self.warmup_ratio <= 1.0:
-            raise ConfigError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ConfigError(f"grad_clip must be > 0 or null, got {self.grad_clip}")
+        require(math.isfinite(self.lr) and self.lr >= 0, "lr", f"must be a finite number >= 0, got {self.lr!r}")
+        for name in ("b1", "b2"):
+            value = getattr(self, name)
+            require(0.0 <= value < 1.0, name, f"must lie in [0, 1), got {value!r}")
+        positive(self, "eps")
+        require(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay",
+                f"must be a finite number >= 0, got {self.weight_decay!r}")
+        at_least(self, 0, "warmup_steps", null_ok=True)
+        for name in ("warmup_ratio", "min_lr_ratio"):
+            value = getattr(self, name)
+            require(0.0 <= value <= 1.0, name, f"must lie in [0, 1], got {value!r}")
+        if self.grad_clip is not None:
+            require(math.isfinite(self.grad_clip) and self.grad_clip > 0, "grad_clip",
+                    f"must be a finite number > 0 or null, got {self.grad_clip!r}")
 
-    def part_lrs_raw(self) -> tuple[Optional[float], ...]:
-        return (self.lm_lr, self.projector_lr, self.resampler_lr, self.vision_lr)
+    def part(self, part: str) -> PartConfig:
+        if part not in PARTS:
+            raise ValueError(f"unknown model part {part!r}; the parts are {', '.join(PARTS)}")
+        return getattr(self.parts, part)
 
     def part_lr(self, part: str) -> float:
         """Peak learning rate of a model part."""
-        value = getattr(self, f"{part}_lr")
-        return self.lr if value is None else value
+        lr = self.part(part).lr
+        return self.lr if lr is None else lr
 
     def part_trainable(self, part: str) -> bool:
-        return getattr(self, f"train_{part}")
+        return self.part(part).train
+
+    def with_part(self, part: str, **changes) -> "OptimConfig":
+        """A copy with one part's settings changed: `cfg.with_part("vision", train=True)`."""
+        parts = dataclasses.replace(self.parts, **{part: dataclasses.replace(self.part(part), **changes)})
+        return dataclasses.replace(self, parts=parts)
+
+    def trainability(self) -> "OptimConfig":
+        """This config reduced to what gradients depend on (which parts train, freeze_lm_head),
+        every other field at its default. Hashable: two configs with equal trainability()
+        differentiate the same parameters, so compiled gradient code can be shared."""
+        parts = {p: dataclasses.replace(self.part(p), lr=None) for p in PARTS}
+        return OptimConfig(parts=PartsConfig(**parts), freeze_lm_head=self.freeze_lm_head)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,14 +139,12 @@ class TrainConfig:
     init_from: Optional[str] = None
 
     def __post_init__(self):
-        if self.steps is not None and self.steps < 1:
-            raise ConfigError(f"steps must be >= 1 or null, got {self.steps}")
-        if self.grad_accum < 1:
-            raise ConfigError(f"grad_accum must be >= 1, got {self.grad_accum}")
-        if self.word_budget is not None and self.word_budget < 1:
-            raise ConfigError(f"word_budget must be >= 1 or null, got {self.word_budget}")
-        if self.log_every < 1:
-            raise ConfigError(f"log_every must be >= 1, got {self.log_every}")
+        at_least(self, 1, "steps", "word_budget", null_ok=True)
+        at_least(self, 1, "grad_accum", "log_every")
+        # An empty workdir would scatter checkpoints and metrics over the current directory.
+        require(bool(self.workdir), "workdir", "must name a directory, got an empty string")
+        require(self.init_from is None or bool(self.init_from), "init_from",
+                "must name a checkpoint or be null, got an empty string")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +166,13 @@ class MeshConfig:
         if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
             raise ConfigError(f"mesh axes must be >= 1 with at most one -1, got data={self.data}, "
                               f"fsdp={self.fsdp}, tensor={self.tensor}")
+        at_least(self, 1, "num_processes", null_ok=True)
+        at_least(self, 0, "process_id", null_ok=True)
+        if self.process_id is not None and self.num_processes is not None:
+            require(self.process_id < self.num_processes, "process_id",
+                    f"must be below num_processes ({self.num_processes}), got {self.process_id}")
+        require(self.coordinator_address is None or bool(self.coordinator_address), "coordinator_address",
+                "must be host:port or null, got an empty string")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,17 +188,29 @@ class CheckpointConfig:
     save_concurrent_gb: int = 96
 
     def __post_init__(self):
-        if self.every_steps < 0:
-            raise ConfigError(f"every_steps must be >= 0, got {self.every_steps}")
-        if self.keep_last < 1:
-            raise ConfigError(f"keep_last must be >= 1, got {self.keep_last}")
-        if self.milestone_words is not None and any(w < 1 for w in self.milestone_words):
-            raise ConfigError(f"milestone_words must be positive, got {self.milestone_words}")
+        at_least(self, 0, "every_steps")
+        at_least(self, 1, "keep_last", "save_concurrent_gb")
+        if self.milestone_words is not None:
+            require(all(w >= 1 for w in self.milestone_words), "milestone_words",
+                    f"every word count must be >= 1, got {list(self.milestone_words)}")
+
+
+TASK_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+TEXT_SLOT = "{text}"
+
+
+def check_task_name(name: str) -> None:
+    """Raise ValueError unless `name` is safe as one directory name under the workdir (and
+    in metric names): letters, digits, '_', '.', '-', and no '..' that would climb out."""
+    if not TASK_NAME.fullmatch(name) or ".." in name or name == ".":
+        raise ValueError(f"a task name becomes a directory name under the workdir, so it may hold only "
+                         f"letters, digits, '_', '.' and '-' (no '/', '\\' or '..'), got {name!r}")
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    # Minimal-pair tasks: name -> a directory or file of BLiMP-format jsonl.
+    # Minimal-pair tasks: name -> a directory or file of BLiMP-format jsonl. The name
+    # becomes a directory under the workdir, so it must pass `check_task_name`.
     tasks: dict[str, str] = dataclasses.field(default_factory=dict)
     every_steps: int = 0  # 0: never on a step schedule
     at_milestones: bool = True  # evaluate at each word milestone
@@ -157,18 +218,27 @@ class EvalConfig:
     # Evaluate the freshly initialised model before the first step of a new run,
     # so the final accuracy is reported beside the untrained model's.
     at_start: bool = False
-    # Literal text before each sentence, no image, e.g. "<image>\n{text}" (the reference's
-    # `--image_template append_image_token` through gen 19, REFERENCE.md §4.1, §7.28);
+    # Literal text around each sentence, no image, ending with the sentence: e.g.
+    # "<image>\n{text}" (the reference's `--image_template append_image_token`);
     # each is scored and reported beside bare text.
     image_templates: tuple[str, ...] = ()
     protocol: Literal["2025", "2024"] = "2025"
     batch_size: int = 32
 
     def __post_init__(self):
-        if self.every_steps < 0:
-            raise ConfigError(f"every_steps must be >= 0, got {self.every_steps}")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        at_least(self, 0, "every_steps")
+        at_least(self, 1, "batch_size")
+        for name, path in self.tasks.items():
+            try:
+                check_task_name(name)
+            except ValueError as e:
+                raise FieldError("tasks", str(e)) from None
+            require(bool(path), "tasks", f"task {name!r} must name a file or directory, got an empty string")
+        for i, template in enumerate(self.image_templates):
+            # Scoring puts the template's literal prefix before each sentence.
+            prefix = template[: -len(TEXT_SLOT)]
+            require(template.endswith(TEXT_SLOT) and "{" not in prefix and "}" not in prefix,
+                    f"image_templates.{i}", f"must be literal text followed by {TEXT_SLOT}, got {template!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,6 +250,6 @@ class LoggingConfig:
     profile_steps: Optional[tuple[int, int]] = None
 
     def __post_init__(self):
-        if self.profile_steps is not None and not 1 <= self.profile_steps[0] <= self.profile_steps[1]:
-            raise ConfigError(f"profile_steps must be [first, last] with 1 <= first <= last, "
-                              f"got {list(self.profile_steps)}")
+        if self.profile_steps is not None:
+            require(1 <= self.profile_steps[0] <= self.profile_steps[1], "profile_steps",
+                    f"must be [first, last] with 1 <= first <= last, got {list(self.profile_steps)}")

@@ -109,18 +109,17 @@ def _format_duration(seconds: float) -> str:
 class MetricsLogger:
     """Appends metric rows to `<workdir>/metrics.jsonl`, TensorBoard and a terminal progress line.
 
-    `resume_step`: rows after this step (logged by a run that died before its next
-    checkpoint) are dropped, so the file holds one row per step after a resume.
-    Only process 0 should create a logger.
+    `keep_through_step`: rows after this step are dropped: those of a run that died before
+    its next checkpoint, and every row (-1) when a run starts afresh, so the file holds one
+    row per step and per evaluation. Only process 0 should create a logger.
     """
 
     def __init__(self, workdir: str, *, tensorboard: bool = True, progress: bool = True,
-                 total_steps: Optional[int] = None, resume_step: Optional[int] = None,
+                 total_steps: Optional[int] = None, keep_through_step: int = -1,
                  stream: Optional[TextIO] = None):
         os.makedirs(workdir, exist_ok=True)
         self.path = os.path.join(workdir, METRICS_FILE)
-        if resume_step is not None:
-            self._drop_rows_after(resume_step)
+        self._drop_rows_after(keep_through_step)
         self._file = open(self.path, "a", encoding="utf-8")
         self._writer = None
         if tensorboard:
@@ -135,8 +134,15 @@ class MetricsLogger:
     def _drop_rows_after(self, step: int) -> None:
         if not os.path.exists(self.path):
             return
+        kept = []
         with open(self.path, encoding="utf-8") as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except ValueError:  # a line torn by a kill mid-write: its step is lost with it
+                    continue
+                if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
         with open(self.path, "w", encoding="utf-8") as f:
             f.writelines(kept)
 

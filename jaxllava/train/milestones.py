@@ -1,4 +1,4 @@
-"""BabyLM word milestones and the word budget.
+"""BabyLM word milestones.
 
 BabyLM asks for checkpoints at 1M…10M words (every 1M), 20M…100M (every 10M) and
 200M…1000M (every 100M), counted as total words seen, repeats included, and named
@@ -10,7 +10,7 @@ recounted by file position and re-parsed directory names on resume, §7.16-17).
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Sequence
 
 M = 1_000_000
 
@@ -19,12 +19,6 @@ BABYLM_MILESTONES: tuple[int, ...] = (
     + tuple(range(20 * M, 100 * M + 1, 10 * M))
     + tuple(range(200 * M, 1000 * M + 1, 100 * M))
 )
-
-
-def budget_reached(words: int, budget: Optional[int]) -> bool:
-    """True once `words` reached the budget: checked after every optimizer step, so a
-    run stops at most one step past it."""
-    return budget is not None and words >= budget
 
 
 class MilestoneTracker:

@@ -1,17 +1,17 @@
 """AdamW with warmup and decay, per-part learning rates, frozen parts and a weight-decay mask.
 
 Parameters are grouped by the top-level key of the parameter state, which is the
-LlavaModel attribute that owns them: `lm`, `projector`, `resampler`, `vision`.
-Each trainable part gets its own AdamW with its own peak learning rate; a frozen
-part (and `lm/lm_head` under `freeze_lm_head`) gets zero updates and no optimizer
-state. Weight decay skips norm scales and biases (leaf names `scale`, `bias`,
-see model/layers.py), as HF Trainer's no-decay group did.
+LlavaModel attribute that owns them: `lm`, `projector`, `resampler`, `vision` (the
+fields of `optim.parts`). Each trainable part gets its own AdamW with its own peak
+learning rate; a frozen part (and `lm/lm_head` under `freeze_lm_head`) gets zero
+updates and no optimizer state. Weight decay skips norm scales and biases (leaf
+names `scale`, `bias`, see model/layers.py), as HF Trainer's no-decay group did.
 
 The schedule follows transformers' `get_{cosine,linear,constant}_schedule_with_warmup`
-(the reference's scheduler, REFERENCE.md §3.1): at optimizer step k (0-based, the
-k-th update) the multiplier is k / warmup during warmup, then decays over the
-remaining steps; warmup = ceil(warmup_ratio · total) unless warmup_steps is given.
-The first update therefore has learning rate 0 when there is warmup, as in HF.
+(the reference's scheduler): at optimizer step k (0-based, the k-th update) the
+multiplier is k / warmup during warmup, then decays over the remaining steps;
+warmup = ceil(warmup_ratio · total) unless warmup_steps is given. The first
+update therefore has learning rate 0 when there is warmup, as in HF.
 """
 from __future__ import annotations
 

@@ -38,7 +38,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxllava.data.batch import IGNORE, Microbatch
+from jaxllava.data.batch import IGNORE, ImageBatch, Microbatch
 from jaxllava.errors import TrainingError
 from jaxllava.model.sharding import DEFAULT_RULES, Rules, activation_sharding, batch_sharding, tree_shardings
 from jaxllava.train.config import OptimConfig
@@ -79,32 +79,27 @@ def cross_entropy_sum(logits_fn: Callable[[jax.Array], jax.Array], hidden: jax.A
     return ce, n
 
 
-def microbatch_loss(model: nnx.Module, arrays: dict[str, jax.Array], chunk: int) -> tuple[jax.Array, jax.Array]:
-    """(Σ CE, target tokens) of one microbatch on a LlavaModel. `pixels` and
-    `image_mask` exist only in an ImageBatch, so a text microbatch never reaches
-    the vision tower."""
-    hidden = model.hidden(arrays["input_ids"], segment_ids=arrays["segment_ids"], positions=arrays["positions"],
-                          pixels=arrays.get("pixels"), image_mask=arrays.get("image_mask"))
-    return cross_entropy_sum(model.lm.logits, hidden, arrays["targets"], chunk)
+def microbatch_loss(model: nnx.Module, batch: Microbatch, chunk: int) -> tuple[jax.Array, jax.Array]:
+    """(Σ CE, target tokens) of one microbatch on a LlavaModel. Only an ImageBatch has
+    pixels, so a text microbatch never reaches the vision tower."""
+    images = {"pixels": batch.pixels, "image_mask": batch.image_mask} if isinstance(batch, ImageBatch) else {}
+    hidden = model.hidden(batch.input_ids, segment_ids=batch.segment_ids, positions=batch.positions, **images)
+    return cross_entropy_sum(model.lm.logits, hidden, batch.targets, chunk)
 
 
 # ----------------------------------------------------------------------------- shardings
 
 
-DEVICE_FIELDS = ("input_ids", "targets", "segment_ids", "positions", "pixels", "image_mask")
+def device_batch(batch: Microbatch, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Microbatch:
+    """This process's rows of a microbatch as the same batch type holding global arrays,
+    sharded over the batch axes (each process passes only its rows:
+    jax.make_array_from_process_local_data)."""
+    def place(value: np.ndarray) -> jax.Array:
+        global_shape = (value.shape[0] * jax.process_count(), *value.shape[1:])
+        return jax.make_array_from_process_local_data(batch_sharding(mesh, global_shape, rules), value,
+                                                      global_shape)
 
-
-def device_arrays(batch: Microbatch, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> dict[str, jax.Array]:
-    """This process's rows of a microbatch as global arrays sharded over the batch axes
-    (each process passes only its rows: jax.make_array_from_process_local_data).
-    `image_rows` stays on the host: `check_image_mask` uses it there."""
-    arrays = {}
-    for name, value in batch.arrays().items():
-        if name in DEVICE_FIELDS:
-            global_shape = (value.shape[0] * jax.process_count(), *value.shape[1:])
-            sharding = batch_sharding(mesh, global_shape, rules)
-            arrays[name] = jax.make_array_from_process_local_data(sharding, value, global_shape)
-    return arrays
+    return jax.tree.map(place, dataclasses.replace(batch, stats=None))
 
 
 # ----------------------------------------------------------------------------- the step
@@ -112,9 +107,6 @@ def device_arrays(batch: Microbatch, mesh: Mesh, rules: Rules = DEFAULT_RULES) -
 # The jitted functions are module-level and take everything that shapes the
 # computation as one hashable static `StepSpec`, so two TrainSteps with equal specs
 # (a resumed run, a second run in the same process, tests) share compiled code.
-
-
-TRAINABILITY_FIELDS = ("train_lm", "train_projector", "train_resampler", "train_vision", "freeze_lm_head")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,8 +134,7 @@ class StepSpec:
     def for_gradients(self) -> "StepSpec":
         """The spec with only what gradients depend on (which parts train), so a change of
         learning rate, schedule or horizon does not recompile the accumulation."""
-        trainable_only = OptimConfig(**{f: getattr(self.optim, f) for f in TRAINABILITY_FIELDS})
-        return dataclasses.replace(self, optim=trainable_only, total_steps=1, seed=0)
+        return dataclasses.replace(self, optim=self.optim.trainability(), total_steps=1, seed=0)
 
     def constrain(self, tree):
         """Pin a tree of arrays / Variables to its shardings (tree_shardings)."""
@@ -163,12 +154,12 @@ def _zero_accumulator(params, *, spec: StepSpec):
                            "tokens": jnp.zeros((), jnp.int32)})
 
 
-def _accumulate(params, rest, accum, arrays, *, spec: StepSpec):
+def _accumulate(params, rest, accum, batch, *, spec: StepSpec):
     trainable, frozen = spec.split(params)
 
     def loss(trainable):
         model = nnx.merge(spec.graphdef, trainable, frozen, rest)
-        ce, tokens = microbatch_loss(model, arrays, spec.loss_chunk)
+        ce, tokens = microbatch_loss(model, batch, spec.loss_chunk)
         return ce, (ce, tokens)
 
     with activation_sharding(spec.mesh, spec.rules_dict):
@@ -232,10 +223,6 @@ class TrainStep:
         self._accumulate = _jitted(_accumulate, compiler_options, donate_argnums=(2,))
         self._update = _jitted(_update, compiler_options, donate_argnums=(0,))
 
-    def split_params(self, params: nnx.State) -> tuple[nnx.State, nnx.State]:
-        """(trainable, frozen) parts of the parameter state."""
-        return self.spec.split(params)
-
     def init_state(self, params: nnx.State) -> dict:
         """The train state for fresh parameters, placed on the mesh."""
         return self._init(params, spec=self.spec)
@@ -251,28 +238,18 @@ class TrainStep:
         return nnx.merge(self.spec.graphdef, params, self.rest)
 
     def __call__(self, state: dict, microbatches: Sequence[Microbatch]) -> tuple[dict, dict]:
-        """One optimizer step over `microbatches` (host numpy batches of this process)."""
-        return self.apply(state, [device_arrays(mb, self.mesh, self.rules) for mb in microbatches])
+        """One optimizer step over `microbatches` (host batches of this process)."""
+        return self.apply(state, [device_batch(mb, self.mesh, self.rules) for mb in microbatches])
 
-    def apply(self, state: dict, arrays: Sequence[dict[str, jax.Array]]) -> tuple[dict, dict]:
-        """Like __call__, with the microbatches already on the devices (see `device_arrays`)."""
-        return self._update(state, self._accumulate_all(state, arrays), spec=self.spec)
-
-    def gradients(self, state: dict, arrays: Sequence[dict[str, jax.Array]]) -> tuple[nnx.State, jax.Array]:
-        """(mean gradient of the trainable params over the step's target tokens, loss),
-        without updating anything: what `apply` would feed the optimizer."""
-        accum = self._accumulate_all(state, arrays)
-        tokens = jnp.maximum(accum["tokens"], 1).astype(jnp.float32)
-        return jax.tree.map(lambda g: g / tokens, accum["grads"]), accum["ce"] / tokens
-
-    def _accumulate_all(self, state: dict, arrays: Sequence[dict[str, jax.Array]]) -> dict:
-        if not arrays:
+    def apply(self, state: dict, batches: Sequence[Microbatch]) -> tuple[dict, dict]:
+        """Like __call__, with the microbatches already on the devices (see `device_batch`)."""
+        if not batches:
             raise ValueError("an optimizer step needs at least one microbatch")
         spec = self.spec.for_gradients()
         accum = self._zeros(state["params"], spec=spec)
-        for batch in arrays:
+        for batch in batches:
             accum = self._accumulate(state["params"], self.rest, accum, batch, spec=spec)
-        return accum
+        return self._update(state, accum, spec=self.spec)
 
     @staticmethod
     def compile_count() -> int:

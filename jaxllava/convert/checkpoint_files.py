@@ -1,6 +1,6 @@
-"""Reading transformers-format checkpoints from a local directory, tensor by tensor.
+"""transformers checkpoint files: reading them tensor by tensor, writing them shard by shard.
 
-Supports `model.safetensors`, sharded `model.safetensors.index.json`, and
+Reads `model.safetensors`, sharded `model.safetensors.index.json`, and
 `pytorch_model.bin` (+ sharded index) when torch is installed. Tensors are read
 lazily so a loader can stream them into the model one at a time (peak host
 memory stays near one copy of the model).
@@ -8,15 +8,15 @@ memory stays near one copy of the model).
 bfloat16 tensors come back as `ml_dtypes.bfloat16` arrays (numpy has no bfloat16
 of its own and safetensors' numpy reader rejects them), from both formats, so the
 caller sees the stored dtype and converts exactly.
+
+`save_sharded_safetensors` is the one writer: every export streams through it.
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
-import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
@@ -118,75 +118,6 @@ def read_config(directory: str) -> dict:
         raise ConversionError(f"{path}: config.json is missing")
     with open(path) as f:
         return json.load(f)
-
-
-# ----------------------------------------------------------------------------- one loader for every module
-#
-# Each module declares its own key map as a list of entries (transformers name,
-# parameter, layout); `load_entries` and `entries_state_dict` are the only code
-# that moves tensors between the two layouts.
-
-
-class Layout:
-    """How one parameter is stored in a transformers checkpoint: a pair of inverse array maps."""
-
-    def __init__(self, to_model: Callable, to_hf: Callable):
-        self.to_model, self.to_hf = to_model, to_hf
-
-    def hf_shape(self, model_shape: tuple[int, ...]) -> tuple[int, ...]:
-        return jax.eval_shape(self.to_hf, jax.ShapeDtypeStruct(model_shape, jnp.float32)).shape
-
-
-SAME = Layout(lambda a: a, lambda a: a)
-LINEAR = Layout(lambda w: w.T, lambda k: k.T)  # torch Linear (out, in) ↔ our kernel (in, out)
-
-Entry = tuple  # (transformers name relative to a prefix, nnx.Param, Layout)
-
-
-def source_name(tensors) -> str:
-    return getattr(tensors, "directory", "checkpoint")
-
-
-def load_entries(entries: Iterable[Entry], tensors, *, prefix: str = "") -> set[str]:
-    """Copy checkpoint tensors into parameters; strict. Returns the checkpoint names consumed.
-
-    Every entry must be present with its shape, else `ConversionError` naming the
-    tensor and both shapes: nothing is ever left at its random init (REFERENCE.md
-    §7 item 30). A parameter that already has a sharding keeps it; the model may be
-    abstract (`nnx.eval_shape`) to skip random initialisation.
-    """
-    source = source_name(tensors)
-    used = set()
-    for name, param, layout in entries:
-        full = prefix + name
-        expected = tuple(layout.hf_shape(tuple(param.shape)))
-        if full not in tensors:
-            raise ConversionError(f"{source}: tensor {full!r} (shape {expected}) is missing from the checkpoint")
-        array = np.asarray(tensors[full])
-        if tuple(array.shape) != expected:
-            raise ConversionError(f"{source}: tensor {full!r}: checkpoint shape {tuple(array.shape)}, "
-                                  f"model expects {expected}")
-        value = np.ascontiguousarray(layout.to_model(array)).astype(param.dtype)
-        sharding = getattr(param.get_value(), "sharding", None)  # an abstract (eval_shape) model has none
-        param.set_value(jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value))
-        used.add(full)
-    return used
-
-
-def unused_keys(tensors, used: set[str], prefix: str = "") -> list[str]:
-    return sorted(k for k in tensors.keys() if k.startswith(prefix) and k not in used)
-
-
-def iter_hf_tensors(entries: Iterable[Entry], *, prefix: str = "") -> Iterator[tuple[str, np.ndarray]]:
-    """(transformers name, numpy array) per entry, one at a time (for streaming exports)."""
-    for name, param, layout in entries:
-        # contiguous: safetensors writes a transposed view's memory, not its logical order
-        yield prefix + name, np.ascontiguousarray(layout.to_hf(np.asarray(jax.device_get(param.get_value()))))
-
-
-def entries_state_dict(entries: Iterable[Entry], *, prefix: str = "") -> dict[str, np.ndarray]:
-    """transformers-layout numpy arrays of the entries' parameters."""
-    return dict(iter_hf_tensors(entries, prefix=prefix))
 
 
 def save_sharded_safetensors(tensors: Iterable[tuple[str, np.ndarray]], directory: str, *,
