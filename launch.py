@@ -48,6 +48,24 @@ def cmd_train(args) -> int:
     return 128 + summary["signal"] if summary["signal"] is not None else 0
 
 
+def cmd_cache_images(args) -> int:
+    from jaxllava.config import load_config
+    from jaxllava.data.image_cache import cache_images, sources_override
+    from jaxllava.data.pipeline import image_processing_for
+    from jaxllava.errors import ConfigError
+
+    config = load_config(args.config, args.overrides)
+    if config.model.vision is None:
+        raise ConfigError(f"{args.config}: the config has no model.vision: there are no images to cache")
+    processing = image_processing_for(config.data, config.model.vision.image_size)
+    result = cache_images(config.data, processing, args.out, workers=args.workers)
+    print(f"cached {result.images} images under {args.out}")
+    for line in result.skips.summary_lines() if result.skips.total else []:
+        print(line)
+    print(f"train from the cache with: --set '{sources_override(result.sources)}'")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from jaxllava.eval.cli import run_eval
 
@@ -78,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--batches", type=int, default=8, help="microbatches to print (default 8)")
     p.set_defaults(func=cmd_inspect_data)
+
+    p = sub.add_parser("cache-images", help="decode, pad and resize every image once (exact pixels, PNG), "
+                                            "and print the --set that trains from the cache")
+    _config_args(p)
+    p.add_argument("--out", required=True, help="new cache directory (refused if it exists)")
+    p.add_argument("--workers", type=int, default=0, help="processes decoding images (default 0: this one)")
+    p.set_defaults(func=cmd_cache_images)
 
     p = sub.add_parser("eval", help="score minimal pairs (BLiMP format) with a checkpoint")
     add_eval_arguments(p)

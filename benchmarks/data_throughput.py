@@ -90,9 +90,9 @@ def main() -> None:
             cfg = DataConfig(sources=(SourceConfig(image_path),), tokenizer=args.tokenizer)
             start = time.perf_counter()
             (cached,) = cache_images(cfg, image_processing_for(cfg, 224), os.path.join(root, "cache"),
-                                     workers=os.cpu_count() or 1)
+                                     workers=os.cpu_count() or 1).sources
             print(f"image cache written in {time.perf_counter() - start:.1f}s")
-            setups["image from the cache (data/cache_images.py)"] = (
+            setups["image from the cache (launch.py cache-images)"] = (
                 cached.path, dict(buckets=(512,), image_rows=32), 256, 224)
         for name, (path, extra, n_tokens, size) in setups.items():
             cfg = DataConfig(sources=(SourceConfig(path),), tokenizer=args.tokenizer, **extra)

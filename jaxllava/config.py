@@ -27,9 +27,10 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from jaxllava.data.config import DataConfig
-from jaxllava.errors import ConfigError
-from jaxllava.model.config import FieldError, ModelConfig, require
-from jaxllava.train.config import (PARTS, CheckpointConfig, EvalConfig, LoggingConfig, MeshConfig, OptimConfig,
+from jaxllava.errors import ConfigError, FieldError, require
+from jaxllava.model.config import ModelConfig
+from jaxllava.eval.config import EvalConfig
+from jaxllava.train.config import (PARTS, CheckpointConfig, LoggingConfig, MeshConfig, OptimConfig,
                                    TrainConfig)
 
 BASE_KEY = "base"
@@ -55,7 +56,7 @@ class ExperimentConfig:
 
     def __post_init__(self):
         longest, positions = max(self.data.buckets), self.model.lm.max_position_embeddings
-        # The reference trained 32768-token samples on a 2048-position LM unchecked.
+        # The reference trained 32768-token samples on a 2048-position LM unchecked (README pitfall 27).
         require(longest <= positions, "data.buckets",
                 f"go up to {longest} tokens but model.lm.max_position_embeddings is {positions}: lower the "
                 f"buckets or raise the position range")
@@ -239,95 +240,98 @@ class _Mismatch(Exception):
     """A value that does not fit a type (turned into ConfigError at the field level)."""
 
 
+def _mismatch(value: Any, tp, key: str, origins: dict[str, str], detail: str = "") -> ConfigError:
+    shown = repr(value) if len(repr(value)) < 80 else repr(value)[:77] + "..."
+    return ConfigError(f"{_origin_of(key, origins)}: '{key}': expected {_type_name(tp)}, "
+                       f"got {type(value).__name__} {shown}{detail}")
+
+
 def _convert(value: Any, tp, key: str, origins: dict[str, str]) -> Any:
-    def fail(detail: str = ""):
-        shown = repr(value) if len(repr(value)) < 80 else repr(value)[:77] + "..."
-        message = (f"{_origin_of(key, origins)}: '{key}': expected {_type_name(tp)}, "
-                   f"got {type(value).__name__} {shown}{detail}")
-        raise ConfigError(message)
-
+    """`value` checked against the annotation `tp` and built (dataclasses, tuples, scalars)."""
     if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            fail()
-        hints = typing.get_type_hints(tp)
-        kwargs = {}
-        for field in dataclasses.fields(tp):
-            if field.name in value:
-                sub = f"{key}.{field.name}" if key else field.name
-                kwargs[field.name] = _convert(value[field.name], hints[field.name], sub, origins)
-            elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"{_origin_of(key, origins)}: '{key}.{field.name}' is required")
-        try:
-            return tp(**kwargs)
-        except FieldError as e:
-            full = f"{key}.{e.key}" if key else e.key
-            raise ConfigError(f"{_origin_of(full, origins)}: '{full}': {e.detail}") from None
-        except (ConfigError, ValueError, TypeError) as e:
-            raise ConfigError(f"{_origin_of(key, origins)}: '{key or tp.__name__}': {e}") from None
-
+        return _convert_dataclass(value, tp, key, origins)
     if _is_union(tp):
-        arms = typing.get_args(tp)
-        if value is None:
-            if type(None) in arms:
-                return None
-            fail()
-        value_arms = [a for a in arms if a is not type(None)]
-        for arm in value_arms:
-            try:
-                return _convert(value, arm, key, origins)
-            except ConfigError as e:
-                error = e
-        # A mistake inside a nested value (a dataclass or list) is reported where it is.
-        if len(value_arms) == 1 and (dataclasses.is_dataclass(value_arms[0]) or typing.get_args(value_arms[0])
-                                     and typing.get_origin(value_arms[0]) is not Literal):
-            raise error
-        fail()
-
+        return _convert_union(value, tp, key, origins)
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Literal:
-        if not any(type(value) is type(a) and value == a for a in args):
-            fail()
-        return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            fail()
+            raise _mismatch(value, tp, key, origins)
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_convert(v, args[0], f"{key}.{i}", origins) for i, v in enumerate(value))
         if len(value) != len(args):
-            fail(f" (needs exactly {len(args)} items)")
+            raise _mismatch(value, tp, key, origins, f" (needs exactly {len(args)} items)")
         return tuple(_convert(v, a, f"{key}.{i}", origins) for i, (v, a) in enumerate(zip(value, args)))
     if origin is dict:
         if not isinstance(value, dict):
-            fail()
+            raise _mismatch(value, tp, key, origins)
         return {_convert(k, args[0], key, origins): _convert(v, args[1], f"{key}.{k}", origins)
                 for k, v in value.items()}
-    if tp is bool:
-        if not isinstance(value, bool):
-            fail()
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            fail()
-        return value
-    if tp is float:
-        if isinstance(value, bool):
-            fail()
-        if isinstance(value, (int, float)):
+    return _convert_scalar(value, tp, key, origins)
+
+
+def _convert_dataclass(value: Any, tp, key: str, origins: dict[str, str]) -> Any:
+    if not isinstance(value, dict):
+        raise _mismatch(value, tp, key, origins)
+    hints = typing.get_type_hints(tp)
+    kwargs = {}
+    for field in dataclasses.fields(tp):
+        if field.name in value:
+            sub = f"{key}.{field.name}" if key else field.name
+            kwargs[field.name] = _convert(value[field.name], hints[field.name], sub, origins)
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{_origin_of(key, origins)}: '{key}.{field.name}' is required")
+    try:
+        return tp(**kwargs)
+    except FieldError as e:
+        full = f"{key}.{e.key}" if key else e.key
+        raise ConfigError(f"{_origin_of(full, origins)}: '{full}': {e.detail}") from None
+    except (ConfigError, ValueError, TypeError) as e:
+        raise ConfigError(f"{_origin_of(key, origins)}: '{key or tp.__name__}': {e}") from None
+
+
+def _convert_union(value: Any, tp, key: str, origins: dict[str, str]) -> Any:
+    arms = typing.get_args(tp)
+    if value is None:
+        if type(None) in arms:
+            return None
+        raise _mismatch(value, tp, key, origins)
+    value_arms = [a for a in arms if a is not type(None)]
+    for arm in value_arms:
+        try:
+            return _convert(value, arm, key, origins)
+        except ConfigError as e:
+            error = e
+    # A mistake inside a nested value (a dataclass or list) is reported where it is.
+    if len(value_arms) == 1 and (dataclasses.is_dataclass(value_arms[0]) or typing.get_args(value_arms[0])
+                                 and typing.get_origin(value_arms[0]) is not Literal):
+        raise error
+    raise _mismatch(value, tp, key, origins)
+
+
+def _convert_scalar(value: Any, tp, key: str, origins: dict[str, str]) -> Any:
+    if typing.get_origin(tp) is Literal:
+        if any(type(value) is type(a) and value == a for a in typing.get_args(tp)):
+            return value
+    elif tp is bool or tp is str:
+        if isinstance(value, tp):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         if isinstance(value, str):
             # PyYAML reads 5e-4 (no dot) as a string (YAML 1.1); accept it as a number.
             try:
                 return float(value)
             except ValueError:
-                fail()
-        fail()
-    if tp is str:
-        if not isinstance(value, str):
-            fail()
+                pass
+    elif tp is Any:
         return value
-    if tp is Any:
-        return value
-    raise ConfigError(f"{_origin_of(key, origins)}: '{key}': unsupported schema type {tp!r}")
+    else:
+        raise ConfigError(f"{_origin_of(key, origins)}: '{key}': unsupported schema type {tp!r}")
+    raise _mismatch(value, tp, key, origins)
 
 
 # ----------------------------------------------------------------------------- writing

@@ -1,8 +1,7 @@
 """What trained this model: `run.json` with config, code version, packages, devices and data.
 
-The reference lost track of which code trained its best model (REFERENCE.md §0,
-§7 pitfall 33). Every run writes this record to its work directory and every
-checkpoint carries a copy.
+Every run writes this record to its work directory and every checkpoint carries
+a copy, so which code and settings trained a model is never lost (README pitfall 33).
 """
 from __future__ import annotations
 

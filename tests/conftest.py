@@ -81,3 +81,15 @@ def randomize_torch_model(model, seed: int, *, unit_positions: bool = False):
             else:
                 p.copy_(0.15 * noise)
     return model.eval()
+
+
+def score_items(logits_fn, tokenizer, items, *, protocol: str = "2025", image_template=None, batch_size: int = 64,
+                buckets=None):
+    """Encode, score and decide one task with the scoring module's functions (what the evaluator
+    does per task and setting), as an independent path for tests to compare against."""
+    from jaxllava.eval.scoring import DEFAULT_BUCKETS, compile_count, decide, encode_candidates, score_encoded
+
+    encoded = encode_candidates(tokenizer, items, protocol=protocol, image_template=image_template)
+    before = compile_count()
+    flat = score_encoded(logits_fn, encoded, batch_size=batch_size, buckets=buckets or DEFAULT_BUCKETS)
+    return decide(items, encoded, flat, compiles=compile_count() - before)

@@ -1,11 +1,11 @@
 """convert import-reference / export-hf --what reference on a tiny synthetic checkpoint in the reference's layout.
 
 The checkpoint is built here with transformers modules and the reference's key
-names (REFERENCE.md §5): Baby-Llama-style LM (fp32), DINOv2 tower under
+names (docs/reference.md#checkpoint-layout): Baby-Llama-style LM (fp32), DINOv2 tower under
 model.vision_tower.vision_tower.* (fp16, as the reference saved it),
 mlp2x_gelu projector, dead TokenPacker tensors, and a tokenizer with the 8
 stage-1 added tokens. The expected logits come from the reference forward
-restated in PyTorch (REFERENCE.md §1.10).
+restated in PyTorch (docs/reference.md#image-placeholders).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from jaxllava.convert.reference import PROJECTOR_PREFIX, VISION_PREFIX, import_r
 from jaxllava.errors import ConversionError
 from conftest import randomize_torch_model
 
-# stage 1 (REFERENCE.md §1.3), ids from the base vocabulary on, in this order
+# stage 1 (docs/reference.md#special-tokens-and-vocabulary-growth), ids from the base vocabulary on, in this order
 ADDED = ["<im_start>", "<im_end>", "<im_patch>", "<vid_start>", "<vid_end>", "<vid_patch>", "<slow_vid_start>",
          "<slow_vid_end>"]
 SPECIALS = ["<unk>", "<s>", "</s>"]
@@ -53,7 +53,7 @@ randomize = functools.partial(randomize_torch_model, unit_positions=True)
 
 
 def save_reference_tokenizer(directory: str) -> None:
-    """Llama-like: <unk>=0, <s>=1, </s>=2, BOS added, pad = <unk> (REFERENCE.md §1.2), + the added tokens."""
+    """Llama-like: <unk>=0, <s>=1, </s>=2, BOS added, pad = <unk> (docs/reference.md#baby-llama), + the added tokens."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
     vocab = {t: i for i, t in enumerate(SPECIALS + list(WORDS))}
@@ -121,7 +121,8 @@ def imported(reference):
 
 
 def interpolate_like_transformers_4_40(self, embeddings, height, width):
-    """DINOv2 position embeddings as the reference's transformers 4.40 resized them (REFERENCE.md §1.4):
+    """DINOv2 position embeddings as the reference's transformers 4.40 resized them
+    (docs/reference.md#position-embedding-interpolation):
     bicubic with scale_factor (g + 0.1) / L (learned grid L) rather than a target size."""
     cls, patches = self.position_embeddings[:, :1], self.position_embeddings[:, 1:]
     source = int(patches.shape[1] ** 0.5)
@@ -194,8 +195,8 @@ def test_reference_checkpoint_imports_and_matches_the_reference_forward_on_an_im
                    jnp.asarray(np.concatenate([pixels, np.zeros_like(pixels)])), jnp.asarray(image_mask))
     ours = np.asarray(ours)
     # fp32 throughout. The 4.40 position interpolation (jax scale_and_translate vs torch bicubic) agrees
-    # within 5e-6 here (JAX_NOTES.md measured 3e-6 at 224 px); through the tower and decoder that measured
-    # 1.04e-5 on the logits, hence 2e-5 rather than the LM-only 1e-5.
+    # within 5e-6 here; through the tower and decoder that measured 1.04e-5 on the logits, hence 2e-5
+    # rather than the LM-only 1e-5.
     np.testing.assert_allclose(ours[real], expected[real], atol=2e-5, rtol=0)
     # the image changes the image row's logits, so the comparison covers the vision path
     assert np.abs(ours[0, -1] - np.asarray(forward(state, jnp.asarray(ids), jnp.asarray(real.astype(np.int32)),

@@ -16,16 +16,17 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import score_items
 from flax import nnx
 
 from jaxllava.config import load_config
 from jaxllava.data.tokenizer import load_tokenizer
 from jaxllava.errors import ConfigError, DataError
 from jaxllava.eval import scoring
+from jaxllava.eval.config import EvalConfig
 from jaxllava.eval.evaluator import MinimalPairEvaluator, detect_task_kind
 from jaxllava.eval.minimal_pairs import read_minimal_pairs
 from jaxllava.model.llava import LlavaModel
-from jaxllava.train.config import EvalConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TEMPLATE = "<image>\n{text}"
@@ -60,7 +61,7 @@ def _model(seed: int, *overrides: str) -> LlavaModel:
     return LlavaModel(config.model, rngs=nnx.Rngs(seed))
 
 
-def test_evaluator_scores_equal_scoring_evaluate_in_every_setting(tokenizer, tasks):
+def test_evaluator_scores_equal_the_scoring_functions_in_every_setting(tokenizer, tasks):
     model = _model(0)
     evaluator = MinimalPairEvaluator(tasks, tokenizer, image_templates=(TEMPLATE,), batch_size=16)
     results = evaluator.evaluate(model)
@@ -70,8 +71,8 @@ def test_evaluator_scores_equal_scoring_evaluate_in_every_setting(tokenizer, tas
     for name, kind in (("pairs", "blimp"), ("ewok", "ewok")):
         items = read_minimal_pairs(tasks[name], kind)
         for setting, template in (("text", None), ("image_template", TEMPLATE)):
-            expected = scoring.evaluate(scoring.module_logits_fn(model), tokenizer, items, image_template=template,
-                                        batch_size=16, buckets=evaluator.buckets)
+            expected = score_items(scoring.module_logits_fn(model), tokenizer, items, image_template=template,
+                                  batch_size=16, buckets=evaluator.buckets)
             got = results[name][setting]
             np.testing.assert_array_equal(np.stack(got.scores), np.stack(expected.scores))
             assert got.average == expected.average and got.accuracy == expected.accuracy
@@ -188,6 +189,7 @@ from jaxllava.config import load_config
 from jaxllava.checkpoint import model_from_params
 from jaxllava.data.tokenizer import load_tokenizer
 from jaxllava.eval import scoring
+from jaxllava.eval.config import EvalConfig
 from jaxllava.eval.evaluator import MinimalPairEvaluator
 from jaxllava.model.sharding import make_mesh, tree_shardings
 

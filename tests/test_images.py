@@ -56,7 +56,7 @@ def non_square_png(tmp_path):
 
 
 def test_padded_image_matches_bit_processor_as_the_reference_configured_it(non_square_png):
-    """REFERENCE.md §1.5: DINOv2's BitImageProcessor with size 224×224 and crop 224 after expand2square."""
+    """docs/reference.md#image-preprocessing: DINOv2's BitImageProcessor with size 224×224 and crop 224 after expand2square."""
     from transformers import BitImageProcessor
 
     processing = ImageProcessing(size=224)
@@ -177,7 +177,7 @@ def test_ambiguous_modes_are_rejected(tmp_path, array, mode):
 
 def test_pad_uses_the_mean_colour_and_centres_the_image(tmp_path):
     processing = ImageProcessing(size=33)  # equal to the long side, so resizing keeps every pixel
-    assert processing.background == (123, 116, 103)  # REFERENCE.md §1.5
+    assert processing.background == (123, 116, 103)  # docs/reference.md#image-preprocessing
     colour = (10, 200, 30)
     for size, axis in (((33, 16), 0), ((16, 33), 1)):
         path = _save(Image.new("RGB", size, colour), tmp_path / f"{size[0]}x{size[1]}.png")

@@ -87,7 +87,7 @@ def test_schedule_equals_transformers_scheduler_at_every_step(kind, warmup_ratio
     total = 37
     cfg = OptimConfig(lr=3e-3, schedule=kind, warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio)
     _, schedule = make_optimizer(cfg, toy_params(), total)
-    # HF Trainer: warmup = ceil(ratio * max_steps) (REFERENCE.md §3.1)
+    # HF Trainer: warmup = ceil(ratio * max_steps) (docs/reference.md#the-babylm-training-run)
     expected = hf_learning_rates(kind, 3e-3, int(np.ceil(warmup_ratio * total)), total, min_lr_ratio)
     ours = np.asarray(schedule(np.arange(total)))
     np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-9)

@@ -79,6 +79,27 @@ def test_image_rows_have_exactly_n_placeholders_with_no_targets(files, word_toke
         assert b.stats.image_tokens == N * int(b.image_rows.sum())
 
 
+def test_a_span_that_disagrees_with_the_image_token_count_is_refused_where_the_microbatch_is_made(
+        files, word_tokenizer_dir):
+    """The model overwrites exactly the masked positions, so the builder checks each row: one whole
+    span of I placeholders where an image goes, and no placeholder id anywhere else."""
+    from jaxllava.data.pipeline import MicrobatchBuilder
+
+    p = pipeline(files, word_tokenizer_dir)
+    image_plan = next(plan for plan in p.plans if plan.modality == "image")
+    text_plan = next(plan for plan in p.plans if plan.modality == "text")
+    p.builder(image_plan), p.builder(text_plan)  # consistent: no error
+    wrong_count = MicrobatchBuilder(p.table, p.ids, image_tokens=N + 1, processing=p.processing)
+    with pytest.raises(DataError, match=rf"microbatch row 0 holds {N} image placeholder ids.*span of {N + 1}"):
+        wrong_count(image_plan)
+    # a placeholder id inside a text sample (say, a tokenizer that produces one from text)
+    (first,) = text_plan.rows[0][:1]
+    start = int(p.table.offsets[first]) + 1
+    p.table.tokens[start] = p.ids.im_patch  # this test's own pipeline
+    with pytest.raises(DataError, match=r"row 0 holds 1 image placeholder ids, 0 of them where an image goes"):
+        p.builder(text_plan)
+
+
 def test_packed_rows_restart_positions_and_never_target_across_segments(files, word_tokenizer_dir):
     p = pipeline(files, word_tokenizer_dir)
     text = [b for b in all_batches(p) if b.modality == "text"]

@@ -12,7 +12,7 @@ IMAGE_NAME = "cat.png"
 
 
 def text_record(text, record_id="t"):
-    # The reference's text-only shape: an empty human turn, the text as the gpt turn (REFERENCE.md §2.1).
+    # The reference's text-only shape: an empty human turn, the text as the gpt turn (docs/reference.md#records).
     return {"id": record_id, "conversations": [{"from": "human", "value": ""}, {"from": "gpt", "value": text}]}
 
 
@@ -164,6 +164,7 @@ BAD_RECORDS = [
                                      "conversations": turns(("human", "<image> \udfff"), ("gpt", "a"))},
      "conversations[0].value", "encoding"),
     ("lone_surrogate_in_image_path", {**image_record(), "id": "bad", "image": "cat\ud800.png"}, "image", "encoding"),
+    ("nul_in_image_path", {**image_record(), "id": "bad", "image": "sub\0dir/cat.png"}, "image", "image_field"),
     ("image_path_leaving_the_folder", {**image_record(), "id": "bad", "image": "../cat.png"}, "image",
      "image_outside"),
 ]

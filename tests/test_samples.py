@@ -89,7 +89,7 @@ def test_chat_llama2_masks_user_turns_and_supervises_eos(tmp_path):
 
 
 def test_empty_human_turn_is_trained_under_every_objective(tmp_path, tok):
-    # The reference masked every label of such records under its chat template (REFERENCE.md §2.4).
+    # The reference masked every label of such records under its chat template (README pitfall 7).
     for objective in ("plain_lm", "captions"):
         table = table_for(tmp_path, [text_record(0, "the dog runs .")], tok, objective=objective)
         _, is_target = table.sample(0)

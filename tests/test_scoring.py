@@ -22,12 +22,12 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from torch.nn.utils.rnn import pad_sequence
 from transformers import LlamaConfig as HFLlamaConfig
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+from conftest import score_items
 
 from jaxllava.errors import ConfigError
 from jaxllava.eval import report
 from jaxllava.eval.minimal_pairs import MinimalPairItem, read_minimal_pairs
-from jaxllava.eval.scoring import (aggregate, choose, compile_count, encode_candidates, evaluate,
-                                   module_logits_fn, score_encoded)
+from jaxllava.eval.scoring import aggregate, choose, compile_count, encode_candidates, module_logits_fn, score_encoded
 from jaxllava.model.sharding import make_mesh, mesh_of
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -192,7 +192,7 @@ def test_scores_and_decisions_match_the_2025_pipeline_on_a_torch_llama(tokenizer
     model = _hf_llama(vocab_size)
     expected_scores, expected_chosen = reference_2025(model, tokenizer, items, batch_size=4, template=template)
 
-    results = evaluate(_torch_logits_fn(model, vocab_size), tokenizer, items, image_template=template,
+    results = score_items(_torch_logits_fn(model, vocab_size), tokenizer, items, image_template=template,
                        batch_size=7, buckets=(64,))
 
     np.testing.assert_allclose(np.stack(results.scores), expected_scores, atol=1e-4, rtol=0)
@@ -339,15 +339,15 @@ def test_identical_pairs_and_a_constant_model_score_all_correct():
         lengths = [len(tokenizer(s)["input_ids"]) for s in item.sentences]
         assert lengths[0] == lengths[1]
     constant = lambda ids, seg, pos: jnp.zeros((*ids.shape, vocab_size), jnp.float32)  # noqa: E731
-    results = evaluate(constant, tokenizer, same_length, buckets=(16,))
+    results = score_items(constant, tokenizer, same_length, buckets=(16,))
     assert results.correct.all() and results.average == 100.0 and results.ties == len(same_length)
 
     nan_model = lambda ids, seg, pos: jnp.full((*ids.shape, vocab_size), jnp.nan)  # noqa: E731
-    results = evaluate(nan_model, tokenizer, _items(), buckets=(64,))
+    results = score_items(nan_model, tokenizer, _items(), buckets=(64,))
     assert results.correct.all() and results.nonfinite == len(_items())  # NaN in slot 0 wins, as in torch.max
 
     identical = [it for it in _items() if it.sentences[0] == it.sentences[1]]
-    results = evaluate(jax.tree_util.Partial(_toy_apply, _toy_params(vocab_size)), tokenizer, identical,
+    results = score_items(jax.tree_util.Partial(_toy_apply, _toy_params(vocab_size)), tokenizer, identical,
                        buckets=(16,))
     assert results.scores[0][0] == results.scores[0][1] and results.correct.all()
 
@@ -368,9 +368,9 @@ def test_compiles_once_per_bucket_used_and_reuses_them():
     def fresh_logits_fn(ids, seg, pos):  # a new function: nothing cached for it yet
         return _toy_apply(params, ids, seg, pos)
 
-    first = evaluate(fresh_logits_fn, tokenizer, items, batch_size=2, buckets=buckets)
+    first = score_items(fresh_logits_fn, tokenizer, items, batch_size=2, buckets=buckets)
     assert first.compiles == len(used)
-    again = evaluate(fresh_logits_fn, tokenizer, items, batch_size=2, buckets=buckets)
+    again = score_items(fresh_logits_fn, tokenizer, items, batch_size=2, buckets=buckets)
     assert again.compiles == 0
     np.testing.assert_array_equal(np.stack(first.scores), np.stack(again.scores))
 
@@ -414,7 +414,7 @@ def test_protocols_on_a_bigram_model_match_hand_computed_sums():
     items = [blimp, ewok, spaced]
 
     def scores(tokenizer, protocol):
-        return np.stack(evaluate(bigram, tokenizer, items, protocol=protocol, buckets=(8,)).scores)
+        return np.stack(score_items(bigram, tokenizer, items, protocol=protocol, buckets=(8,)).scores)
 
     no_bos, with_bos = _word_tokenizer(bos=False), _word_tokenizer(bos=True)
     expected_2025_no_bos = [[lp[a, b] + lp[b, c], lp[a, c] + lp[c, b]],  # first word only context
@@ -463,8 +463,8 @@ def test_report_files_hold_scores_and_the_official_layout(tmp_path):
     tokenizer = _bpe("bos")
     items = _items()
     logits_fn = jax.tree_util.Partial(_toy_apply, _toy_params(len(tokenizer)))
-    plain = evaluate(logits_fn, tokenizer, items, buckets=(64,))
-    templated = evaluate(logits_fn, tokenizer, items, image_template=IMAGE_TEMPLATE, buckets=(64,))
+    plain = score_items(logits_fn, tokenizer, items, buckets=(64,))
+    templated = score_items(logits_fn, tokenizer, items, image_template=IMAGE_TEMPLATE, buckets=(64,))
 
     report.write_predictions(plain, str(tmp_path / "predictions.jsonl"))
     lines = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
@@ -512,7 +512,7 @@ def test_jax_llama_loaded_from_transformers_scores_like_the_torch_reference():
     unused = load_hf_llama_weights(model, {k: v.numpy() for k, v in hf_model.state_dict().items()})
     assert unused == []
     for template in (None, IMAGE_TEMPLATE):
-        results = evaluate(module_logits_fn(model), tokenizer, items, image_template=template, batch_size=4,
+        results = score_items(module_logits_fn(model), tokenizer, items, image_template=template, batch_size=4,
                            buckets=(64,))
         if template is None:
             np.testing.assert_allclose(np.stack(results.scores), expected_scores, atol=1e-4, rtol=0)

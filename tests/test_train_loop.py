@@ -6,10 +6,12 @@ import dataclasses
 import glob
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -325,3 +327,122 @@ def test_resume_check_ignores_speed_only_settings_and_names_real_changes():
     assert resume_mismatch(saved, faster) == []
     changed = config_to_dict(build_config({"data": {"seed": 5}, "train": {"grad_accum": 3}}))
     assert resume_mismatch(saved, changed) == ["data", "train.grad_accum"]
+
+
+def test_a_damaged_latest_checkpoint_is_set_aside_and_the_previous_one_resumed(budget_config, uninterrupted,
+                                                                               tmp_path, capsys):
+    cfg, _ = budget_config
+    ref_dir, ref_summary, _ = uninterrupted
+    workdir = str(tmp_path / "run")
+    shutil.copytree(ref_dir, workdir, symlinks=True)
+    for path in glob.glob(os.path.join(workdir, "checkpoints", "5", "state", "**", "d", "*"), recursive=True):
+        os.truncate(path, 100)  # a disk that filled up mid-write
+    capsys.readouterr()
+    summary = train(cfg, workdir, compiler_options=FAST_COMPILE)
+    captured = capsys.readouterr()
+    assert "checkpoint step 5" in captured.err and "5.unreadable" in captured.err
+    assert "resuming from step 4" in captured.out
+    assert summary["resumed_from"] == 4 and summary["steps"] == 5
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1", "3", "4", "5", "5.unreadable"]
+    ours = [(r["step"], r["loss"], r["words_seen"]) for r in metrics_rows(workdir)]
+    assert ours == [(r["step"], r["loss"], r["words_seen"]) for r in metrics_rows(ref_dir)]
+    assert summary["final_loss"] == ref_summary["final_loss"]
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused_at_start(data, tmp_path):
+    raw = config_to_dict(config(data))
+    raw["model"]["lm"]["vocab_size"] = 20  # the word tokenizer has 38 tokens with the image placeholders
+    cfg = build_config(raw)
+    with pytest.raises(ConfigError, match=r"tokenizer has \d+ tokens .* model.lm.vocab_size is 20"):
+        train(cfg, str(tmp_path / "run"), compiler_options=FAST_COMPILE)
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_skipped_records_are_reported_in_the_banner_run_json_and_summary(data, tmp_path, capsys):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [text_record(0, "the dog runs ."), {"id": "x", "conversations": 5},
+                                               {"id": "y", "image": "missing.png", "conversations": [
+                                                   {"from": "human", "value": "<image>"},
+                                                   {"from": "gpt", "value": "a red circle"}]}])
+    raw = config_to_dict(config(data, train={"steps": 1}))
+    raw["data"]["sources"].append({"path": bad})
+    raw["data"]["on_bad_record"] = "skip"
+    workdir = str(tmp_path / "run")
+    summary = train(build_config(raw), workdir, compiler_options=FAST_COMPILE)
+    out = capsys.readouterr().out
+    assert "skipped 2 bad records" in out.split("starting a new run")[0]  # the banner, before the first step
+    assert summary["skipped"] == 2 and "2 bad records skipped" in out.split('{"summary"')[1]
+    skipped = json.load(open(os.path.join(workdir, "run.json")))["data"]["skipped"]
+    assert skipped["total"] == 2 and skipped["by_reason"] == {"conversations": 1, "missing_image": 1}
+    assert any("bad.jsonl" in e and "'y'" in e for e in skipped["examples"]["missing_image"])
+
+
+# Long enough that each worker still owes batches when one is killed after step 1 (Grain keeps a
+# few batches per worker in flight), with a pause per step so the kill lands mid-run.
+LONG_RUN = ["train.word_budget=null", "train.steps=10", "data.epochs=10", "checkpoint.every_steps=3",
+            "eval.tasks={}"]
+WORKER_RUN_SCRIPT = """
+import sys, time
+from jaxllava.config import load_config
+from jaxllava.train.loop import Hook, train
+path, workdir, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
+config = load_config(path, overrides + ["data.num_workers=2", "data.prefetch=1"])
+train(config, workdir, hooks=[Hook(lambda event: time.sleep(0.5))],
+      compiler_options={"xla_backend_optimization_level": 0})
+print("DONE")
+"""
+
+
+def _loader_workers(parent: int) -> list[int]:
+    """Children of `parent` that jaxllava's loader named as its workers (`jxl-w<index>-...`)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/comm") as f:
+                comm = f.read().strip()
+        except OSError:
+            continue
+        if int(fields[1]) == parent and comm.startswith("jxl-w") and fields[0] != "Z":
+            pids.append(int(entry))
+    return pids
+
+
+def test_a_killed_loader_worker_ends_the_run_with_its_name_and_the_resumed_run_is_exact(budget_config, tmp_path):
+    cfg, _ = budget_config
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_yaml(cfg))
+    ref_dir = str(tmp_path / "reference")  # the same run without workers, uninterrupted
+    reference = train(load_config(str(path), LONG_RUN), ref_dir, compiler_options=FAST_COMPILE)
+    workdir = str(tmp_path / "run")
+    command = [sys.executable, "-c", WORKER_RUN_SCRIPT, str(path), workdir, *LONG_RUN]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        metrics = os.path.join(workdir, "metrics.jsonl")
+        while not (os.path.exists(metrics) and os.path.getsize(metrics)) and time.monotonic() < deadline:
+            time.sleep(0.1)  # step 1 has been trained
+        workers = _loader_workers(proc.pid)
+        assert len(workers) == 2, workers
+        os.kill(workers[1], signal.SIGKILL)
+        killed = time.monotonic()
+        out, err = proc.communicate(timeout=60)
+        assert time.monotonic() - killed < 60
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0 and "DONE" not in out
+    assert f"(pid {workers[1]}) was killed by signal SIGKILL" in err, err[-3000:]
+    saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+    assert saved and max(saved) < reference["steps"]  # the step in flight was saved
+    time.sleep(1.0)  # the surviving worker notices its parent is gone
+    assert all(not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split(") ")[1][0] == "Z"
+               for pid in workers)
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0 and "DONE" in resumed.stdout, resumed.stderr[-3000:]
+    assert f"resuming from step {max(saved)}" in resumed.stdout
+    ours = [(r["step"], r["loss"], r["words_seen"]) for r in metrics_rows(workdir)]
+    assert ours == [(r["step"], r["loss"], r["words_seen"]) for r in metrics_rows(ref_dir)]

@@ -103,7 +103,7 @@ def test_loss_is_the_mean_over_all_target_tokens_of_the_step():
     trainer, state = make_trainer()
     batches = [text_batch(0, fill=1.0), text_batch(1, fill=0.25), image_batch(2)]
     counts = [int((b.targets != IGNORE).sum()) for b in batches]
-    assert len(set(counts)) == 3  # a mean of per-microbatch means would differ (pitfall 24)
+    assert len(set(counts)) == 3  # a mean of per-microbatch means would differ (README pitfall 24)
     expected = reference_token_mean(trainer, state["params"], batches)
     _, metrics = trainer(state, batches)
     assert float(metrics["loss"]) == pytest.approx(expected, rel=1e-5)

@@ -25,7 +25,7 @@ def test_trained_rule_counts_hand_checked_examples(text, words):
 
 @pytest.mark.parametrize("text, words", [
     ("", 0),
-    ("Don't go!", 3),  # don, t, go (REFERENCE.md §3.3)
+    ("Don't go!", 3),  # don, t, go (docs/reference.md#word-counting-and-milestones)
     ("<image>\nA dog runs.", 3),
     ("<image>", 0),
     ("a<image>b", 1),  # the reference removes tags without a space, joining the neighbours
@@ -43,7 +43,8 @@ def test_reference_rule_counts_hand_checked_examples(text, words):
 
 
 def per_character_reference(text):
-    # A literal reading of REFERENCE.md §3.3, to check the regex version against.
+    # A literal reading of the reference's rule (docs/reference.md#word-counting-and-milestones),
+    # to check the regex version against.
     text = re.sub(r"<[^>]+>", "", text).replace("\\n", " ")
     return len("".join(c.lower() if c.isalnum() else " " for c in text).split())
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import warnings
 from typing import Iterable, Iterator
 
 import ml_dtypes
@@ -68,7 +70,22 @@ class CheckpointTensors:
                 import torch
             except ImportError as e:  # pragma: no cover - depends on the environment
                 raise ConversionError(f"{path}: reading .bin checkpoints needs torch installed") from e
-            self._torch_cache = (path, torch.load(path, map_location="cpu", weights_only=True))
+            try:
+                # weights_only: a pickle can run code when loaded; only tensors and plain containers pass.
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # torch's protocol warnings would precede our one-line error
+                    loaded = torch.load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as e:
+                # torch's own message suggests weights_only=False, which would run the file's code: not repeated.
+                detail = next((line.strip() for line in str(e).splitlines() if "Unpickler error" in line), "")
+                raise ConversionError(f"{path}: refused to load: it holds objects other than tensors (a pickle that "
+                                      f"could run code when loaded){'; ' + detail if detail else ''}") from None
+            except (OSError, RuntimeError, EOFError, ValueError) as e:
+                raise ConversionError(f"{path}: cannot be read as a torch checkpoint ({type(e).__name__}: {e})") \
+                    from None
+            if not isinstance(loaded, dict):
+                raise ConversionError(f"{path}: expected a state dict (name -> tensor), got {type(loaded).__name__}")
+            self._torch_cache = (path, loaded)
         return self._torch_cache[1]
 
     def keys(self) -> list[str]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import TextIO
+from typing import Optional, TextIO
 
 from jaxllava.checkpoint import REPORT_JSON
 from jaxllava.errors import ConfigError
@@ -57,7 +57,8 @@ def add_convert_parsers(parser: argparse.ArgumentParser) -> None:
                         "reference's LlavaLlamaForCausalLM layout")
 
 
-def print_report(report: dict, out: TextIO = sys.stdout) -> None:
+def print_report(report: dict, out: Optional[TextIO] = None) -> None:
+    out = out or sys.stdout  # looked up at call time: a test may have replaced it
     if "mapped" in report:  # import-reference
         counts = {}
         for entry in report["mapped"].values():

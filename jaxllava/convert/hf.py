@@ -10,7 +10,8 @@ random initialisation, from `train.seed`, and the report says so.
 Vocabulary growth: when the tokenizer (with the image placeholders `<im_start>`,
 `<im_patch>`, `<im_end>` added as in training) has more tokens than the LM's
 embedding, the new input AND output rows are set to the mean of the existing
-rows, as the reference's stage 1 did (`initialize_embedings`, REFERENCE.md §1.3).
+rows, as the reference's stage 1 did (`initialize_embedings`,
+docs/reference.md#special-tokens-and-vocabulary-growth).
 Only tokens the tokenizer lists as added may grow the vocabulary; a base
 vocabulary larger than the embedding means the tokenizer belongs to another model.
 
@@ -81,7 +82,7 @@ class ImportSource:
 
 def grow_rows_with_mean(array: np.ndarray, rows: int) -> np.ndarray:
     """(V, D) → (rows, D): new rows = mean of the existing ones (computed in float64), as the
-    reference's stage-1 `initialize_embedings` (REFERENCE.md §1.3)."""
+    reference's stage-1 `initialize_embedings` (docs/reference.md#special-tokens-and-vocabulary-growth)."""
     mean = array.astype(np.float64).mean(axis=0).astype(np.float32)
     grown = np.empty((rows, array.shape[1]), np.float32)
     grown[: array.shape[0]] = array
@@ -122,6 +123,17 @@ def config_differences(section: str, configured, actual) -> list[str]:
         if before != after:
             notes.append(f"{section}.{field.name}: config {before!r} replaced by the checkpoint's {after!r}")
     return notes
+
+
+def buckets_within(data, max_positions: int):
+    """(data config, note or None): the sequence buckets cut to the checkpoint's position range,
+    so that a default config (buckets up to 2048) imports a short-context LM."""
+    kept = tuple(b for b in data.buckets if b <= max_positions)
+    if kept == tuple(data.buckets):
+        return data, None
+    kept = kept or (max_positions,)
+    return dataclasses.replace(data, buckets=kept), (f"data.buckets {list(data.buckets)} cut to {list(kept)}: the "
+                                                     f"LM has {max_positions} positions")
 
 
 def grow_vocabulary(tokenizer, vocab_size: int, source: str) -> tuple[int, list[str]]:
@@ -165,6 +177,21 @@ def _tokenizer_source(tokenizer_dir: Optional[str], lm_dir: str, config) -> str:
     raise ConversionError(f"{lm_dir}: no tokenizer files there; pass --tokenizer DIR or set data.tokenizer")
 
 
+def _import_vision(model, model_config, vision_dir: str, seed: int) -> dict:
+    """Load the tower into `model`; initialise the parts no checkpoint provides (projector, a
+    resampler with weights) from `seed`. Returns the report's vision and initialised entries."""
+    vision_source = ImportSource(CheckpointTensors(vision_dir))
+    vision_unused = load_hf_vision_weights(model.vision, vision_source)
+    initialised = []
+    for name, state in fresh_parts(model_config, seed, ("projector", "resampler")).items():
+        if jax.tree.leaves(state):
+            nnx.update(getattr(model, name), state)
+            initialised.append(name)
+    return {"vision": {"directory": os.path.abspath(vision_dir), "mapped": vision_source.read,
+                       "unused": classify_unused(vision_unused, vision_dir)},
+            "initialised": {name: f"random (train.seed={seed}): no checkpoint provides it" for name in initialised}}
+
+
 def import_hf(config, out: str, lm_dir: str, vision_dir: Optional[str] = None,
               tokenizer_dir: Optional[str] = None) -> dict:
     """Write a jaxllava checkpoint at `out` from transformers directories; returns the report.
@@ -199,7 +226,9 @@ def import_hf(config, out: str, lm_dir: str, vision_dir: Optional[str] = None,
                                               feature_select=v.feature_select)
         notes += config_differences("model.vision", v, vision_config)
     model_config = dataclasses.replace(config.model, lm=grown_lm_config, vision=vision_config)
-    config = dataclasses.replace(config, model=model_config)
+    data, note = buckets_within(config.data, grown_lm_config.max_position_embeddings)
+    notes += [note] if note else []
+    config = dataclasses.replace(config, model=model_config, data=data)
 
     model = abstract_model(model_config)
     grow = {}
@@ -214,18 +243,7 @@ def import_hf(config, out: str, lm_dir: str, vision_dir: Optional[str] = None,
     report = {"what": "import-hf", "lm": {"directory": os.path.abspath(lm_dir), "mapped": lm_source.read,
                                           "unused": classify_unused(lm_unused, lm_dir, tied)}}
     if vision_dir:
-        vision_source = ImportSource(CheckpointTensors(vision_dir))
-        vision_unused = load_hf_vision_weights(model.vision, vision_source)
-        report["vision"] = {"directory": os.path.abspath(vision_dir), "mapped": vision_source.read,
-                            "unused": classify_unused(vision_unused, vision_dir)}
-        fresh = fresh_parts(model_config, config.train.seed, ("projector", "resampler"))
-        initialised = []
-        for name, state in fresh.items():
-            if jax.tree.leaves(state):
-                nnx.update(getattr(model, name), state)
-                initialised.append(name)
-        report["initialised"] = {name: f"random (train.seed={config.train.seed}): no checkpoint provides it"
-                                 for name in initialised}
+        report.update(_import_vision(model, model_config, vision_dir, config.train.seed))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
     meta = {"imported_from": {"format": "transformers", "lm": os.path.abspath(lm_dir),
@@ -234,7 +252,7 @@ def import_hf(config, out: str, lm_dir: str, vision_dir: Optional[str] = None,
     if new_tokens:
         meta["model.lm"] = {"vocab_size": {"checkpoint": lm_config.vocab_size, "now": vocab_size},
                             "new_tokens": new_tokens,
-                            "new_rows_init": "mean of the existing rows, input and output (REFERENCE.md §1.3)"}
+                            "new_rows_init": "mean of the existing rows, input and output, as the reference's stage 1"}
         notes.append(f"model.lm.vocab_size grown {lm_config.vocab_size} -> {vocab_size} for {new_tokens}; "
                      f"new embedding and output rows = mean of the existing rows")
     report["notes"] = notes

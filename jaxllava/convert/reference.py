@@ -1,4 +1,5 @@
-"""The PyTorch reference's checkpoints in and out (`LlavaLlamaForCausalLM`, REFERENCE.md §5).
+"""The PyTorch reference's checkpoints in and out (`LlavaLlamaForCausalLM`,
+docs/reference.md#checkpoint-layout).
 
 Layout of a reference checkpoint directory (HF Trainer `checkpoint-*` or the final
 output_dir): config.json (`model_type: llava_llama` + `mm_*` fields),
@@ -11,22 +12,25 @@ model.safetensors with
   model.{spatial_height,spatial_width,temporal}_*               stage-2 LAPE embeddings
 
 and the tokenizer with its added tokens (8 in stage 1, 314 in stage 2; the
-vocabulary is kept as is, REFERENCE.md §1.3).
+vocabulary is kept as is, docs/reference.md#special-tokens-and-vocabulary-growth).
 
-What becomes of each part (REFERENCE.md §1.4-1.10):
+What becomes of each part:
 - The DINOv2 tower's config is not in the checkpoint (the reference fetched it
   from the hub by name). It is read from `--vision-config DIR` when given, else
   from a `vision_tower_config` entry (written by our export), else inferred from
   the tensor shapes with DINOv2's 64-wide heads; the report says which.
   Features: always last_hidden_state (the reference ignored
-  mm_vision_select_layer), position embeddings interpolated like transformers
-  4.40 ("scale_factor"), input 224 px (the processor override, not saved).
+  mm_vision_select_layer, README pitfall 11), position embeddings interpolated
+  like transformers 4.40 ("scale_factor"), input 224 px (the processor override,
+  not saved: README pitfall 12).
 - The TokenPacker's output was multiplied by 0 in every recorded run except gen
-  16 (`use_downsample_image=False`, §1.7): it becomes the identity resampler and
-  its tensors are reported unused. `use_downsample_image=True` is refused.
-- LAPE (stage 2) added position terms to image features (§1.9); jaxllava has no
-  LAPE, so such a checkpoint is refused unless `drop_lape` is set (text-only use,
-  e.g. BLiMP, is unaffected by dropping it).
+  16 (`use_downsample_image=False`, docs/reference.md#resamplers): it becomes the
+  identity resampler and its tensors are reported unused.
+  `use_downsample_image=True` is refused.
+- LAPE (stage 2) added position terms to image features
+  (docs/reference.md#stage-2-lape-embeddings); jaxllava has no LAPE, so such a
+  checkpoint is refused unless `drop_lape` is set (text-only use, e.g. BLiMP, is
+  unaffected by dropping it).
 """
 from __future__ import annotations
 
@@ -43,7 +47,7 @@ from flax import nnx
 from jaxllava.checkpoint import (abstract_model, atomic_output_dir, ensure_new_output, load_checkpoint_params,
                                  model_from_params, read_meta, write_params_checkpoint)
 from jaxllava.convert.checkpoint_files import CheckpointTensors, read_config, save_sharded_safetensors
-from jaxllava.convert.hf import ImportSource, classify_unused, save_export_tokenizer, write_provenance
+from jaxllava.convert.hf import ImportSource, buckets_within, classify_unused, save_export_tokenizer, write_provenance
 from jaxllava.convert.hf_configs import llama_config_from_hf, llama_config_to_hf, vision_config_from_hf, \
     vision_hf_config
 from jaxllava.convert.weights import (PROJECTOR_PREFIX, hf_tensors, load_hf_llama_weights, load_hf_vision_weights,
@@ -57,7 +61,7 @@ LAPE = re.compile(r"^model\.(spatial_height|spatial_width|temporal)_")
 DINOV2_HEAD_DIM = 64  # every released DINOv2 (small/base/large/giant) uses 64-wide heads
 DINOV2_NAMES = {(384, 12): "facebook/dinov2-small", (768, 12): "facebook/dinov2-base",
                 (1024, 24): "facebook/dinov2-large", (1536, 40): "facebook/dinov2-giant"}
-REFERENCE_IMAGE_SIZE = 224  # DINO_PROCESSOR_RESOLUTION, never saved in the checkpoint (REFERENCE.md §1.5)
+REFERENCE_IMAGE_SIZE = 224  # DINO_PROCESSOR_RESOLUTION, never saved in the checkpoint (README pitfall 12)
 JAXLLAVA_KEY = "jaxllava"  # our own config.json entry: what the reference never saved
 
 
@@ -140,10 +144,11 @@ def reference_model_config(hf_config: dict, tensors, *, vision_config_dir: Optio
 def _reference_unused_reason(name: str, drop_lape: bool) -> Optional[str]:
     if name.startswith(RESAMPLER_PREFIX):
         return ("reference resampler (TokenPacker): its output was multiplied by 0 (use_downsample_image=false, "
-                "REFERENCE.md §1.7), so the identity resampler reproduces the model exactly")
+                "docs/reference.md#resamplers), so the identity resampler reproduces the model exactly")
     if LAPE.match(name) and drop_lape:
         return ("stage-2 LAPE embedding, dropped on request (--drop-lape): text-only rows are unaffected, image "
-                "rows lose the additive position terms the reference gave them (REFERENCE.md §1.9)")
+                "rows lose the additive position terms the reference gave them "
+                "(docs/reference.md#stage-2-lape-embeddings)")
     return None
 
 
@@ -177,6 +182,8 @@ def import_reference(ref_dir: str, out: str, *, config=None, vision_config_dir: 
         notes.append(f"image_aspect_ratio {aspect!r}: images will be resized to a square without padding")
     data = dataclasses.replace(config.data, image=dataclasses.replace(
         config.data.image, aspect="pad" if aspect == "pad" else "resize"))
+    data, note = buckets_within(data, model_config.lm.max_position_embeddings)
+    notes += [note] if note else []
     config = dataclasses.replace(config, model=model_config, data=data)
 
     model = abstract_model(model_config)
@@ -209,7 +216,7 @@ def import_reference(ref_dir: str, out: str, *, config=None, vision_config_dir: 
 
 
 def reference_hf_config(config, mm_vision_tower: Optional[str]) -> dict:
-    """config.json of a `LlavaLlamaForCausalLM` (REFERENCE.md §5) for the model `config` describes."""
+    """config.json of a `LlavaLlamaForCausalLM` (docs/reference.md#checkpoint-layout) for the model `config` describes."""
     model = config.model
     vision = model.vision
     name = mm_vision_tower or DINOV2_NAMES.get((vision.hidden_size, vision.num_layers),
@@ -224,7 +231,7 @@ def reference_hf_config(config, mm_vision_tower: Optional[str]) -> dict:
         "mm_use_im_start_end": False, "mm_use_im_patch_token": True,
         "image_aspect_ratio": "pad" if config.data.image.aspect == "pad" else "square",
         "tokenizer_padding_side": "right", "tokenizer_model_max_length": model.lm.max_position_embeddings,
-        # What the reference never saved (REFERENCE.md §7 items 12, 29), for our own importer:
+        # What the reference never saved (README pitfalls 12, 29), for our own importer:
         "image_token_num": model.image_tokens,
         "vision_tower_config": vision_hf_config(vision),
         JAXLLAVA_KEY: {"image_size": vision.image_size, "pos_interpolation": vision.pos_interpolation},

@@ -29,8 +29,8 @@ def load_entries(entries: Iterable[Entry], tensors, *, prefix: str = "") -> set[
     """Copy checkpoint tensors into parameters; strict. Returns the checkpoint names consumed.
 
     Every entry must be present with its shape, else `ConversionError` naming the
-    tensor and both shapes: nothing is ever left at its random init (REFERENCE.md
-    §7 item 30). A parameter that already has a sharding keeps it; the model may be
+    tensor and both shapes: nothing is ever left at its random init (README
+    pitfall 30). A parameter that already has a sharding keeps it; the model may be
     abstract (`nnx.eval_shape`) to skip random initialisation.
     """
     source = source_name(tensors)

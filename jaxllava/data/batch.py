@@ -4,7 +4,7 @@ Modality is a type, from the loader to the jitted step. A `TextBatch` has no
 pixel field at all, so code that needs pixels cannot be handed a text-only batch;
 an `ImageBatch` carries exactly one image per row. Both are pytrees of their
 arrays: the step receives the same type with the arrays on the devices. Shapes
-are static per bucket: B rows × T tokens.
+are static per bucket: B rows × T tokens (axis letters: see jaxllava/__init__.py).
 
 Array conventions (numpy on the host, int32 unless noted):
   input_ids   (B, T)  token ids; padding positions hold the tokenizer's pad id.
@@ -17,8 +17,8 @@ Array conventions (numpy on the host, int32 unless noted):
                       Attention never crosses segments.
   positions   (B, T)  position within the segment (restarts at 0 per segment).
   pixels      (B, H, W, 3) float32, normalised (image batches only).
-  image_mask  (B, T) bool: the N placeholder positions the model overwrites with
-                      the N visual vectors (image batches only).
+  image_mask  (B, T) bool: the I placeholder positions the model overwrites with
+                      the I visual vectors (image batches only).
   image_rows  (B,) bool: the row holds a real image (False only for the empty
                       rows that fill the last microbatch of an epoch).
 """

@@ -6,7 +6,7 @@ import math
 from typing import Literal, Optional
 
 from jaxllava.data.templates import TEMPLATES
-from jaxllava.model.config import at_least, positive, require
+from jaxllava.errors import at_least, positive, require
 
 
 # ImageNet statistics: DINOv2's (and most towers') normalisation, the default when no
@@ -61,7 +61,7 @@ class DataConfig:
     # chat: a conversation template, loss on assistant turns.
     objective: Literal["plain_lm", "captions", "chat"] = "plain_lm"
     chat_template: str = "llama_2"
-    add_eos: bool = False  # the reference's plain LM appended no EOS (pitfall 10)
+    add_eos: bool = False  # the reference's plain LM appended no EOS (README pitfall 10)
     use_images: bool = True  # False: image records are trained as text-only records
     on_bad_record: Literal["error", "skip"] = "error"
     # Decode every image once at start, so a corrupt one stops the run (or is skipped)

@@ -105,10 +105,9 @@ def _build(cfg: DataConfig, processing: ImageProcessing, out: str, staging: str,
             entry = dict(raw)  # every field kept; only `image` changes
             job = None
             if record.image is not None:
-                job, name = len(jobs), f"{len(jobs):08d}.png"
-                entry["image"] = f"{folder}/{name}"
-            if job is not None:
-                jobs.append((record.image, os.path.join(staging, folder, name), processing,
+                job, picture = len(jobs), f"{len(jobs):08d}.png"
+                entry["image"] = f"{folder}/{picture}"
+                jobs.append((record.image, os.path.join(staging, folder, picture), processing,
                              f"{record.file} {record.where}", record.id))
             entries.append((json.dumps(entry), job))
         name = os.path.basename(source.path)

@@ -1,11 +1,10 @@
 """Image files → normalised (size, size, 3) float32 pixels for the vision tower.
 
 Pipeline, in the order of Hugging Face's slow (PIL) image processors and the
-reference (REFERENCE.md §1.5):
+reference (docs/reference.md#image-preprocessing):
 
 1. decode with Pillow and load every byte: a truncated or undecodable file is a
-   `DataError` (the reference set `ImageFile.LOAD_TRUNCATED_IMAGES=True` and
-   trained on half-grey images; a failed load then pulled in the next sample,
+   `DataError`, never completed with grey or replaced by another sample (README
    pitfall 21). Before decoding, the size in the file's header is checked against
    `max_pixels`: a few hundred KB of PNG can hold a 144-megapixel picture that
    takes gigabytes to decode;
@@ -22,6 +21,7 @@ import dataclasses
 import json
 import os
 import struct
+import warnings
 import zlib
 
 import numpy as np
@@ -32,6 +32,10 @@ from jaxllava.errors import ConfigError, DataError
 
 # Exceptions Pillow raises for damaged files (struct/zlib/EOF come from inside plugins).
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, IndexError)
+# data.image.max_pixels decides which pictures are too large, checked right after the header is
+# read; Pillow's own warning at its lower limit would only add noise before that error (or
+# beside an image the budget allows). Its hard limit (twice the warning's) still applies.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _PIL_BICUBIC = 3  # the `resample` value of HF preprocessor configs that PIL BICUBIC matches
 
@@ -72,7 +76,7 @@ class ImageProcessing:
         centre-crops (DINOv2: 224, not its shortest_edge 256; CLIP: 224 or 336),
         otherwise `size` (`height` == `width`, or `shortest_edge`). The image is
         resized straight to that side, never resized then cropped: this is the
-        reference's `DINO_PROCESSOR_RESOLUTION=224` override (REFERENCE.md §1.5),
+        reference's `DINO_PROCESSOR_RESOLUTION=224` override (docs/reference.md#image-preprocessing),
         and for a padded square input CLIP's shortest-edge resize + crop gives the
         same pixels. `do_center_crop` missing means "crop if crop_size is given".
         Sizes may be ints (old CLIP configs) or dicts.
@@ -177,7 +181,7 @@ def _decoded_rgb(path: str | os.PathLike, processing: ImageProcessing, location:
     """Steps 1-3: the upright RGB picture at full size; errors as `square_image`."""
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise ConfigError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True (set by some import); truncated images "
-                          "would decode as grey padding, so jaxllava refuses to load images (REFERENCE.md §1.5)")
+                          "would decode as grey padding, so jaxllava refuses to load images")
     try:
         with Image.open(path) as opened:  # reads the header only
             width, height = opened.size

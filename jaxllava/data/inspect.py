@@ -1,7 +1,7 @@
 """`launch.py inspect-data`: what the loader will feed, before any training.
 
 Prints a dataset report, then one JSON line per microbatch. Every fact a reader
-needs to catch the reference's bug (REFERENCE.md §0) is visible: modality per
+needs to catch the reference's bug (README pitfall 1) is visible: modality per
 microbatch, whether pixels exist, where the image tokens are, padding.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Iterable, TextIO
 
 import numpy as np
 
-from jaxllava.data.batch import ImageBatch, Microbatch
+from jaxllava.data.batch import IGNORE, ImageBatch, Microbatch
 from jaxllava.data.pipeline import DataPipeline
 
 
@@ -32,7 +32,7 @@ def batch_line(batch: Microbatch) -> dict:
         "has_pixels": isinstance(batch, ImageBatch),
         "image_token_positions": positions,
         "image_tokens": stats.image_tokens,
-        "target_tokens": int((batch.targets != -100).sum()),
+        "target_tokens": int((batch.targets != IGNORE).sum()),
         "segments": [int(len(set(row[row > 0].tolist()))) for row in batch.segment_ids],
         "samples": stats.samples,
         "words": stats.words,

@@ -25,6 +25,7 @@ import numpy as np
 from jaxllava.data.batch import IGNORE, BatchStats, ImageBatch, Microbatch, TextBatch
 from jaxllava.data.config import DataConfig
 from jaxllava.data.images import ImageProcessing, check_image, load_image
+from jaxllava.data.loader import LoaderIterator, WorkerGuard
 from jaxllava.data.packing import MicrobatchPlan, plan_epoch
 from jaxllava.data.records import Record, SkipReport, fingerprint_files, read_records
 from jaxllava.data.samples import SampleTable, build_sample_table
@@ -156,7 +157,7 @@ class DatasetSummary:
 
 def _fingerprint(files_sha256: str, cfg: DataConfig, image_tokens: int, processing: ImageProcessing | None) -> str:
     # The resolved pixel settings too: a preprocessor_config.json is read at run time,
-    # and the reference never recorded the processor it trained with (REFERENCE.md §7.12).
+    # and the reference never recorded the processor it trained with (README pitfall 12).
     settings = repr((cfg.objective, cfg.chat_template, cfg.add_eos, cfg.use_images, cfg.word_rule,
                      image_tokens, processing))
     return hashlib.sha256(f"{files_sha256}\0{settings}".encode()).hexdigest()
@@ -243,8 +244,10 @@ class DataPipeline:
 
         return grain.MapDataset.source(self.plans).map(self.builder)
 
-    def iterator(self, num_workers: int | None = None):
-        """A checkpointable iterator (`get_state()` / `set_state(state)`) over all epochs."""
+    def iterator(self, num_workers: int | None = None) -> LoaderIterator:
+        """A checkpointable iterator (`get_state()` / `set_state(state)`) over all epochs that never
+        blocks forever: a dead worker raises `LoaderWorkerDied`, and `should_stop` (assign a
+        predicate) returns control while it waits. Close it (`close()`) to stop the workers."""
         import grain
 
         workers = self.cfg.num_workers if num_workers is None else num_workers
@@ -253,11 +256,13 @@ class DataPipeline:
         threads = 0 if workers > 0 else min(8, os.cpu_count() or 1)
         iterable = self.dataset().to_iter_dataset(grain.ReadOptions(num_threads=threads,
                                                                     prefetch_buffer_size=2 * threads))
+        guard = None
         if workers > 0:
             _mark_absl_flags_parsed()
+            guard = WorkerGuard()  # names the workers for the liveness check; they exit when we do
             iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(
-                num_workers=workers, per_worker_buffer_size=self.cfg.prefetch))
-        return iter(iterable)
+                num_workers=workers, per_worker_buffer_size=self.cfg.prefetch), worker_init_fn=guard)
+        return LoaderIterator(iter(iterable), guard=guard)
 
     def stats(self) -> Iterator[BatchStats]:
         for plan in self.plans:
@@ -266,7 +271,9 @@ class DataPipeline:
 
 def _mark_absl_flags_parsed() -> None:
     # Grain's worker processes read absl flags; outside absl.app.run they are
-    # unparsed and the workers fail (JAX_NOTES.md, "Seen on this project's machines").
+    # unparsed and the workers fail
+    # (tests/test_pipeline.py::test_worker_processes_yield_the_same_batches_and_restore_state
+    # runs two workers).
     from absl import flags
 
     if not flags.FLAGS.is_parsed():

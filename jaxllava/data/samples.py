@@ -3,18 +3,18 @@
 A sample is a token sequence plus, per token, whether it is a training target
 (predicted from the tokens before it). Image samples contain exactly one span of
 N placeholder ids, `<im_start> + (N-2)×<im_patch> + <im_end>` (the reference's
-expansion, REFERENCE.md §2.3), which the model overwrites in place; the span is
-never a target. Text-only samples contain no placeholder id at all, and their
-length never includes image tokens (the reference's bug, REFERENCE.md §0, §7.1-2).
+expansion, docs/reference.md#image-placeholders), which the model overwrites in
+place; the span is never a target. Text-only samples contain no placeholder id at
+all, and their length never includes image tokens (README pitfalls 1-2).
 
 Each sample is built from pieces (BOS, text, image span, EOS), each tokenized on
 its own, so the loss mask is exact by construction: no "tokenization mismatch"
-fallback that masks a whole sample (REFERENCE.md §2.4).
+fallback that masks a whole sample (docs/reference.md#templates-and-label-masks).
 
 Objectives:
   plain_lm  every turn's text joined by one space, `<image>` removed and its span
             placed first; BOS, no EOS unless `add_eos`; every text token is a target.
-            A text-only record becomes exactly `[BOS] + tokenizer(text)` (pitfall 6).
+            A text-only record becomes exactly `[BOS] + tokenizer(text)` (README pitfall 6).
   captions  the image span (image records) then the assistant turns; targets are
             the assistant tokens (LLaVA's pretraining format).
   chat      a conversation template (templates.py); targets are the assistant
@@ -29,7 +29,7 @@ itself is removed from every turn under every objective, never tokenized.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -162,23 +162,7 @@ def build_sample_table(records_by_source: Sequence[Sequence[Record]], tokenizer,
         texts = [p[1] for ps in pieces for p in ps if p[0] == "text"]
         encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
         for (s, record), record_pieces_ in zip(batch, pieces):
-            seq: list[int] = []
-            target: list[bool] = []
-            start = -1
-            for piece in record_pieces_:
-                kind = piece[0]
-                if kind == "bos":
-                    seq.append(ids.bos), target.append(False)
-                elif kind == "eos":
-                    if ids.eos is None:
-                        raise DataError("add_eos is set but the tokenizer has no EOS token", field="data.add_eos")
-                    seq.append(ids.eos), target.append(piece[1])
-                elif kind == "image":
-                    start = len(seq)
-                    seq.extend(span), target.extend([False] * len(span))
-                else:
-                    piece_ids = next(encoded)
-                    seq.extend(piece_ids), target.extend([piece[2]] * len(piece_ids))
+            seq, target, start = _assemble(record_pieces_, encoded, ids, span)
             try:
                 seq, target, cut = _check_sample(record, seq, target, start, max_len, cfg)
             except DataError as error:
@@ -211,6 +195,30 @@ def build_sample_table(records_by_source: Sequence[Sequence[Record]], tokenizer,
         ids=rec_ids,
         origins=origins,
     )
+
+
+def _assemble(pieces: list[Piece], encoded: Iterator[list[int]], ids, span: list[int]
+              ) -> tuple[list[int], list[bool], int]:
+    """(ids, is-target per id, index of the image span or -1) of one record's pieces; text pieces
+    take their ids, in order, from `encoded` (the batch's texts tokenized together)."""
+    seq: list[int] = []
+    target: list[bool] = []
+    start = -1
+    for piece in pieces:
+        kind = piece[0]
+        if kind == "bos":
+            seq.append(ids.bos), target.append(False)
+        elif kind == "eos":
+            if ids.eos is None:
+                raise DataError("add_eos is set but the tokenizer has no EOS token", field="data.add_eos")
+            seq.append(ids.eos), target.append(piece[1])
+        elif kind == "image":
+            start = len(seq)
+            seq.extend(span), target.extend([False] * len(span))
+        else:
+            piece_ids = next(encoded)
+            seq.extend(piece_ids), target.extend([piece[2]] * len(piece_ids))
+    return seq, target, start
 
 
 def _check_sample(record: Record, seq: list[int], target: list[bool], start: int, max_len: int,

@@ -8,7 +8,7 @@ names the rule:
       `chat` (only they are targets). Markup tags such as `<image>` are replaced
       by a space, then the whitespace-separated pieces are counted:
       "Don't go!" = 2.
-  "reference": the reference's rule, re-derived from REFERENCE.md §3.3: the
+  "reference": the reference's rule (docs/reference.md#word-counting-and-milestones): the
       assistant (gpt) turns under every objective (under `plain_lm` that
       undercounts, since the human turns are trained on too); tags `<[^>]+>` are
       removed (joining their neighbours), the two-character sequence backslash-n
@@ -41,7 +41,7 @@ def count_words(text: str) -> int:
 
 
 def count_words_reference(text: str) -> int:
-    """The reference's BabyLM word count of one turn (REFERENCE.md §3.3)."""
+    """The reference's BabyLM word count of one turn (docs/reference.md#word-counting-and-milestones)."""
     text = _REFERENCE_TAG.sub("", text).replace("\\n", " ")
     return len(_ALNUM_RUN.findall(text))
 

@@ -11,7 +11,7 @@
 "none" (bare text) or a template ending in "{text}"; repeat it to report settings side
 by side; default bare text only. --dtype: the model's compute dtype whatever its
 training dtype; default float32, as the official pipeline loads checkpoints in float32
-(BABYLM_EVAL.md §1.2). bfloat16 runs the layers and the vocabulary projection in bf16
+(docs/evaluation.md#precision). bfloat16 runs the layers and the vocabulary projection in bf16
 for speed; parameters stay float32 in memory, and the log-softmax and the score sums
 are float32. Its scores differ from float32 by bf16 rounding, so near-tied pairs may
 flip: report official numbers in float32.
@@ -26,17 +26,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import sys
 import time
 from typing import Optional, Sequence
 
 from jaxllava.errors import ConfigError
+from jaxllava.eval.config import check_task_name
 
 NONE = "none"
-TASK_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # used in file paths and metric names
-
-
 def parse_tasks(specs: Sequence[str]) -> dict[str, str]:
     """["blimp=path", ...] → {"blimp": "path"}; names must be unique and path-safe."""
     tasks: dict[str, str] = {}
@@ -44,8 +41,10 @@ def parse_tasks(specs: Sequence[str]) -> dict[str, str]:
         name, sep, path = spec.partition("=")
         if not sep or not path:
             raise ConfigError(f"--task {spec!r}: expected NAME=PATH")
-        if not TASK_NAME.fullmatch(name):
-            raise ConfigError(f"--task {spec!r}: the name may hold only letters, digits, '_', '.' and '-'")
+        try:
+            check_task_name(name)
+        except ValueError as e:
+            raise ConfigError(f"--task {spec!r}: {e}") from None
         if name in tasks:
             raise ConfigError(f"--task {spec!r}: the name {name!r} is given twice")
         tasks[name] = path
@@ -58,7 +57,7 @@ def parse_image_templates(values: Optional[Sequence[str]]) -> tuple[bool, tuple[
     """(bare text?, templates) from the repeated --image-template values; none given: bare text only.
 
     A shell passes "<image>\\n{text}" with a backslash and an "n"; that escape is read as a newline,
-    the reference's template (REFERENCE.md §4.1).
+    the reference's template (docs/reference.md#evaluation).
     """
     if not values:
         return True, ()

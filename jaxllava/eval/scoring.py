@@ -363,18 +363,6 @@ def aggregate(items: Sequence[MinimalPairItem], correct: np.ndarray
     return accuracy, counts, average
 
 
-def evaluate(logits_fn: LogitsFn, tokenizer: Any, items: Sequence[MinimalPairItem], *, protocol: str = "2025",
-             image_template: str | None = None, batch_size: int = 64,
-             buckets: Sequence[int] = DEFAULT_BUCKETS) -> Results:
-    """Score, decide and aggregate a task the way the pipeline reports it."""
-    if not items:
-        raise DataError("no items to evaluate")
-    encoded = encode_candidates(tokenizer, items, protocol=protocol, image_template=image_template)
-    traces_before = compile_count()
-    flat = score_encoded(logits_fn, encoded, batch_size=batch_size, buckets=buckets)
-    return decide(items, encoded, flat, compiles=compile_count() - traces_before)
-
-
 def decide(items: Sequence[MinimalPairItem], encoded: EncodedSet, flat: np.ndarray, *,
            compiles: int = 0) -> Results:
     """Decisions and aggregates from the row scores of `encoded` (what `score_encoded` returns)."""

@@ -1,6 +1,6 @@
 """Causal, segment-aware self-attention over `jax.nn.dot_product_attention`.
 
-Axis letters as defined in jaxllava.model (T query length, S key/value length).
+Axis letters: see jaxllava/__init__.py.
 
 Packed rows hold several samples; `segment_ids` (B, T) numbers them 1, 2, ...
 and marks padding with 0 (jaxllava/data/batch.py). A query attends a key only
@@ -14,8 +14,8 @@ key/value heads when N % K == 0 (it groups the queries, G = N // K).
 
 Backends ("implementation"):
   xla    the reference einsum/softmax path; any dtype, any shape.
-  cudnn  cuDNN flash attention. In jax 0.10 and 0.11 the public
-         `jax.nn.dot_product_attention` has no segment-id argument for cuDNN:
+  cudnn  cuDNN flash attention. The public `jax.nn.dot_product_attention`
+         has no segment-id argument for cuDNN:
          `query_seq_lengths`/`key_value_seq_lengths` only describe right
          padding, and the packed layout (`q_offsets`/`kv_offsets`, Hopper only)
          exists only in the private `jax._src.cudnn.fused_attention_stablehlo`.
@@ -34,7 +34,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxllava.model.config import AttentionImpl as Implementation
+from jaxllava.model.config import AttentionImpl
 
 
 def _gpu_compute_capability() -> tuple[int, ...] | None:
@@ -58,7 +58,7 @@ def cudnn_supports(q: jax.Array, k: jax.Array) -> bool:
             and t % 2 == 0 and s % 2 == 0)
 
 
-def resolve_implementation(implementation: Implementation, q: jax.Array, k: jax.Array) -> str:
+def resolve_implementation(implementation: AttentionImpl, q: jax.Array, k: jax.Array) -> str:
     if implementation == "auto":
         return "cudnn" if cudnn_supports(q, k) else "xla"
     return implementation
@@ -70,7 +70,7 @@ def segment_mask(segment_ids: jax.Array) -> jax.Array:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array,
-              implementation: Implementation = "auto") -> jax.Array:
+              implementation: AttentionImpl = "auto") -> jax.Array:
     """Causal self-attention within segments.
 
     q: (B, T, N, H); k, v: (B, S, K, H) with S == T and N % K == 0;

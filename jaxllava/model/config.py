@@ -1,10 +1,10 @@
 """Model configuration: decoder, vision tower, resampler, projector, and their composition.
 
-`ModelConfig.image_tokens` is the one place where the image-token count N is
-derived (tower grid → resampler output). The data pipeline expands `<image>` to
-exactly N placeholders from this number, and the model overwrites exactly those N
-positions; the reference never saved this number and changed its default three
-times (REFERENCE.md §1.8, pitfall 29).
+`ModelConfig.image_tokens` is the one place where the image-token count I is
+derived (tower grid → resampler output; axis letters: see jaxllava/__init__.py).
+The data pipeline expands `<image>` to exactly I placeholders from this number, and
+the model overwrites exactly those I positions; the reference never saved this
+number and changed its default three times (README pitfall 29).
 """
 from __future__ import annotations
 
@@ -13,50 +13,11 @@ import math
 import re
 from typing import Literal, Optional
 
-from jaxllava.errors import ConfigError
+from jaxllava.errors import ConfigError, at_least, positive, require
 
 ComputeDtype = Literal["float32", "bfloat16"]
 AttentionImpl = Literal["auto", "xla", "cudnn"]
 Remat = Literal["none", "full", "save_dots"]
-
-
-# ----------------------------------------------------------------------------- field checks
-#
-# Every config section (model, data, train) checks its values in __post_init__ with
-# these, so a bad value fails when the config is read, not steps into a run. They live
-# in this module because it imports nothing else of jaxllava's but errors, so the data
-# and train config modules can use them without an import cycle.
-
-
-class FieldError(ConfigError):
-    """A bad value of one field. `key` is dotted relative to the dataclass that raised it
-    ("num_kv_heads", "resampler.num_latents"), so the loader, which knows where that
-    dataclass sits, can name the full key ("model.lm.num_kv_heads") and where it was set."""
-
-    def __init__(self, key: str, detail: str):
-        super().__init__(f"'{key}': {detail}")
-        self.key, self.detail = key, detail
-
-
-def require(ok: bool, key: str, detail: str) -> None:
-    if not ok:
-        raise FieldError(key, detail)
-
-
-def at_least(section, minimum: int, *names: str, null_ok: bool = False) -> None:
-    """Each named field is >= minimum (or None when null_ok)."""
-    for name in names:
-        value = getattr(section, name)
-        if value is None and null_ok:
-            continue
-        require(value >= minimum, name, f"must be >= {minimum}{' or null' if null_ok else ''}, got {value!r}")
-
-
-def positive(section, *names: str) -> None:
-    """Each named field is a finite number > 0 (NaN fails every comparison, so it is refused too)."""
-    for name in names:
-        value = getattr(section, name)
-        require(math.isfinite(value) and value > 0, name, f"must be a finite number > 0, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +93,8 @@ class VisionConfig:
     pretrained_image_size: int = 518
     # DINOv2 position-embedding interpolation: "size" (transformers 5: bicubic to the
     # target grid) or "scale_factor" (the reference's transformers 4.40:
-    # scale_factor=(n+0.1)/37). They differ by up to 1.40 at 224 px (JAX_NOTES.md).
+    # scale_factor=(n+0.1)/37). They differ by up to 1.40 at 224 px
+    # (docs/reference.md#position-embedding-interpolation).
     pos_interpolation: Literal["size", "scale_factor"] = "size"
     # -1: the final normalised output (transformers' last_hidden_state, what the
     # reference used); k >= 0: hidden_states[k] (0 = embeddings), before the final norm.
@@ -237,14 +199,14 @@ class ModelConfig:
 
     @property
     def image_tokens(self) -> int:
-        """N: how many placeholder positions one image occupies in the sequence."""
+        """I: how many placeholder positions one image occupies in the sequence."""
         return 0 if self.vision is None else image_token_count(self.vision, self.resampler)
 
 
 def image_token_count(vision: VisionConfig, resampler: ResamplerConfig) -> int:
-    """N, the number of visual vectors one image becomes (tower grid → resampler): the one
-    place it is derived. The data pipeline writes exactly N placeholders per image, the
-    resamplers output exactly N vectors, and the model overwrites exactly those N positions."""
+    """I, the number of visual vectors one image becomes (tower grid → resampler): the one
+    place it is derived. The data pipeline writes exactly I placeholders per image, the
+    resamplers output exactly I vectors, and the model overwrites exactly those I positions."""
     kind = resampler.kind
     if kind == "identity":
         return vision.output_tokens

@@ -5,7 +5,7 @@ default in training). Each parameter records its logical axes (see sharding.py).
 Kernels are stored (in, out): PyTorch's nn.Linear stores (out, in), so weight
 loaders transpose.
 
-Porting traps named here (REFERENCE.md §7 item 34): torch's nn.GELU is the exact
+Porting traps named here (README pitfall 34): torch's nn.GELU is the exact
 erf form, jax.nn.gelu defaults to the tanh approximation; torch LayerNorm eps is
 1e-5 and DINOv2's is 1e-6, so every LayerNorm takes eps explicitly.
 """

@@ -1,9 +1,9 @@
 """Llama-family decoder (Flax NNX).
 
-Numerics follow transformers' `LlamaForCausalLM` (REFERENCE.md §6 item 1):
+Numerics follow transformers' `LlamaForCausalLM` (docs/reference.md#llama-decoder-numerics):
 RMSNorm normalises in float32 then scales; RoPE uses the rotate-half layout
 (the first and second halves of each head are the two rotated coordinates;
-REFERENCE.md §7 item 34), inverse frequencies in float32 as transformers computes
+README pitfall 34), inverse frequencies in float32 as transformers computes
 them, optional Llama-3 frequency scaling; SwiGLU MLP; attention scale 1/sqrt(H);
 tied or untied output layer. Parameters are float32, computation runs in `dtype`.
 
@@ -11,7 +11,7 @@ Module and attribute names match transformers' (`embed_tokens`, `layers.{i}.self
 ...), so the transformers key map (jaxllava.model.hf_keys) needs only the `model.`
 scope that transformers puts around everything but `lm_head`.
 
-Axis letters as defined in jaxllava.model.
+Axis letters: see jaxllava/__init__.py.
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxllava.model.attention import Implementation, attention
-from jaxllava.model.config import LlamaConfig, Remat, RopeScaling
+from jaxllava.model.attention import attention
+from jaxllava.model.config import AttentionImpl, LlamaConfig, Remat, RopeScaling
 from jaxllava.model.layers import Dense, Embed, RMSNorm
 from jaxllava.model.sharding import constrain
 
@@ -81,7 +81,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 # --- modules -----------------------------------------------------------------------------------
 
 class SelfAttention(nnx.Module):
-    def __init__(self, config: LlamaConfig, *, dtype, attention_impl: Implementation, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, *, dtype, attention_impl: AttentionImpl, rngs: nnx.Rngs):
         d, h = config.hidden_size, config.resolved_head_dim
         n, k = config.num_heads, config.num_kv_heads
         bias = config.attention_bias
@@ -119,7 +119,7 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, config: LlamaConfig, *, dtype, attention_impl: Implementation, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, *, dtype, attention_impl: AttentionImpl, rngs: nnx.Rngs):
         d, eps = config.hidden_size, config.rms_norm_eps
         self.input_layernorm = RMSNorm(d, eps=eps, dtype=dtype)
         self.self_attn = SelfAttention(config, dtype=dtype, attention_impl=attention_impl, rngs=rngs)
@@ -145,7 +145,7 @@ class Llama(nnx.Module):
 
     HF_RENAMES = {"embed_tokens": "model.embed_tokens", "layers": "model.layers", "norm": "model.norm"}
 
-    def __init__(self, config: LlamaConfig, *, dtype=jnp.bfloat16, attention_impl: Implementation = "auto",
+    def __init__(self, config: LlamaConfig, *, dtype=jnp.bfloat16, attention_impl: AttentionImpl = "auto",
                  remat: Remat = "none", rngs: nnx.Rngs):
         self.config = config
         self.dtype = dtype

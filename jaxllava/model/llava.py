@@ -1,22 +1,22 @@
 """LLaVA composition: vision tower → resampler → projector, spliced into the Llama decoder.
 
-An image row carries N placeholder tokens (N = `ModelConfig.image_tokens`, the one
-place it is derived); the model overwrites exactly those N embeddings with the N
+An image row carries I placeholder tokens (I = `ModelConfig.image_tokens`, the one
+place it is derived); the model overwrites exactly those I embeddings with the I
 visual vectors, in order, keeping the sequence length (the reference's in-place
-splice, REFERENCE.md §1.10). Placeholder embeddings themselves are never seen.
+splice, docs/reference.md#image-placeholders). Placeholder embeddings themselves
+are never seen.
 
 A text-only call (`pixels=None`) embeds tokens and nothing else: the vision tower,
 resampler and projector are not traced, so a text-only step cannot run them
-(the reference's black-image injection, REFERENCE.md §7 item 1). A model built
-with `config.vision = None` has no vision parameters at all.
+(README pitfall 1). A model built with `config.vision = None` has no vision
+parameters at all.
 
 Which parts train is the optimizer's choice (`optim.train_*`; the tower is frozen
-by default, REFERENCE.md §1.4). The train step differentiates only the trainable
-parameters, so a frozen tower's output carries no tangent and no backward pass
-runs through it (tests/test_train_step.py counts the matmuls).
+by default, docs/reference.md#trainable-parts). The train step differentiates only
+the trainable parameters, so a frozen tower's output carries no tangent and no
+backward pass runs through it (tests/test_train_step.py counts the matmuls).
 
-Axis letters: B batch, T length, I image tokens (N in the prose), D LM width,
-E vision width.
+Axis letters: see jaxllava/__init__.py.
 """
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxllava.errors import ConfigError
 from jaxllava.model.config import ModelConfig
 from jaxllava.model.llama import Llama
 from jaxllava.model.projectors import Projector
@@ -53,8 +52,6 @@ class LlavaModel(nnx.Module):
     """`lm` (Llama) plus, when `config.vision` is set, `vision`, `resampler` and `projector`."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-        if config.dtype not in DTYPES:
-            raise ConfigError(f"model.dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
         dtype = DTYPES[config.dtype]
         self.config = config
         self.lm = Llama(config.lm, dtype=dtype, attention_impl=config.attention_impl, remat=config.remat,
@@ -81,7 +78,7 @@ class LlavaModel(nnx.Module):
                 raise ValueError("image_mask given without pixels")
             return embeds
         if self.vision is None:
-            raise ConfigError("pixels given to a text-only model (model.vision is not configured)")
+            raise ValueError("pixels given to a text-only model (model.vision is not configured)")
         if image_mask is None:
             raise ValueError("pixels given without image_mask")
         features = self.encode_images(pixels)

@@ -1,4 +1,4 @@
-"""Projector: vision width → LM width (REFERENCE.md §1.6).
+"""Projector: vision width → LM width (docs/reference.md#projector).
 
 `linear` is one nn.Linear; `mlp{k}x_gelu` is LLaVA's nn.Sequential(Linear, GELU,
 Linear, GELU, ..., Linear) with k Linear layers and exact (erf) GELU between them
@@ -9,7 +9,7 @@ Checkpoint names follow LLaVA: `mm_projector.weight` for `linear`,
 `mm_projector.{2i}.weight` for the i-th Linear of an MLP (the odd Sequential
 indices are the parameter-free GELUs); `hf_renames` declares both.
 
-Maps (B, I, E) → (B, I, D), axis letters as defined in jaxllava.model.
+Maps (B, I, E) → (B, I, D); axis letters: see jaxllava/__init__.py.
 """
 from __future__ import annotations
 

@@ -1,19 +1,17 @@
 """Resamplers: turn the tower's (B, T, E) features into the I image tokens (B, I, E), in the vision width E.
 
-Axis letters as defined in jaxllava.model. I is derived in one place only,
+Axis letters: see jaxllava/__init__.py. I is derived in one place only,
 `jaxllava.model.config.image_token_count`; the data pipeline writes exactly I
 placeholders per image and the LLaVA model checks the encoder's output count
 against it at trace time, so the resamplers neither derive nor check it.
 
   identity      no parameters; the reference's BabyLM setting (256 DINOv2 patch tokens).
-  perceiver     Flamingo's Perceiver resampler (REFERENCE.md §1.7 "Other resamplers";
+  perceiver     Flamingo's Perceiver resampler (docs/reference.md#perceiver;
                 Alayrac et al. 2022): learned latents attend to concat(media, latents).
   token_packer  TokenPacker (Li et al. 2024, "TokenPacker: Efficient Visual Projector")
                 as upstream intended it: each query attends only to its own s×s window
-                of the patch grid. The reference fork flattened the windows into global
-                attention and took its geometry from the config's 37×37 grid instead of
-                the 16×16 input grid (REFERENCE.md §1.7, pitfall 13); here the geometry
-                comes from the input grid.
+                of the patch grid, with the geometry taken from the input grid and
+                the config alone (README pitfall 13).
   avg_pool      average pooling of the patch grid with window = stride = pool_stride
                 (remainder rows/columns dropped, like torch avg_pool2d); a CLS token
                 stays in front.
@@ -21,7 +19,8 @@ against it at trace time, so the resamplers neither derive nor check it.
 Attention width is the vision width E with head dim E / num_heads for both
 attention resamplers (flamingo-pytorch fixes dim_head = 64; the reference's
 TokenPacker worked in 1024 = DINOv2-L's width with 8 heads). No reference
-resampler weights are loaded: the reference never used trained ones (§1.7).
+resampler weights are loaded: the reference never used trained ones
+(docs/reference.md#resamplers).
 
 Inputs carry a leading CLS token exactly when the tower has one and
 feature_select is "cls_patch" (T = grid² + 1). The token packer needs the
@@ -134,7 +133,7 @@ class TokenPacker(nnx.Module):
     values come from the grid, bilinearly resized to (g·s)×(g·s) when a != g·s.
     Q, K, V = LN(MLP(·)); O = multi-head attention (with its own q/k/v/out
     projections, like torch nn.MultiheadAttention) of each query over its window;
-    output = q0 + W_out·O (W_out without bias), REFERENCE.md §1.7.
+    output = q0 + W_out·O (W_out without bias), docs/reference.md#tokenpacker.
     """
 
     def __init__(self, config: ResamplerConfig, vision: VisionConfig, *, dtype, rngs: nnx.Rngs):

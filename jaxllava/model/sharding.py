@@ -56,8 +56,9 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
 def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
     """A (data, fsdp, tensor) mesh; -1 in one axis takes the remaining devices.
 
-    Axis types are Auto explicitly: jax >= 0.12 defaults `make_mesh` to Explicit
-    axes, under which tensor-parallel matmuls need `out_sharding=` everywhere.
+    Axis types are set to Auto rather than left to JAX's default, which may be
+    Explicit: under Explicit axes, tensor-parallel matmuls need `out_sharding=`
+    everywhere.
     """
     devices = list(jax.devices() if devices is None else devices)
     shape = [data, fsdp, tensor]

@@ -1,6 +1,6 @@
 """Vision towers: one pre-LN ViT with the DINOv2, CLIP and SigLIP variants, and its transformers key map.
 
-Axis letters as defined in jaxllava.model (E: the tower's width, T: its tokens).
+Axis letters: see jaxllava/__init__.py.
 
 Variants (transformers `Dinov2Model`, `CLIPVisionModel`, `SiglipVisionModel`):
   dinov2  CLS token, LayerScale on both residual branches, exact-erf GELU,
@@ -25,7 +25,7 @@ LLaVA's `mm_vision_select_layer=-2`. Blocks after the selected one are not run.
 
 Position embeddings learned on an L×L grid are resized to the input grid g×g
 whenever g != L, in one of two modes that differ by up to 1.4 at 224 px
-(JAX_NOTES.md, REFERENCE.md §1.4): "size" = transformers 5
+(docs/reference.md#position-embedding-interpolation): "size" = transformers 5
 (`F.interpolate(size=(g, g), bicubic, align_corners=False)`), "scale_factor" =
 the reference's transformers 4.40 (`scale_factor=(g + 0.1) / L`, so the source
 coordinate step is L / (g + 0.1), not L / g). Both use PyTorch's bicubic kernel

@@ -1,4 +1,4 @@
-"""Training configuration: optimizer, step, mesh, checkpoints, evaluation and logging.
+"""Training configuration: optimizer, step, mesh, checkpoints and logging.
 
 Every field is read from YAML by `jaxllava.config.load_config`, which type-checks
 it against the annotations here; cross-field rules live in `__post_init__` and
@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from typing import Literal, Optional
 
-from jaxllava.errors import ConfigError
-from jaxllava.model.config import FieldError, at_least, positive, require
+from jaxllava.errors import ConfigError, FieldError, at_least, positive, require
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,8 +59,8 @@ class OptimConfig:
 
     lr: float = 5e-4
     parts: PartsConfig = dataclasses.field(default_factory=PartsConfig)
-    # The reference's stage 1 froze a randomly initialised lm_head; available for
-    # reproducing it, off by default.
+    # The reference's stage 1 froze a randomly initialised lm_head (README pitfall 5);
+    # available for reproducing it, off by default.
     freeze_lm_head: bool = False
     b1: float = 0.9
     b2: float = 0.999
@@ -154,8 +152,9 @@ class MeshConfig:
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
-    # Multi-host: call jax.distributed.initialize. None: only when the environment
-    # names a coordinator (JAX_COORDINATOR_ADDRESS) or a cluster JAX detects (SLURM, ...).
+    # Multi-host: call jax.distributed.initialize. None: only when a coordinator is named
+    # here or in JAX_COORDINATOR_ADDRESS. On SLURM or a TPU pod set true: JAX then finds
+    # the coordinator and the process count itself (docs/multihost.md).
     distributed: Optional[bool] = None
     coordinator_address: Optional[str] = None  # host:port of process 0
     num_processes: Optional[int] = None
@@ -193,52 +192,6 @@ class CheckpointConfig:
         if self.milestone_words is not None:
             require(all(w >= 1 for w in self.milestone_words), "milestone_words",
                     f"every word count must be >= 1, got {list(self.milestone_words)}")
-
-
-TASK_NAME = re.compile(r"[A-Za-z0-9_.-]+")
-TEXT_SLOT = "{text}"
-
-
-def check_task_name(name: str) -> None:
-    """Raise ValueError unless `name` is safe as one directory name under the workdir (and
-    in metric names): letters, digits, '_', '.', '-', and no '..' that would climb out."""
-    if not TASK_NAME.fullmatch(name) or ".." in name or name == ".":
-        raise ValueError(f"a task name becomes a directory name under the workdir, so it may hold only "
-                         f"letters, digits, '_', '.' and '-' (no '/', '\\' or '..'), got {name!r}")
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalConfig:
-    # Minimal-pair tasks: name -> a directory or file of BLiMP-format jsonl. The name
-    # becomes a directory under the workdir, so it must pass `check_task_name`.
-    tasks: dict[str, str] = dataclasses.field(default_factory=dict)
-    every_steps: int = 0  # 0: never on a step schedule
-    at_milestones: bool = True  # evaluate at each word milestone
-    at_end: bool = True  # evaluate the final model of the run
-    # Evaluate the freshly initialised model before the first step of a new run,
-    # so the final accuracy is reported beside the untrained model's.
-    at_start: bool = False
-    # Literal text around each sentence, no image, ending with the sentence: e.g.
-    # "<image>\n{text}" (the reference's `--image_template append_image_token`);
-    # each is scored and reported beside bare text.
-    image_templates: tuple[str, ...] = ()
-    protocol: Literal["2025", "2024"] = "2025"
-    batch_size: int = 32
-
-    def __post_init__(self):
-        at_least(self, 0, "every_steps")
-        at_least(self, 1, "batch_size")
-        for name, path in self.tasks.items():
-            try:
-                check_task_name(name)
-            except ValueError as e:
-                raise FieldError("tasks", str(e)) from None
-            require(bool(path), "tasks", f"task {name!r} must name a file or directory, got an empty string")
-        for i, template in enumerate(self.image_templates):
-            # Scoring puts the template's literal prefix before each sentence.
-            prefix = template[: -len(TEXT_SLOT)]
-            require(template.endswith(TEXT_SLOT) and "{" not in prefix and "}" not in prefix,
-                    f"image_templates.{i}", f"must be literal text followed by {TEXT_SLOT}, got {template!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,7 +4,7 @@
     of the data's epochs, or the step that reaches the word budget: setup.plan_steps, the
     one place the end is decided), a SIGTERM or SIGINT (the step in flight is the last: it
     is saved, and `stopped_by` names the signal), a dead data-loader worker (the step in
-    flight is saved, then the error is raised), or a non-finite loss (diagnostics are
+    flight is saved, then the error, naming the worker and its signal, is raised), or a non-finite loss (diagnostics are
     written, never a checkpoint, and TrainingError is raised).
 
 The host reads a step's metrics after dispatching the next step, so the devices never
@@ -32,6 +32,7 @@ import jax
 from jaxllava.checkpoint import milestone_name, write_diagnostics
 from jaxllava.config import ExperimentConfig
 from jaxllava.data.batch import BatchStats, Microbatch, batch_arrays
+from jaxllava.data.loader import LoaderStopped, LoaderWorkerDied
 from jaxllava.errors import TrainingError
 from jaxllava.train.metrics import lm_flops_per_token, mfu, peak_memory_gb
 from jaxllava.train.setup import Run, banner, close, setup
@@ -152,7 +153,8 @@ class _StepLoop:
     # -- data
 
     def load(self) -> Optional[_Loaded]:
-        """The next step's microbatches, or None after the last planned step."""
+        """The next step's microbatches, or None after the last planned step or when a signal
+        arrived while waiting for them (the partial step is dropped: nothing of it was trained)."""
         run = self.run
         if run.step >= run.total_steps:
             return None
@@ -162,6 +164,8 @@ class _StepLoop:
                 batches.append(next(run.iterator))
             except StopIteration:
                 break
+            except LoaderStopped:
+                return None
         if not batches:
             return None
         mesh = run.trainer.mesh
@@ -170,7 +174,11 @@ class _StepLoop:
     # -- the loop
 
     def run_steps(self, signals: _Signals) -> None:
+        """Train until the planned end or a stop. A dead loader worker is raised after the step in
+        flight is saved, so the run resumes from it exactly."""
         run = self.run
+        run.iterator.should_stop = lambda: signals.received is not None
+        worker_died: Optional[LoaderWorkerDied] = None
         if run.evaluator is not None and run.config.eval.at_start and run.step == 0:
             self.start_eval = self.evaluate("step_0")
         loaded = self.load()
@@ -184,7 +192,11 @@ class _StepLoop:
                 self.last_row, unread = self.read(unread), None
             run.words_seen += loaded.words
             reached = run.tracker.update(run.words_seen)
-            following = None if signals.received is not None else self.load()
+            following = None
+            try:
+                following = None if signals.received is not None else self.load()
+            except LoaderWorkerDied as error:
+                worker_died, self.stop_reason = error, "a dead data-loader worker"
             if signals.received is not None:
                 self.stop_reason = f"signal {signal.Signals(signals.received).name}"
             due = what_is_due(run.config, run.step, total_steps=run.total_steps, milestones_reached=reached,
@@ -195,6 +207,8 @@ class _StepLoop:
             else:
                 unread = current
             loaded = None if due.final else following
+        if worker_died is not None:
+            raise worker_died
 
     def finish(self, done: _Dispatched) -> None:
         """Wait for a step, then run its hooks, evaluation and save, in that order. Evaluation only

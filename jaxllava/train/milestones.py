@@ -2,11 +2,11 @@
 
 BabyLM asks for checkpoints at 1M…10M words (every 1M), 20M…100M (every 10M) and
 200M…1000M (every 100M), counted as total words seen, repeats included, and named
-`chck_<N>M` (BABYLM_EVAL.md; the reference's callback used the same 28 points,
-REFERENCE.md §3.3). Here the count is the words of the samples actually trained on,
-added after each optimizer step, and the tracker's state is saved in every
-checkpoint, so a resumed run neither repeats nor skips a milestone (the reference
-recounted by file position and re-parsed directory names on resume, §7.16-17).
+`chck_<N>M` (docs/evaluation.md#checkpoint-names; the reference's callback used the
+same 28 points, docs/reference.md#word-counting-and-milestones). Here the count is
+the words of the samples actually trained on, added after each optimizer step, and
+the tracker's state is saved in every checkpoint, so a resumed run neither repeats
+nor skips a milestone (README pitfalls 16-17).
 """
 from __future__ import annotations
 

@@ -109,7 +109,7 @@ def trainable_mask(params, cfg: OptimConfig):
 
 def trainable_manifest(params, cfg: OptimConfig) -> dict[str, bool]:
     """{'lm/lm_head/kernel': True, 'vision/...': False, ...}: written to the run dir so
-    what was trained is on record (the reference's stage 1 silently froze lm_head, §7.5)."""
+    what was trained is on record (the reference's stage 1 silently froze lm_head, README pitfall 5)."""
     labels = param_labels(params, cfg)
     flat = jax.tree_util.tree_flatten_with_path(labels)[0]
     return {path_str(kp): label != FROZEN for kp, label in flat}

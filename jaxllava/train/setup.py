@@ -32,7 +32,7 @@ from jaxllava.errors import ConfigError, TrainingError
 from jaxllava.eval.evaluator import MinimalPairEvaluator
 from jaxllava.model.config import ModelConfig
 from jaxllava.model.llava import LlavaModel
-from jaxllava.model.sharding import make_mesh, tree_shardings
+from jaxllava.model.sharding import batch_shards, make_mesh, tree_shardings
 from jaxllava.provenance import data_fingerprint, run_record, write_run_json
 from jaxllava.train.config import MeshConfig
 from jaxllava.train.metrics import MetricsLogger, StepProfiler
@@ -168,6 +168,20 @@ def _start_or_resume(config: ExperimentConfig, workdir: str, trainer: TrainStep,
     return restored.state, restored.step, int(restored.meta["words_seen"]), tracker, restored.step
 
 
+def _check_rows_split_evenly(config: ExperimentConfig, mesh) -> None:
+    """Microbatch rows are split over the mesh's batch axes (data × fsdp). Rows that do not divide
+    evenly stay replicated, which one process tolerates (slower) but several processes cannot:
+    each would hold rows another needs."""
+    shards = batch_shards(mesh)
+    if jax.process_count() == 1:
+        return
+    for name in ("text_rows", "image_rows"):
+        rows = getattr(config.data, name)
+        if rows % shards:
+            raise ConfigError(f"data.{name}={rows} must be a multiple of the {shards} ways the mesh splits rows "
+                              f"(mesh.data × mesh.fsdp) when training with {jax.process_count()} processes")
+
+
 def _provenance(config: ExperimentConfig, mesh, pipeline: DataPipeline) -> dict:
     summary = pipeline.summary
     skips = summary.skips
@@ -212,6 +226,7 @@ def setup(config: ExperimentConfig, workdir: Optional[str] = None, *,
     maybe_initialize_distributed(config.mesh)
     primary = jax.process_index() == 0
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    _check_rows_split_evenly(config, mesh)
     if primary:
         print(f"# jaxllava train: workdir {workdir}\n{dump_yaml(config)}", flush=True)
 

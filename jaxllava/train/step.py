@@ -6,7 +6,7 @@
 
 so the loss is the mean over every target token of the step, whatever the
 packing, the modality mix or the number of microbatches. The reference averaged
-per-microbatch means (REFERENCE.md §1.12, §7 pitfall 24): a microbatch with few
+per-microbatch means (README pitfall 24; docs/reference.md#loss): a microbatch with few
 targets weighed as much as a full one, and one with none gave NaN; here it
 adds zero.
 

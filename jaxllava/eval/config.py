@@ -1,0 +1,53 @@
+"""Evaluation settings of a run (`eval:` in a config): which minimal-pair tasks, when, and how."""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Literal
+
+from jaxllava.errors import FieldError, at_least, require
+
+TASK_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+TEXT_SLOT = "{text}"
+
+
+def check_task_name(name: str) -> None:
+    """Raise ValueError unless `name` is safe as one directory name under the workdir (and
+    in metric names): letters, digits, '_', '.', '-', and no '..' that would climb out."""
+    if not TASK_NAME.fullmatch(name) or ".." in name or name == ".":
+        raise ValueError(f"a task name becomes a directory name under the workdir, so it may hold only "
+                         f"letters, digits, '_', '.' and '-' (no '/', '\\' or '..'), got {name!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    # Minimal-pair tasks: name -> a directory or file of BLiMP-format jsonl. The name
+    # becomes a directory under the workdir, so it must pass `check_task_name`.
+    tasks: dict[str, str] = dataclasses.field(default_factory=dict)
+    every_steps: int = 0  # 0: never on a step schedule
+    at_milestones: bool = True  # evaluate at each word milestone
+    at_end: bool = True  # evaluate the final model of the run
+    # Evaluate the freshly initialised model before the first step of a new run,
+    # so the final accuracy is reported beside the untrained model's.
+    at_start: bool = False
+    # Literal text around each sentence, no image, ending with the sentence: e.g.
+    # "<image>\n{text}" (the reference's `--image_template append_image_token`);
+    # each is scored and reported beside bare text.
+    image_templates: tuple[str, ...] = ()
+    protocol: Literal["2025", "2024"] = "2025"
+    batch_size: int = 32
+
+    def __post_init__(self):
+        at_least(self, 0, "every_steps")
+        at_least(self, 1, "batch_size")
+        for name, path in self.tasks.items():
+            try:
+                check_task_name(name)
+            except ValueError as e:
+                raise FieldError("tasks", str(e)) from None
+            require(bool(path), "tasks", f"task {name!r} must name a file or directory, got an empty string")
+        for i, template in enumerate(self.image_templates):
+            # Scoring puts the template's literal prefix before each sentence.
+            prefix = template[: -len(TEXT_SLOT)]
+            require(template.endswith(TEXT_SLOT) and "{" not in prefix and "}" not in prefix,
+                    f"image_templates.{i}", f"must be literal text followed by {TEXT_SLOT}, got {template!r}")
