@@ -378,7 +378,7 @@ def test_skipped_records_are_reported_in_the_banner_run_json_and_summary(data, t
 
 # Long enough that each worker still owes batches when one is killed after step 1 (Grain keeps a
 # few batches per worker in flight), with a pause per step so the kill lands mid-run.
-LONG_RUN = ["train.word_budget=null", "train.steps=10", "data.epochs=10", "checkpoint.every_steps=3",
+LONG_RUN = ["train.word_budget=null", "train.steps=8", "data.epochs=8", "checkpoint.every_steps=3",
             "eval.tasks={}"]
 WORKER_RUN_SCRIPT = """
 import sys, time
@@ -386,7 +386,7 @@ from jaxllava.config import load_config
 from jaxllava.train.loop import Hook, train
 path, workdir, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
 config = load_config(path, overrides + ["data.num_workers=2", "data.prefetch=1"])
-train(config, workdir, hooks=[Hook(lambda event: time.sleep(0.5))],
+train(config, workdir, hooks=[Hook(lambda event: time.sleep(0.3))],
       compiler_options={"xla_backend_optimization_level": 0})
 print("DONE")
 """
