@@ -27,11 +27,13 @@ def cmd_inspect_data(args) -> int:
     from jaxllava.config import load_config
     from jaxllava.data.inspect import inspect
     from jaxllava.data.pipeline import DataPipeline
+    from jaxllava.data.tokenizer import check_vocabulary
 
     config = load_config(args.config, args.overrides)
     vision = config.model.vision
     pipeline = DataPipeline(config.data, image_tokens=config.model.image_tokens,
                             image_size=vision.image_size if vision else None)
+    check_vocabulary(pipeline.tokenizer, config.model.lm.vocab_size, f"data.tokenizer={config.data.tokenizer}")
     inspect(pipeline, args.batches, sys.stdout, microbatches_per_step=config.train.grad_accum)
     return 0
 

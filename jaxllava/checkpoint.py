@@ -5,6 +5,8 @@ Layout of a work directory:
   checkpoints/<step>/meta    JSON: step, words seen, milestones reached, accuracies, imported_from, ...
   checkpoints/<step>/data    the data iterator's JSON state, one file per JAX process
   checkpoints/<step>/run     JSON: the run's provenance record; its "config" rebuilds the model
+  checkpoints/<step>/assets  the tokenizer (and preprocessor_config.json) the run trained with, so a
+                             step directory is usable on its own, wherever it is moved
   milestones/chck_10M.json   {milestone, name, words_seen, step, checkpoint}, one per milestone
   milestones/chck_10M        symlink to ../checkpoints/<step>
   tokenizer/                 the tokenizer the run trains with
@@ -50,8 +52,9 @@ MILESTONES_DIR = "milestones"
 DIAGNOSTICS_DIR = "diagnostics"
 TOKENIZER_DIR = "tokenizer"
 REPORT_JSON = "conversion_report.json"
-STATE, META, DATA, RUN = "state", "meta", "data", "run"
-ITEMS = (STATE, META, DATA, RUN)
+STATE, META, DATA, RUN, ASSETS = "state", "meta", "data", "run", "assets"
+ITEMS = (STATE, META, DATA, RUN)  # every checkpoint has these; ASSETS when the saver gave them
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
 
 
 # ----------------------------------------------------------------------------- names
@@ -98,7 +101,20 @@ def model_from_params(model_config, params: dict) -> nnx.Module:
 # ----------------------------------------------------------------------------- Orbax items
 
 
-class ProcessJsonHandler(ocp.CheckpointHandler):
+class _FilesHandler(ocp.CheckpointHandler):
+    """An Orbax item written as plain files: nothing to finalize, no metadata."""
+
+    def metadata(self, directory: epath.Path):
+        return None
+
+    def finalize(self, directory: epath.Path):
+        pass
+
+    def close(self):
+        pass
+
+
+class ProcessJsonHandler(_FilesHandler):
     """One JSON file per JAX process: each process's data iterator reads its own share."""
 
     def save(self, directory: epath.Path, args: "ProcessJsonSave"):
@@ -114,15 +130,6 @@ class ProcessJsonHandler(ocp.CheckpointHandler):
                                 f"(the checkpoint holds {saved}); resume with the process count it was saved with")
         return json.loads(path.read_text())
 
-    def metadata(self, directory: epath.Path):
-        return None
-
-    def finalize(self, directory: epath.Path):
-        pass
-
-    def close(self):
-        pass
-
 
 @ocp.args.register_with_handler(ProcessJsonHandler, for_save=True)
 @dataclasses.dataclass
@@ -133,6 +140,35 @@ class ProcessJsonSave(ocp.args.CheckpointArgs):
 @ocp.args.register_with_handler(ProcessJsonHandler, for_restore=True)
 @dataclasses.dataclass
 class ProcessJsonRestore(ocp.args.CheckpointArgs):
+    pass
+
+
+class AssetsHandler(_FilesHandler):
+    """Copies of the files a checkpoint needs besides arrays (tokenizer directory, preprocessor
+    config), written by process 0 inside the step, so they commit (or vanish) with it."""
+
+    def save(self, directory: epath.Path, args: "AssetsSave"):
+        if jax.process_index() != 0:
+            return
+        if args.tokenizer:
+            shutil.copytree(args.tokenizer, os.path.join(os.fspath(directory), TOKENIZER_DIR))
+        if args.preprocessor_config:
+            shutil.copy(args.preprocessor_config, os.path.join(os.fspath(directory), PREPROCESSOR_CONFIG))
+
+    def restore(self, directory: epath.Path, args=None):
+        return None  # read as files (read_checkpoint_config)
+
+
+@ocp.args.register_with_handler(AssetsHandler, for_save=True)
+@dataclasses.dataclass
+class AssetsSave(ocp.args.CheckpointArgs):
+    tokenizer: Optional[str] = None
+    preprocessor_config: Optional[str] = None
+
+
+@ocp.args.register_with_handler(AssetsHandler, for_restore=True)
+@dataclasses.dataclass
+class AssetsRestore(ocp.args.CheckpointArgs):
     pass
 
 
@@ -226,11 +262,13 @@ class Checkpointer:
     """Saves and restores a run's checkpoints under `<workdir>/checkpoints`; all processes call it.
 
     `read_only`: open an existing directory for reading (never creates, deletes or cleans up,
-    so it is safe beside a run that is writing)."""
+    so it is safe beside a run that is writing). `checkpoints_dir`: the folder holding the step
+    directories, when it is not `<workdir>/checkpoints` (a step directory copied elsewhere)."""
 
-    def __init__(self, workdir: str, cfg: CheckpointConfig = CheckpointConfig(), *, read_only: bool = False):
+    def __init__(self, workdir: str, cfg: CheckpointConfig = CheckpointConfig(), *, read_only: bool = False,
+                 checkpoints_dir: Optional[str] = None):
         self.workdir = os.path.abspath(workdir)
-        self.directory = os.path.join(self.workdir, CHECKPOINTS_DIR)
+        self.directory = checkpoints_dir or os.path.join(self.workdir, CHECKPOINTS_DIR)
         self.milestones_dir = os.path.join(self.workdir, MILESTONES_DIR)
         self.read_only = read_only
         self._policy = KeepLatestAndMilestones(cfg.keep_last)
@@ -243,7 +281,8 @@ class Checkpointer:
         )
         # PyTree items (not Standard) so that the params alone can be restored (partial restore).
         handlers = {STATE: ocp.PyTreeCheckpointHandler(save_concurrent_gb=cfg.save_concurrent_gb),
-                    META: ocp.JsonCheckpointHandler(), DATA: ProcessJsonHandler(), RUN: ocp.JsonCheckpointHandler()}
+                    META: ocp.JsonCheckpointHandler(), DATA: ProcessJsonHandler(), RUN: ocp.JsonCheckpointHandler(),
+                    ASSETS: AssetsHandler()}
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         self._pending_milestones: list[dict] = []
         if read_only:
@@ -260,9 +299,10 @@ class Checkpointer:
     # -- saving
 
     def save(self, step: int, state: Any, *, meta: dict, data_state: dict, run_record: dict,
-             milestones: Sequence[int] = ()) -> None:
+             milestones: Sequence[int] = (), assets: Optional[AssetsSave] = None) -> None:
         """Start saving `state` (async when configured); `milestones` are the word
-        milestones this step reached (the checkpoint is then kept forever)."""
+        milestones this step reached (the checkpoint is then kept forever); `assets` are
+        copied into the step (their sources must not change while an async save runs)."""
         self._manager.wait_until_finished()
         self._write_milestone_index()
         if step in self._manager.all_steps():
@@ -277,6 +317,7 @@ class Checkpointer:
             META: ocp.args.JsonSave(meta),
             DATA: ProcessJsonSave(_json_copy(data_state)),
             RUN: ocp.args.JsonSave(_json_copy(run_record)),
+            **({ASSETS: assets} if assets is not None else {}),
         })
         self._manager.save(step, args=args, force=True)
 
@@ -476,7 +517,8 @@ def read_meta(path: str) -> dict:
 
 def read_checkpoint_config(path: str):
     """(ExperimentConfig, run record, location) of the step `path` resolves to. The config's
-    `data.tokenizer` points at the work directory's own `tokenizer/` copy when it has one."""
+    `data.tokenizer` (and `data.image.preprocessor_config`) point at the checkpoint's own copies
+    (`assets/`), else at the work directory's `tokenizer/`."""
     from jaxllava.config import build_config
 
     location = resolve_checkpoint(path)
@@ -484,9 +526,19 @@ def read_checkpoint_config(path: str):
     if "config" not in record:
         raise ConversionError(f"{location.step_dir}: the run record has no 'config'; the model cannot be rebuilt")
     config = build_config(record["config"])
-    tokenizer = os.path.join(location.workdir or "", TOKENIZER_DIR)
-    if location.workdir and os.path.isdir(tokenizer):
+    # The copies inside the checkpoint first: the paths in the config are where the files were
+    # when training started, relative to a machine and a working directory that may be gone.
+    assets = os.path.join(location.step_dir, ASSETS)
+    candidates = [os.path.join(assets, TOKENIZER_DIR)]
+    if location.workdir:
+        candidates.append(os.path.join(location.workdir, TOKENIZER_DIR))
+    tokenizer = next((path for path in candidates if os.path.isdir(path)), None)
+    if tokenizer is not None:
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, tokenizer=tokenizer))
+    preprocessor = os.path.join(assets, PREPROCESSOR_CONFIG)
+    if config.data.image.preprocessor_config and os.path.isfile(preprocessor):
+        image = dataclasses.replace(config.data.image, preprocessor_config=preprocessor)
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, image=image))
     return config, record, location
 
 
@@ -524,7 +576,8 @@ def load_checkpoint_params(path: str, *, shardings: Any = None):
     target = abstract_params(config.model)
     if shardings is not None:
         target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), target, shardings)
-    checkpointer = Checkpointer(os.path.dirname(location.checkpoints_dir), read_only=True)
+    checkpointer = Checkpointer(location.workdir or location.checkpoints_dir, read_only=True,
+                                checkpoints_dir=location.checkpoints_dir)
     try:
         stored = checkpointer.stored_params_metadata(location.step)
         _check_stored_params(os.path.join(location.step_dir, STATE), stored, target)
@@ -569,23 +622,33 @@ def write_params_checkpoint(workdir: str, config, params: dict, tokenizer_dir: s
     `<workdir>/tokenizer/` (image placeholders added as in training when missing); it must
     not have more tokens than `model.lm.vocab_size`. `meta`: JSON-able facts about the import
     (e.g. {"imported_from": ...}). `report`: written as conversion_report.json.
+
+    `<workdir>/config.yaml` is a ready starting point, usable as `base:`: the model as imported
+    (with every value the checkpoint replaced), the tokenizer copy, and `train.init_from` naming
+    this directory.
     """
+    from jaxllava.config import dump_yaml
     from jaxllava.data.tokenizer import copy_tokenizer
     from jaxllava.provenance import run_record, write_run_json
 
     workdir = os.path.abspath(workdir)
-    config = dataclasses.replace(
-        config, data=dataclasses.replace(config.data, tokenizer=os.path.join(workdir, TOKENIZER_DIR)),
-        train=dataclasses.replace(config.train, workdir=workdir))
+    data = dataclasses.replace(config.data, tokenizer=os.path.join(workdir, TOKENIZER_DIR))
+    starting_point = dataclasses.replace(config, data=data,
+                                         train=dataclasses.replace(config.train, init_from=workdir))
+    config = dataclasses.replace(config, data=data, train=dataclasses.replace(config.train, workdir=workdir))
     with atomic_output_dir(workdir) as tmp:
         copy_tokenizer(tokenizer_dir, os.path.join(tmp, TOKENIZER_DIR), config.model.lm.vocab_size)
         record = run_record(config)
         record["conversion"] = meta
         # One GB in flight: an imported model is saved with about one extra copy at most.
         checkpointer = Checkpointer(tmp, CheckpointConfig(async_save=False, save_concurrent_gb=1))
-        checkpointer.save(0, {"params": params}, meta=meta, data_state={}, run_record=record)
+        checkpointer.save(0, {"params": params}, meta=meta, data_state={}, run_record=record,
+                          assets=AssetsSave(tokenizer=os.path.join(tmp, TOKENIZER_DIR)))
         checkpointer.close()
         write_run_json(tmp, record)
+        with open(os.path.join(tmp, "config.yaml"), "w", encoding="utf-8") as f:
+            f.write("# Written by jaxllava's import: use it as `base:` to train from these parameters.\n")
+            f.write(dump_yaml(starting_point))
         if report is not None:
             with open(os.path.join(tmp, REPORT_JSON), "w", encoding="utf-8") as f:
                 json.dump(report, f, indent=2)

@@ -8,6 +8,12 @@ replaced), then the file itself, then each `--set a.b=value` override (the value
 is parsed as a YAML scalar or flow collection: `--set optim.lr=1e-4`,
 `--set data.buckets=[128,256]`, `--set model.vision=null`).
 
+Paths (the fields made with `schema.path_field`: record files, image folders, the tokenizer,
+the preprocessor config, evaluation tasks, `train.init_from`) resolve like `base:`, against the
+folder of the file that sets them; a path given with `--set` resolves against the working
+directory. The loaded config holds them absolute, and so do `config.yaml` and run.json.
+`train.workdir` is an output location and stays relative to the working directory.
+
 Every key is checked against the dataclass fields: a misspelt key is a
 `ConfigError` naming the file (or override) and the dotted key, with the nearest
 valid key suggested; a value of the wrong type names the key, the expected type
@@ -27,7 +33,8 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from jaxllava.data.config import DataConfig
-from jaxllava.errors import ConfigError, FieldError, require
+from jaxllava.errors import ConfigError, FieldError
+from jaxllava.schema import require
 from jaxllava.model.config import ModelConfig
 from jaxllava.eval.config import EvalConfig
 from jaxllava.train.config import (PARTS, CheckpointConfig, LoggingConfig, MeshConfig, OptimConfig,
@@ -278,6 +285,8 @@ def _convert_dataclass(value: Any, tp, key: str, origins: dict[str, str]) -> Any
         if field.name in value:
             sub = f"{key}.{field.name}" if key else field.name
             kwargs[field.name] = _convert(value[field.name], hints[field.name], sub, origins)
+            if field.metadata.get("path"):
+                kwargs[field.name] = _absolute(kwargs[field.name], _origin_of(sub, origins))
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{_origin_of(key, origins)}: '{key}.{field.name}' is required")
     try:
@@ -287,6 +296,17 @@ def _convert_dataclass(value: Any, tp, key: str, origins: dict[str, str]) -> Any
         raise ConfigError(f"{_origin_of(full, origins)}: '{full}': {e.detail}") from None
     except (ConfigError, ValueError, TypeError) as e:
         raise ConfigError(f"{_origin_of(key, origins)}: '{key or tp.__name__}': {e}") from None
+
+
+def _absolute(value: Any, origin: str) -> Any:
+    """A path (or a mapping's path values) made absolute against the folder of the config file it
+    came from; a `--set` value or one built in code resolves against the working directory."""
+    if isinstance(value, dict):
+        return {k: _absolute(v, origin) for k, v in value.items()}
+    if not isinstance(value, str) or not value:
+        return value
+    base = os.path.dirname(os.path.abspath(origin)) if os.path.isfile(origin) else os.getcwd()
+    return os.path.normpath(os.path.join(base, os.path.expanduser(value)))
 
 
 def _convert_union(value: Any, tp, key: str, origins: dict[str, str]) -> Any:
@@ -346,6 +366,18 @@ def config_to_dict(config: Any) -> Any:
     if isinstance(config, dict):
         return {k: config_to_dict(v) for k, v in config.items()}
     return config
+
+
+def config_differences(first: Any, second: Any, prefix: str = "") -> list[str]:
+    """'key: first vs second' for every leaf that differs between two configs (or their dicts),
+    dotted from `prefix`, so an error can name each differing field with both values."""
+    first, second = config_to_dict(first), config_to_dict(second)
+    if isinstance(first, dict) and isinstance(second, dict):
+        lines = []
+        for key in list(first) + [k for k in second if k not in first]:
+            lines += config_differences(first.get(key), second.get(key), f"{prefix}.{key}" if prefix else str(key))
+        return lines
+    return [] if first == second else [f"{prefix}: {first!r} vs {second!r}"]
 
 
 def dump_yaml(config: ExperimentConfig) -> str:

@@ -1,8 +1,6 @@
 """One exception type per kind of user mistake; messages name the file, record and field."""
 from __future__ import annotations
 
-import math
-
 
 class JaxllavaError(Exception):
     """Base class for errors that point at the user's input rather than at a bug."""
@@ -40,11 +38,6 @@ class TrainingError(JaxllavaError):
     """The run cannot go on (non-finite loss, inconsistent resume)."""
 
 
-# ----------------------------------------------------------------------------- config field checks
-# Every config section checks its values in __post_init__ with these, so a bad value
-# fails when the config is read, not steps into a run.
-
-
 class FieldError(ConfigError):
     """A bad value of one field. `key` is dotted relative to the dataclass that raised it
     ("num_kv_heads", "resampler.num_latents"), so the loader, which knows where that
@@ -53,24 +46,3 @@ class FieldError(ConfigError):
     def __init__(self, key: str, detail: str):
         super().__init__(f"'{key}': {detail}")
         self.key, self.detail = key, detail
-
-
-def require(ok: bool, key: str, detail: str) -> None:
-    if not ok:
-        raise FieldError(key, detail)
-
-
-def at_least(section, minimum: int, *names: str, null_ok: bool = False) -> None:
-    """Each named field is >= minimum (or None when null_ok)."""
-    for name in names:
-        value = getattr(section, name)
-        if value is None and null_ok:
-            continue
-        require(value >= minimum, name, f"must be >= {minimum}{' or null' if null_ok else ''}, got {value!r}")
-
-
-def positive(section, *names: str) -> None:
-    """Each named field is a finite number > 0 (NaN fails every comparison, so it is refused too)."""
-    for name in names:
-        value = getattr(section, name)
-        require(math.isfinite(value) and value > 0, name, f"must be a finite number > 0, got {value!r}")

@@ -40,11 +40,42 @@ def test_dump_then_load_round_trips_a_nontrivial_config(tmp_path):
     again = load_config(write(tmp_path / "dumped.yaml", dump_yaml(config)))
     assert again == config
     assert config.model.vision == VisionConfig(kind="clip", image_size=336)
-    assert config.data.sources == (SourceConfig("a.jsonl", 2.0), SourceConfig("b.json"))
+    # paths resolve against the config file's folder, like base:
+    assert config.data.sources == (SourceConfig(str(tmp_path / "a.jsonl"), 2.0), SourceConfig(str(tmp_path / "b.json")))
     assert config.data.buckets == (64, 128)
     assert config.optim.grad_clip is None
     assert config.optim.part_lr("projector") == 1e-3 and config.optim.part_trainable("vision")
-    assert config.eval.tasks == {"blimp": "data/blimp"}
+    assert config.eval.tasks == {"blimp": str(tmp_path / "data" / "blimp")}
+
+
+def test_paths_resolve_against_the_file_that_sets_them_and_set_paths_against_the_working_directory(
+        tmp_path, monkeypatch):
+    (tmp_path / "configs" / "presets").mkdir(parents=True)
+    write(tmp_path / "configs" / "presets" / "data.yaml", """
+        data: {tokenizer: ../../tok, sources: [{path: ../../records.jsonl, image_folder: images}]}
+        train: {init_from: ../../imported}
+    """)
+    path = write(tmp_path / "configs" / "run.yaml", """
+        base: presets/data.yaml
+        data: {image: {preprocessor_config: pre.json}}
+        eval: {tasks: {pairs: ../pairs.jsonl}}
+        train: {workdir: runs/x}
+    """)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the working directory plays no part for paths set in files
+    config = load_config(path)
+    assert config.data.tokenizer == str(tmp_path / "tok")
+    assert config.data.sources[0].path == str(tmp_path / "records.jsonl")
+    assert config.data.sources[0].image_folder == str(tmp_path / "configs" / "presets" / "images")
+    assert config.train.init_from == str(tmp_path / "imported")
+    assert config.data.image.preprocessor_config == str(tmp_path / "configs" / "pre.json")
+    assert config.eval.tasks == {"pairs": str(tmp_path / "pairs.jsonl")}
+    assert config.train.workdir == "runs/x"  # an output location: relative to where the run is started
+    overridden = load_config(path, ["data.tokenizer=mine", "data.sources=[{path: local.jsonl}]"])
+    assert overridden.data.tokenizer == str(elsewhere / "mine")
+    assert overridden.data.sources[0].path == str(elsewhere / "local.jsonl")
+    assert load_config(write(tmp_path / "again.yaml", dump_yaml(config))) == config  # absolute from now on
 
 
 def test_config_to_dict_is_plain_yaml_safe_data():
@@ -227,7 +258,7 @@ def test_a_mapping_field_is_replaced_not_merged(tmp_path):
     write(tmp_path / "base.yaml", "eval: {tasks: {a: a.jsonl, b: b.jsonl}, batch_size: 8}\n")
     path = write(tmp_path / "c.yaml", "base: base.yaml\neval: {tasks: {c: c.jsonl}}\n")
     config = load_config(path)
-    assert config.eval.tasks == {"c": "c.jsonl"} and config.eval.batch_size == 8  # sections still merge
+    assert config.eval.tasks == {"c": str(tmp_path / "c.jsonl")} and config.eval.batch_size == 8  # sections still merge
     assert load_config(path, ["eval.tasks={}"]).eval.tasks == {}
 
 

@@ -110,7 +110,9 @@ def test_import_report_names_mapped_unused_and_initialised_parts(imported, sourc
     config, params, run = load_checkpoint_params(imported)
     assert config.model.lm.vocab_size == TOKENS and config.model.lm.hidden_size == LLAMA["hidden_size"]
     assert any("model.lm.hidden_size" in note for note in report["notes"])  # tiny.yaml said 64
-    assert config.data.tokenizer == os.path.join(imported, "tokenizer")
+    # the checkpoint's own copy: a step directory is usable wherever it is moved
+    assert config.data.tokenizer == os.path.join(imported, "checkpoints", "0", "assets", "tokenizer")
+    assert sorted(os.listdir(config.data.tokenizer)) == sorted(os.listdir(os.path.join(imported, "tokenizer")))
     assert run["conversion"]["imported_from"]["lm"] == os.path.abspath(sources["lm"])
 
 
@@ -205,7 +207,8 @@ def test_load_accepts_workdir_step_directory_and_milestone_entries(imported, tmp
     for path in (os.path.join(work, "checkpoints", "0"), os.path.join(work, "milestones", "chck_10M"),
                  os.path.join(work, "milestones", "chck_20M")):
         config, params, _ = load_checkpoint_params(path)
-        assert config.data.tokenizer == os.path.join(work, "tokenizer")
+        assert config.data.tokenizer == os.path.join(os.path.realpath(work), "checkpoints", "0", "assets",
+                                                     "tokenizer")
         jax.tree.map(np.testing.assert_array_equal, params, expected)
     with pytest.raises(ConversionError, match="no such checkpoint"):
         load_checkpoint_params(os.path.join(work, "milestones", "chck_30M"))
@@ -302,8 +305,9 @@ def test_vocabulary_that_disagrees_with_the_tokenizer_is_refused(sources, import
         import_text(sources, small, tmp_path / "out")
     swapped = str(tmp_path / "swapped")
     shutil.copytree(imported, swapped)
-    shutil.rmtree(os.path.join(swapped, "tokenizer"))
-    make_word_tokenizer(os.path.join(swapped, "tokenizer"), extra_words=("zebra", "yak"))
+    tokenizer = os.path.join(swapped, "checkpoints", "0", "assets", "tokenizer")  # what an export reads
+    shutil.rmtree(tokenizer)
+    make_word_tokenizer(tokenizer, extra_words=("zebra", "yak"))
     with pytest.raises(ConfigError, match=r"40 tokens \(image placeholders included\) but model.lm.vocab_size is 38"):
         export_lm(swapped, str(tmp_path / "export"))
     assert not os.path.exists(tmp_path / "export")

@@ -161,6 +161,30 @@ def test_exact_model_input_is_recorded_and_scalars_name_task_and_setting(tokeniz
     assert "chance" in table and "text vs image_template" in table and "subject_verb_agreement" in table
 
 
+def test_a_pair_identical_after_tokenization_shows_as_a_tie_in_the_table_and_the_summary(tokenizer, tmp_path):
+    # `zorps` and `zorped` are not in the bundled word-level tokenizer: both become <unk>, so the
+    # pair is the same token ids and must tie (counted correct); the other pair differs.
+    def pair(k, good, bad):
+        return json.dumps({"UID": "agreement", "field": "morphology", "linguistics_term": "t", "pair_id": k,
+                           "sentence_good": good, "sentence_bad": bad})
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(pair(0, "the dog zorps .", "the dog zorped .") + "\n"
+                    + pair(1, "these bears can play .", "these bear can play .") + "\n")
+    evaluator = MinimalPairEvaluator({"pairs": str(path)}, tokenizer, image_templates=(TEMPLATE,), batch_size=16)
+    results = evaluator.evaluate(_model(3))
+    text = results["pairs"]["text"]
+    assert text.identical == 1 and text.ties == 1 and text.correct[0]
+    table = evaluator.format(results)
+    assert "ties: 1 (1 of them identical after tokenization), counted correct as the pipeline does" in table
+    row = next(line for line in table.splitlines() if line.startswith("ties (identical after tokenization)"))
+    assert row.split()[-4:] == ["1", "(1)", "1", "(1)"]
+    for setting in ("text", "image_template"):
+        summary = evaluator.summary(results)["pairs"]["settings"][setting]
+        assert summary["ties"] == 1 and summary["identical_after_tokenization"] == 1
+    written = json.loads(open(evaluator.write(results, str(tmp_path / "out"))).read())
+    assert written["tasks"]["pairs"]["settings"]["text"]["identical_after_tokenization"] == 1
+
+
 def test_bad_lengths_and_vocabularies_are_refused_before_scoring(tokenizer, tasks):
     with pytest.raises(DataError, match=rf"{tasks['pairs']}:1.*largest bucket 4"):
         MinimalPairEvaluator({"pairs": tasks["pairs"]}, tokenizer, buckets=(4,))

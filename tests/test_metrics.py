@@ -103,7 +103,7 @@ def test_tensorboard_event_file_holds_the_scalars(tmp_path):
     assert (6, "train/lr") in scalars
 
 
-def test_progress_line_only_on_a_terminal(tmp_path):
+def test_progress_rewrites_a_line_on_a_terminal_and_prints_plain_lines_into_a_pipe(tmp_path):
     tty = FakeTTY()
     logger = MetricsLogger(str(tmp_path / "a"), tensorboard=False, progress=True, total_steps=10, stream=tty)
     logger.log(1, row(2.5, 100))
@@ -111,11 +111,23 @@ def test_progress_line_only_on_a_terminal(tmp_path):
     logger.close()
     assert "step 2/10" in tty.getvalue() and "loss 2.4000" in tty.getvalue() and "ETA" in tty.getvalue()
 
-    pipe = io.StringIO()  # not a TTY (CI logs, redirected output)
+    assert "\r" in tty.getvalue()
+
+    pipe = io.StringIO()  # not a TTY (SLURM, nohup, CI logs)
     logger = MetricsLogger(str(tmp_path / "b"), tensorboard=False, progress=True, total_steps=10, stream=pipe)
+    logger.log(1, {**row(2.5, 100), "text_loss": 2.75, "image_loss": 1.25})
+    logger.log(1, {"eval/x/text/accuracy": 50.0})  # evaluation rows are not progress
+    logger.log(2, row(2.4, 200))
+    logger.close()
+    lines = pipe.getvalue().splitlines()
+    assert len(lines) == 2 and "\r" not in pipe.getvalue() and "\033" not in pipe.getvalue()
+    assert lines[0].startswith("step 1/10 | loss 2.5000 (text 2.7500, image 1.2500)")
+    assert lines[1].startswith("step 2/10 | loss 2.4000")
+    quiet = io.StringIO()
+    logger = MetricsLogger(str(tmp_path / "c"), tensorboard=False, progress=False, stream=quiet)
     logger.log(1, row(2.5, 100))
     logger.close()
-    assert pipe.getvalue() == ""
+    assert quiet.getvalue() == ""
 
 
 def test_flops_per_token_is_six_n_plus_attention_term():

@@ -3,6 +3,7 @@ packing boundaries, determinism, iterator save/restore, per-process shares, stat
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -33,8 +34,9 @@ def files(tmp_path_factory):
 
 def pipeline(files, tok_dir, process_index=0, process_count=1, **overrides):
     text, images = files
-    cfg = DataConfig(sources=(SourceConfig(text), SourceConfig(images)), tokenizer=tok_dir, buckets=(16, 32),
-                     text_rows=4, image_rows=2, epochs=2, **overrides)
+    settings = dict(sources=(SourceConfig(text), SourceConfig(images)), tokenizer=tok_dir, buckets=(16, 32),
+                    text_rows=4, image_rows=2, epochs=2)
+    cfg = DataConfig(**{**settings, **overrides})
     return DataPipeline(cfg, image_tokens=N, image_size=8, process_index=process_index,
                         process_count=process_count)
 
@@ -240,3 +242,43 @@ def test_worker_processes_yield_the_same_batches_and_restore_state(files, word_t
         assert want.stats == have.stats
         for k in batch_arrays(want):
             np.testing.assert_array_equal(batch_arrays(want)[k], batch_arrays(have)[k])
+
+
+def test_the_fingerprint_covers_everything_that_changes_the_batches_and_nothing_else(files, word_tokenizer_dir,
+                                                                                     tmp_path):
+    import shutil
+
+    from conftest import make_word_tokenizer
+
+    base = pipeline(files, word_tokenizer_dir).summary.fingerprint
+    text, images = files
+    changed = {
+        "tokenizer": dict(tokenizer=make_word_tokenizer(str(tmp_path / "tok"), extra_words=("zebra",))),
+        "buckets": dict(buckets=(16, 48)),
+        "weights": dict(sources=(SourceConfig(text, weight=2.0), SourceConfig(images))),
+        "epochs": dict(epochs=3),
+        "seed": dict(seed=1),
+        "rows": dict(text_rows=2),
+        "held out": dict(validation_fraction=0.1),
+    }
+    for what, overrides in changed.items():
+        assert pipeline(files, word_tokenizer_dir, **overrides).summary.fingerprint != base, what
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for path in files:
+        shutil.copy(path, moved)
+    shutil.copytree(os.path.dirname(images) + "/img", moved / "img")
+    same = {"speed only": dict(num_workers=2, prefetch=5), "data moved": dict(sources=(
+        SourceConfig(str(moved / os.path.basename(text))), SourceConfig(str(moved / os.path.basename(images)))))}
+    for what, overrides in same.items():
+        assert pipeline(files, word_tokenizer_dir, **overrides).summary.fingerprint == base, what
+
+
+def test_image_records_trained_as_text_need_no_image_file(tmp_path, word_tokenizer_dir):
+    path = write_jsonl(tmp_path / "r.jsonl", [image_record(0, "absent.png", "a red circle")])
+    cfg = DataConfig(sources=(SourceConfig(path),), tokenizer=word_tokenizer_dir, buckets=(16,), text_rows=1,
+                     image_rows=1)
+    with pytest.raises(DataError, match="absent.png"):
+        DataPipeline(cfg, image_tokens=N, image_size=8)
+    text = DataPipeline(dataclasses.replace(cfg, use_images=False), image_tokens=N, image_size=8)
+    assert text.summary.text_samples == 1 and text.summary.image_samples == 0

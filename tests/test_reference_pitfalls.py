@@ -63,7 +63,8 @@ def tiny():
 def sample_pipeline(tiny):
     """The bundled sample data (3000 text, 400 image records) as tiny.yaml feeds it."""
     sources = tuple(dataclasses.replace(s, path=os.path.join(ROOT, s.path)) for s in tiny.data.sources)
-    data = dataclasses.replace(tiny.data, tokenizer=os.path.join(ROOT, tiny.data.tokenizer), sources=sources)
+    data = dataclasses.replace(tiny.data, tokenizer=os.path.join(ROOT, tiny.data.tokenizer), sources=sources,
+                               validation_fraction=0.0)  # every record trains
     return DataPipeline(data, image_tokens=tiny.model.image_tokens, image_size=tiny.model.vision.image_size)
 
 

@@ -138,8 +138,9 @@ def test_chat_image_marker_inside_the_user_text_is_removed_never_tokenized(tmp_p
     tokens, _ = table.sample(0)
     pieces = chat_tok.convert_ids_to_tokens(tokens.tolist())
     span = ["<im_start>"] + ["<im_patch>"] * (N - 2) + ["<im_end>"] if use_images else []
-    # The marker's own text is gone: "the <image> dog" trains as "the  dog" (no <unk>).
-    assert pieces == ["<s>"] + span + ["[INST]", "the", "dog", "[/INST]", "runs", ".", "</s>"]
+    # The marker's own text is gone: "the <image> dog" trains as "the  dog" (no <unk>). The image
+    # sits right before the turn's text, inside the template's wrapper, as LLaVA places it.
+    assert pieces == ["<s>", "[INST]"] + span + ["the", "dog", "[/INST]", "runs", ".", "</s>"]
     assert table.has_image[0] == use_images
     assert np.isin(tokens, [ids.im_start, ids.im_patch, ids.im_end]).sum() == (N if use_images else 0)
 
@@ -154,11 +155,24 @@ def test_image_marker_in_an_assistant_turn_still_gives_one_span_and_is_never_tok
     tokens, is_target = table.sample(0)
     start = table.image_start[0]
     pieces = chat_tok.convert_ids_to_tokens(tokens.tolist())
-    assert start == 1 and pieces[start:start + N] == ["<im_start>"] + ["<im_patch>"] * (N - 2) + ["<im_end>"]
+    assert start == (2 if objective == "chat" else 1)  # chat: after "[INST]", before the turn's text
+    assert pieces[start:start + N] == ["<im_start>"] + ["<im_patch>"] * (N - 2) + ["<im_end>"]
     assert "<unk>" not in pieces and pieces.count("<im_start>") == 1
     assert not is_target[start:start + N].any()
     trained = [p for p, t in zip(pieces, is_target) if t]
     assert trained[:2] == (["the", "dog"] if objective == "plain_lm" else ["runs", "."])
+
+
+def test_the_vicuna_system_prompt_comes_before_the_user_wrapper_and_llama_2s_inside_it():
+    from jaxllava.data.templates import TEMPLATES, user_turn
+
+    assert user_turn(TEMPLATES["vicuna_v1"], "hi", first=True) == (
+        "A chat between a curious user and an artificial intelligence assistant. USER: ", "hi ASSISTANT:")
+    assert user_turn(TEMPLATES["vicuna_v1"], "hi", first=False) == ("USER: ", "hi ASSISTANT:")
+    llama = TEMPLATES["llama_2"]
+    with_system = dataclasses.replace(llama, system="be brief")
+    assert user_turn(with_system, "hi", first=True) == ("[INST] <<SYS>>\nbe brief\n<</SYS>>\n\n", "hi [/INST]")
+    assert user_turn(llama, "hi", first=True) == ("[INST] ", "hi [/INST]")
 
 
 def test_chat_image_record_without_a_user_turn_puts_the_span_after_bos(tmp_path, chat_tok):

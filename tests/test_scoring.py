@@ -27,7 +27,8 @@ from conftest import score_items
 from jaxllava.errors import ConfigError
 from jaxllava.eval import report
 from jaxllava.eval.minimal_pairs import MinimalPairItem, read_minimal_pairs
-from jaxllava.eval.scoring import aggregate, choose, compile_count, encode_candidates, module_logits_fn, score_encoded
+from jaxllava.eval.scoring import (aggregate, choose, compile_count, encode_candidates, identical_candidates,
+                                   module_logits_fn, score_encoded)
 from jaxllava.model.sharding import make_mesh, mesh_of
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -350,6 +351,37 @@ def test_identical_pairs_and_a_constant_model_score_all_correct():
     results = score_items(jax.tree_util.Partial(_toy_apply, _toy_params(vocab_size)), tokenizer, identical,
                        buckets=(16,))
     assert results.scores[0][0] == results.scores[0][1] and results.correct.all()
+
+
+def test_identical_candidates_need_equal_ids_and_equal_target_masks():
+    tokenizer = _tokenizer("sample") if "sample" in TOKENIZERS else _bpe("bos")
+    def item(k, sentences, completions):
+        return MinimalPairItem(id=f"i_{k}", uid="u", sentences=sentences, completions=completions,
+                               metadata={"UID": "u"}, source="t")
+    items = [item(0, ("the dog runs .", "the dog runs ."), ("the dog runs .", "the dog runs .")),
+             item(1, ("the dog runs .", "the dogs run ."), ("the dog runs .", "the dogs run .")),
+             # the same ids, but the second candidate scores only its last token
+             item(2, ("the dog runs .", "the dog runs ."), ("the dog runs .", "."))]
+    encoded = encode_candidates(tokenizer, items)
+    assert list(encoded.token_ids[4]) == list(encoded.token_ids[5])
+    assert identical_candidates(encoded).tolist() == [True, False, False]
+
+
+def test_identical_pairs_are_counted_and_shown_beside_the_ties(tmp_path):
+    tokenizer = _bpe("bos")
+    items = _items()  # one pair, "Many people were fired.", has identical sentences
+    logits_fn = jax.tree_util.Partial(_toy_apply, _toy_params(len(tokenizer)))
+    results = score_items(logits_fn, tokenizer, items, buckets=(64,))
+    assert results.identical == 1 and results.ties == 1 and results.correct[len(PAIRS) - 1]
+    assert "ties: 1 (1 of them identical after tokenization), counted correct as the pipeline does" in (
+        report.format_table(results))
+    assert report.summary(results)["identical_after_tokenization"] == 1 and report.summary(results)["ties"] == 1
+    distinct = [item for item in items if item.sentences[0] != item.sentences[1]]
+    templated = score_items(logits_fn, tokenizer, distinct, image_template=IMAGE_TEMPLATE, buckets=(64,))
+    comparison = report.format_comparison(results, templated)
+    row = next(line for line in comparison.splitlines() if line.startswith("ties (identical after tokenization)"))
+    assert row.split()[-4:] == ["1", "(1)", "0", "(0)"]
+    assert "ties count as correct, as the pipeline does" in comparison
 
 
 # ---------------------------------------------------------------------------- (d) compiles

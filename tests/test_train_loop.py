@@ -173,7 +173,7 @@ def test_run_writes_provenance_config_manifest_and_metrics(budget_config, uninte
     workdir, summary, _ = uninterrupted
     run = json.load(open(os.path.join(workdir, "run.json")))
     assert run["config"] == config_to_dict(cfg)
-    assert run["data"]["counts"] == {"text": 40, "image": 8} and len(run["data"]["sha256"]) == 64
+    assert run["data"]["counts"] == {"text": 40, "image": 8, "held_out": 0} and len(run["data"]["sha256"]) == 64
     assert set(run["code"]) >= {"commit", "dirty", "diff_sha256"} and run["devices"]["mesh"]["data"] == 1
     assert load_config(os.path.join(workdir, "config.yaml")) == cfg
     checkpoint_run = json.load(open(os.path.join(workdir, "checkpoints", "5", "run", "metadata")))
@@ -332,21 +332,21 @@ def test_resume_check_ignores_speed_only_settings_and_names_real_changes():
 def test_a_damaged_latest_checkpoint_is_set_aside_and_the_previous_one_resumed(budget_config, uninterrupted,
                                                                                tmp_path, capsys):
     cfg, _ = budget_config
-    ref_dir, ref_summary, _ = uninterrupted
+    ref_dir, _, _ = uninterrupted
     workdir = str(tmp_path / "run")
     shutil.copytree(ref_dir, workdir, symlinks=True)
-    for path in glob.glob(os.path.join(workdir, "checkpoints", "5", "state", "**", "d", "*"), recursive=True):
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "5"))  # killed after step 4 was saved
+    for path in glob.glob(os.path.join(workdir, "checkpoints", "4", "state", "**", "d", "*"), recursive=True):
         os.truncate(path, 100)  # a disk that filled up mid-write
     capsys.readouterr()
     summary = train(cfg, workdir, compiler_options=FAST_COMPILE)
     captured = capsys.readouterr()
-    assert "checkpoint step 5" in captured.err and "5.unreadable" in captured.err
-    assert "resuming from step 4" in captured.out
-    assert summary["resumed_from"] == 4 and summary["steps"] == 5
-    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1", "3", "4", "5", "5.unreadable"]
+    assert "checkpoint step 4" in captured.err and "4.unreadable" in captured.err
+    assert "resuming from step 3" in captured.out
+    assert summary["resumed_from"] == 3 and summary["steps"] == 5
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1", "3", "4", "4.unreadable", "5"]
     ours = [(r["step"], r["loss"], r["words_seen"]) for r in metrics_rows(workdir)]
     assert ours == [(r["step"], r["loss"], r["words_seen"]) for r in metrics_rows(ref_dir)]
-    assert summary["final_loss"] == ref_summary["final_loss"]
 
 
 def test_a_tokenizer_larger_than_the_vocabulary_is_refused_at_start(data, tmp_path):
@@ -446,3 +446,33 @@ def test_a_killed_loader_worker_ends_the_run_with_its_name_and_the_resumed_run_i
     assert f"resuming from step {max(saved)}" in resumed.stdout
     ours = [(r["step"], r["loss"], r["words_seen"]) for r in metrics_rows(workdir)]
     assert ours == [(r["step"], r["loss"], r["words_seen"]) for r in metrics_rows(ref_dir)]
+
+
+def test_logged_losses_are_interval_means_with_text_and_image_apart_and_a_held_out_loss(data, tmp_path):
+    raw = config_to_dict(config(data, train={"log_every": 3, "steps": 7}, eval={"validation_every_steps": 4}))
+    raw["data"].update(validation_fraction=0.25, epochs=5)
+    cfg = build_config(raw)
+    per_step = {}
+    workdir = str(tmp_path / "run")
+    summary = train(cfg, workdir, hooks=[Hook(lambda event: per_step.__setitem__(event.step, event.metrics))],
+                    compiler_options=FAST_COMPILE)
+    rows = metrics_rows(workdir)
+    assert [(r["step"], r["interval_steps"]) for r in rows] == [(1, 1), (3, 2), (6, 3), (7, 1)]
+    start = 1
+    for row in rows:
+        steps = range(start, row["step"] + 1)
+        assert row["loss"] == pytest.approx(np.mean([per_step[s]["step_loss"] for s in steps]), rel=1e-9)
+        for modality in ("text", "image"):
+            fed = sum(per_step[s][f"{modality}_samples"] for s in steps)
+            assert (f"{modality}_loss" in row) == (fed > 0)  # a modality the interval never fed has no loss
+        start = row["step"] + 1
+    text_rows = [r for r in rows if "text_loss" in r and "image_loss" in r]
+    assert text_rows and all(r["text_loss"] != r["image_loss"] for r in text_rows)
+    validation = [r for r in metrics_rows(workdir, "eval") if "val_loss" in r]
+    assert [r["step"] for r in validation] == [4, 7]  # every 4 steps and at the end
+    assert summary["held_out_loss"] == {k: v for k, v in validation[-1].items() if k != "step"}
+    run = json.load(open(os.path.join(workdir, "run.json")))
+    assert run["data"]["counts"]["held_out"] == 12 and run["data"]["counts"]["text"] == 30  # 25% of 40 + 8 held
+    counts = run["parameters"]
+    assert counts["all"]["total"] == sum(c["total"] for part, c in counts.items() if part != "all")
+    assert counts["vision"]["trainable"] == 0 and counts["lm"]["trainable"] == counts["lm"]["total"] > 0

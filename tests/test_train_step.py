@@ -110,6 +110,22 @@ def test_loss_is_the_mean_over_all_target_tokens_of_the_step():
     assert int(metrics["target_tokens"]) == sum(counts)
 
 
+def test_text_and_image_losses_are_kept_apart_and_the_held_out_loss_updates_nothing():
+    trainer, state = make_trainer()
+    texts, images = [text_batch(0), text_batch(1, fill=0.25)], [image_batch(2)]
+    before = flat(state["params"])
+    ce, tokens = map(float, trainer.loss_sums(state, device_batch(images[0], trainer.mesh)))
+    assert flat(state["params"]).keys() == before.keys()
+    assert ce / tokens == pytest.approx(reference_token_mean(trainer, state["params"], images), rel=1e-5)
+    expected = {"text": reference_token_mean(trainer, state["params"], texts), "image": ce / tokens}
+    _, metrics = trainer(state, texts + images)  # donates the state: the references come first
+    for modality, batches in (("text", texts), ("image", images)):
+        count = sum(int((b.targets != IGNORE).sum()) for b in batches)
+        assert int(metrics[f"{modality}_target_tokens"]) == count
+        assert float(metrics[f"{modality}_ce"]) / count == pytest.approx(expected[modality], rel=1e-5)
+    assert float(metrics["image_ce"]) == pytest.approx(ce, rel=1e-6)
+
+
 def mean_gradients(trainer, state, batches):
     """(gradient of the trainable params averaged over the step's target tokens, loss): what the
     optimizer update receives, computed with the step's own jitted accumulation."""
@@ -117,8 +133,8 @@ def mean_gradients(trainer, state, batches):
     accum = trainer._zeros(state["params"], spec=spec)
     for batch in batches:
         accum = trainer._accumulate(state["params"], trainer.rest, accum, device_batch(batch, trainer.mesh), spec=spec)
-    tokens = float(accum["tokens"])
-    return jax.tree.map(lambda g: g / tokens, accum["grads"]), float(accum["ce"]) / tokens
+    tokens = float(sum(accum["tokens"].values()))
+    return jax.tree.map(lambda g: g / tokens, accum["grads"]), float(sum(accum["ce"].values())) / tokens
 
 
 def test_accumulating_microbatches_equals_one_large_batch():

@@ -177,6 +177,22 @@ def _tokenizer_source(tokenizer_dir: Optional[str], lm_dir: str, config) -> str:
     raise ConversionError(f"{lm_dir}: no tokenizer files there; pass --tokenizer DIR or set data.tokenizer")
 
 
+def _import_lm(model, tensors: CheckpointTensors, lm_config, vocab_size: int, lm_dir: str) -> dict:
+    """Load the LM into `model`, growing the embedding (and an untied head) to `vocab_size`
+    with the mean of the existing rows. Returns the report's lm entry."""
+    grow = {}
+    if vocab_size > lm_config.vocab_size:
+        grow = {EMBED: (lm_config.vocab_size, vocab_size)}
+        if not lm_config.tie_word_embeddings:
+            grow[LM_HEAD] = (lm_config.vocab_size, vocab_size)
+    source = ImportSource(tensors, grow_rows=grow)
+    unused = load_hf_llama_weights(model.lm, source)
+    tied = (lambda n: "tied to model.embed_tokens.weight (tie_word_embeddings)"
+            if n == LM_HEAD and lm_config.tie_word_embeddings else None)
+    return {"directory": os.path.abspath(lm_dir), "mapped": source.read,
+            "unused": classify_unused(unused, lm_dir, tied)}
+
+
 def _import_vision(model, model_config, vision_dir: str, seed: int) -> dict:
     """Load the tower into `model`; initialise the parts no checkpoint provides (projector, a
     resampler with weights) from `seed`. Returns the report's vision and initialised entries."""
@@ -231,17 +247,7 @@ def import_hf(config, out: str, lm_dir: str, vision_dir: Optional[str] = None,
     config = dataclasses.replace(config, model=model_config, data=data)
 
     model = abstract_model(model_config)
-    grow = {}
-    if new_tokens:
-        grow = {EMBED: (lm_config.vocab_size, vocab_size)}
-        if not lm_config.tie_word_embeddings:
-            grow[LM_HEAD] = (lm_config.vocab_size, vocab_size)
-    lm_source = ImportSource(lm_tensors, grow_rows=grow)
-    lm_unused = load_hf_llama_weights(model.lm, lm_source)
-    tied = (lambda n: "tied to model.embed_tokens.weight (tie_word_embeddings)"
-            if n == LM_HEAD and lm_config.tie_word_embeddings else None)
-    report = {"what": "import-hf", "lm": {"directory": os.path.abspath(lm_dir), "mapped": lm_source.read,
-                                          "unused": classify_unused(lm_unused, lm_dir, tied)}}
+    report = {"what": "import-hf", "lm": _import_lm(model, lm_tensors, lm_config, vocab_size, lm_dir)}
     if vision_dir:
         report.update(_import_vision(model, model_config, vision_dir, config.train.seed))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))

@@ -6,7 +6,7 @@ import math
 from typing import Literal, Optional
 
 from jaxllava.data.templates import TEMPLATES
-from jaxllava.errors import at_least, positive, require
+from jaxllava.schema import at_least, path_field, positive, require
 
 
 # ImageNet statistics: DINOv2's (and most towers') normalisation, the default when no
@@ -17,9 +17,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclasses.dataclass(frozen=True)
 class SourceConfig:
-    path: str  # a .json (list) or .jsonl file of LLaVA-format records
+    path: str = path_field()  # a .json (list) or .jsonl file of LLaVA-format records
     weight: float = 1.0  # copies per epoch: 2.0 repeats every record, 0.5 takes a seeded half
-    image_folder: Optional[str] = None  # image paths are relative to this (default: the file's folder)
+    image_folder: Optional[str] = path_field(None)  # image paths are relative to this (default: the file's folder)
     # Image paths must resolve inside image_folder (no "..", absolute paths or symlinks
     # leading out) unless this is true.
     allow_outside: bool = False
@@ -34,10 +34,10 @@ class SourceConfig:
 class ImageConfig:
     # A local preprocessor_config.json (DINOv2 / CLIP / SigLIP); when set it gives
     # mean/std; size always follows the vision tower's image_size.
-    preprocessor_config: Optional[str] = None
+    preprocessor_config: Optional[str] = path_field(None)
     aspect: Literal["pad", "resize"] = "pad"  # the reference's image_aspect_ratio=pad
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # per channel (R, G, B), subtracted after scaling to [0, 1]
+    std: tuple[float, float, float] = IMAGENET_STD  # per channel; pixels are divided by it after the mean
     # Images with more pixels (width × height) are refused before they are decoded: a small
     # compressed file can hold a huge picture that takes gigabytes to decode.
     max_pixels: int = 50_000_000
@@ -54,15 +54,17 @@ class ImageConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    sources: tuple[SourceConfig, ...] = ()
-    tokenizer: str = ""  # a local Hugging Face tokenizer directory
+    sources: tuple[SourceConfig, ...] = ()  # the record files, mixed by weight
+    tokenizer: str = path_field("")  # a local Hugging Face tokenizer directory
     # plain_lm: every turn joined by one space (the reference's USE_PLAIN_LM);
     # captions: image placeholder + assistant turns, loss on assistant turns;
     # chat: a conversation template, loss on assistant turns.
     objective: Literal["plain_lm", "captions", "chat"] = "plain_lm"
-    chat_template: str = "llama_2"
+    chat_template: str = "llama_2"  # the chat objective's template, a name in data/templates.py
     add_eos: bool = False  # the reference's plain LM appended no EOS (README pitfall 10)
     use_images: bool = True  # False: image records are trained as text-only records
+    # error: a bad record, image or sample stops the run, named; skip: it is dropped, counted
+    # by reason and reported (start banner, run.json data.skipped, final summary).
     on_bad_record: Literal["error", "skip"] = "error"
     # Decode every image once at start, so a corrupt one stops the run (or is skipped)
     # before training instead of when its batch comes up. Always done under "skip".
@@ -77,8 +79,11 @@ class DataConfig:
     truncate_text: bool = True  # over-long text-only samples are cut to the largest bucket (else error/skip)
     text_rows: int = 8  # rows per text-only microbatch (global, across processes)
     image_rows: int = 8  # rows per image microbatch (global)
-    epochs: int = 1
-    seed: int = 0
+    epochs: int = 1  # passes over the data, each in its own seeded order
+    seed: int = 0  # the order of each epoch and the records a fractional source weight takes
+    # Fraction of each source's records held out (seeded by data.seed) and never trained on;
+    # their loss is logged as val_loss (eval.validation_every_steps, and at the end).
+    validation_fraction: float = 0.0
     num_workers: int = 0  # Grain worker processes building microbatches (0: in the main process)
     prefetch: int = 2  # microbatches buffered per worker
 
@@ -94,4 +99,6 @@ class DataConfig:
         require(all(a < b for a, b in zip(buckets, buckets[1:])), "buckets",
                 f"must be strictly increasing (a sample goes to the first bucket it fits), got {buckets}")
         at_least(self, 1, "text_rows", "image_rows", "epochs", "prefetch")
+        require(math.isfinite(self.validation_fraction) and 0.0 <= self.validation_fraction < 1.0,
+                "validation_fraction", f"must be in [0, 1), got {self.validation_fraction!r}")
         at_least(self, 0, "num_workers")

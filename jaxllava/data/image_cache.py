@@ -163,6 +163,7 @@ def _run(jobs: list, workers: int, on_result) -> None:
 
 
 def sources_override(sources: Sequence[SourceConfig]) -> str:
-    """The `--set data.sources=[...]` value that trains from the cache."""
-    items = ", ".join(f"{{path: {s.path}, weight: {s.weight}, image_folder: {s.image_folder}}}" for s in sources)
-    return f"data.sources=[{items}]"
+    """The `--set data.sources=[...]` value that trains from the cache (JSON, which YAML reads, so
+    paths with `: `, `, ` or `#` stay one value)."""
+    items = [{"path": s.path, "weight": s.weight, "image_folder": s.image_folder} for s in sources]
+    return f"data.sources={json.dumps(items)}"

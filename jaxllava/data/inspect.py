@@ -2,7 +2,10 @@
 
 Prints a dataset report, then one JSON line per microbatch. Every fact a reader
 needs to catch the reference's bug (README pitfall 1) is visible: modality per
-microbatch, whether pixels exist, where the image tokens are, padding.
+microbatch, whether pixels exist, where the image tokens are, padding. The
+tokenizer's coverage of the trained text (its `<unk>` rate and the fraction of
+words it splits, data/tokenizer.py::table_coverage) is in the report, with a
+`warning:` line for each figure past its threshold.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import numpy as np
 
 from jaxllava.data.batch import IGNORE, ImageBatch, Microbatch
 from jaxllava.data.pipeline import DataPipeline
+from jaxllava.data.tokenizer import table_coverage
 
 
 def batch_line(batch: Microbatch) -> dict:
@@ -63,10 +67,12 @@ def dataset_report(pipeline: DataPipeline, *, microbatches_per_step: int = 1) ->
         "token_length_percentiles": percentiles,
         "padding_fraction_per_bucket": {k: round(p / t, 4) for k, (p, t) in sorted(padding.items())},
         "microbatches_per_epoch": epoch_end,
-        "optimizer_steps_per_epoch": epoch_end // microbatches_per_step,
-        "words_per_epoch": summary.words,
+        "optimizer_steps_per_epoch": -(-epoch_end // microbatches_per_step),  # the last step may be short
+        "words": summary.words,  # of the distinct samples; an epoch repeats or subsamples them by source weight
+        "words_per_epoch": summary.words_per_epoch,
         "image_tokens_per_image": pipeline.image_tokens,
         "fingerprint": summary.fingerprint,
+        "tokenizer": table_coverage(pipeline.tokenizer, table).as_dict(),
     }
 
 
@@ -74,6 +80,8 @@ def print_report(report: dict, skips_lines: Iterable[str], out: TextIO) -> None:
     print("== dataset ==", file=out)
     for key, value in report.items():
         print(f"{key}: {json.dumps(value)}", file=out)
+    for line in report.get("tokenizer", {}).get("warnings", []):
+        print(f"warning: {line}", file=out)
     for line in skips_lines:
         print(line, file=out)
     print("== microbatches ==", file=out)

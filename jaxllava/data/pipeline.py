@@ -29,7 +29,7 @@ from jaxllava.data.loader import LoaderIterator, WorkerGuard
 from jaxllava.data.packing import MicrobatchPlan, plan_epoch
 from jaxllava.data.records import Record, SkipReport, fingerprint_files, read_records
 from jaxllava.data.samples import SampleTable, build_sample_table
-from jaxllava.data.tokenizer import SpecialIds, load_tokenizer, special_ids
+from jaxllava.data.tokenizer import TOKENIZER_FILES, SpecialIds, load_tokenizer, special_ids
 from jaxllava.errors import DataError
 
 
@@ -147,20 +147,67 @@ class MicrobatchBuilder:
 @dataclasses.dataclass
 class DatasetSummary:
     records_per_file: dict[str, int]
-    text_samples: int
+    text_samples: int  # distinct samples trained on (held-out ones excluded)
     image_samples: int
-    words: int
+    words: int  # words of the distinct samples
+    words_per_epoch: int  # what one epoch feeds: source weights repeat or subsample records
+    held_out_samples: int  # data.validation_fraction of the records, never trained on
     skips: SkipReport
     files_sha256: str  # sha256 over the record files' bytes (records.fingerprint_files)
-    fingerprint: str  # the files' hash and the resolved data settings
+    fingerprint: str  # everything that decides the batches: files, tokenizer, settings
 
 
-def _fingerprint(files_sha256: str, cfg: DataConfig, image_tokens: int, processing: ImageProcessing | None) -> str:
-    # The resolved pixel settings too: a preprocessor_config.json is read at run time,
-    # and the reference never recorded the processor it trained with (README pitfall 12).
-    settings = repr((cfg.objective, cfg.chat_template, cfg.add_eos, cfg.use_images, cfg.word_rule,
-                     image_tokens, processing))
-    return hashlib.sha256(f"{files_sha256}\0{settings}".encode()).hexdigest()
+# Settings that change speed only, never a batch: left out of the fingerprint.
+_SPEED_ONLY = ("num_workers", "prefetch", "check_images")
+
+
+def data_fingerprint_sha256(files_sha256: str, cfg: DataConfig, image_tokens: int,
+                            processing: ImageProcessing | None) -> str:
+    """sha256 of everything that decides the batches: the record files' bytes, the tokenizer's
+    files' bytes, every data setting but the speed-only ones, the image-token count and the
+    resolved pixel settings (a preprocessor_config.json is read at run time; README pitfall 12).
+    Paths are left out (moving the data changes nothing), their contents are in."""
+    settings = dataclasses.asdict(cfg)
+    for key in _SPEED_ONLY:
+        settings.pop(key)
+    for source in settings["sources"]:
+        source.pop("path")
+        source.pop("image_folder")
+    settings.pop("tokenizer")
+    settings["image"].pop("preprocessor_config")
+    tokenizer_files = sorted(os.path.join(cfg.tokenizer, name) for name in TOKENIZER_FILES
+                             if os.path.isfile(os.path.join(cfg.tokenizer, name)))
+    text = repr((files_sha256, fingerprint_files(tokenizer_files), sorted(settings.items()), image_tokens,
+                 processing))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def split_held_out(records: list[list[Record]], fraction: float, seed: int
+                   ) -> tuple[list[list[Record]], list[list[Record]]]:
+    """(training records, held-out records) per source: a seeded `fraction` of each source's
+    records, the same in every process and on every resume, is never trained on."""
+    if fraction <= 0:
+        return records, [[] for _ in records]
+    train, held = [], []
+    for index, source in enumerate(records):
+        count = int(round(fraction * len(source)))
+        chosen = set(np.random.default_rng([seed, index, 7]).permutation(len(source))[:count].tolist())
+        train.append([r for k, r in enumerate(source) if k not in chosen])
+        held.append([r for k, r in enumerate(source) if k in chosen])
+    return train, held
+
+
+@dataclasses.dataclass
+class HeldOut:
+    """The held-out records' microbatches (one pass, source weights ignored), for the held-out loss."""
+
+    table: SampleTable
+    builder: MicrobatchBuilder
+    plans: list[MicrobatchPlan]
+
+    def batches(self) -> Iterator[Microbatch]:
+        """This process's rows of every held-out microbatch, built in this process."""
+        return (self.builder(plan) for plan in self.plans)
 
 
 class DataPipeline:
@@ -179,44 +226,66 @@ class DataPipeline:
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
         self.ids = special_ids(self.tokenizer)
         self.skips = SkipReport()
-        records: list[list[Record]] = []
-        for source in cfg.sources:
-            records.append(read_records(source.path, image_folder=source.image_folder,
-                                        on_bad_record=cfg.on_bad_record, skips=self.skips,
-                                        allow_outside=source.allow_outside))
+        records = self._read_sources(image_size)
+        records, held_out = split_held_out(records, cfg.validation_fraction, cfg.seed)
+        self.table = self._table(records)
+        held_out_table = self._table(held_out) if any(held_out) else None
+        has_image = self.table.has_image
+        if has_image.any() or (held_out_table is not None and held_out_table.has_image.any()):
+            if not image_size:
+                raise DataError("the data has image records but the model has no vision tower; "
+                                "set data.use_images=false or configure model.vision", field="data.use_images")
+            self.processing = image_processing_for(cfg, image_size)
+        else:
+            self.processing = None
+        self.builder = self._builder(self.table)
+        self.plans: list[MicrobatchPlan] = []
+        self.epoch_starts: list[int] = []
+        for epoch in range(cfg.epochs):
+            self.epoch_starts.append(len(self.plans))
+            self.plans.extend(self._plan(self.table, [s.weight for s in cfg.sources], epoch))
+        self.validation = None if held_out_table is None else HeldOut(
+            held_out_table, self._builder(held_out_table), self._plan(held_out_table, [1.0] * len(held_out), 0))
+        files_sha256 = fingerprint_files([s.path for s in cfg.sources])
+        first_epoch = self.plans[:self.epoch_starts[1]] if cfg.epochs > 1 else self.plans
+        self.summary = DatasetSummary(
+            records_per_file={s.path: len(rs) + len(hs) for s, rs, hs in zip(cfg.sources, records, held_out)},
+            text_samples=int((~has_image).sum()),
+            image_samples=int(has_image.sum()),
+            words=int(self.table.words.sum()),
+            words_per_epoch=sum(self.builder.stats(plan).words for plan in first_epoch),
+            held_out_samples=0 if self.validation is None else len(self.validation.table),
+            skips=self.skips,
+            files_sha256=files_sha256,
+            fingerprint=data_fingerprint_sha256(files_sha256, cfg, image_tokens, self.processing),
+        )
+
+    def _read_sources(self, image_size: int | None) -> list[list[Record]]:
+        cfg = self.cfg
+        # Image records trained as text (use_images: false) need no image file.
+        records = [read_records(source.path, image_folder=source.image_folder, on_bad_record=cfg.on_bad_record,
+                                skips=self.skips, allow_outside=source.allow_outside,
+                                check_image_files=cfg.use_images) for source in cfg.sources]
         if (cfg.check_images or cfg.on_bad_record == "skip") and cfg.use_images and image_size:
             # Under the skip policy images are always decoded now, so a bad one is a counted
             # skip before planning instead of a hole in a batch later.
             processing = image_processing_for(cfg, image_size)
             records = [self._drop_undecodable(rs, processing) for rs in records]
-        self.table = build_sample_table(records, self.tokenizer, cfg, image_tokens=image_tokens,
-                                        max_len=max(cfg.buckets), skips=self.skips)
-        has_image = self.table.has_image
-        if has_image.any() and not image_size:
-            raise DataError("the data has image records but the model has no vision tower; "
-                            "set data.use_images=false or configure model.vision", field="data.use_images")
-        self.processing = image_processing_for(cfg, image_size) if has_image.any() else None
-        files_sha256 = fingerprint_files([s.path for s in cfg.sources])
-        self.summary = DatasetSummary(
-            records_per_file={s.path: len(rs) for s, rs in zip(cfg.sources, records)},
-            text_samples=int((~has_image).sum()),
-            image_samples=int(has_image.sum()),
-            words=int(self.table.words.sum()),
-            skips=self.skips,
-            files_sha256=files_sha256,
-            fingerprint=_fingerprint(files_sha256, cfg, image_tokens, self.processing),
-        )
-        self.builder = MicrobatchBuilder(self.table, self.ids, image_tokens=image_tokens,
-                                         processing=self.processing, process_index=process_index,
-                                         process_count=process_count)
-        self.plans: list[MicrobatchPlan] = []
-        self.epoch_starts: list[int] = []
-        for epoch in range(cfg.epochs):
-            self.epoch_starts.append(len(self.plans))
-            self.plans.extend(plan_epoch(
-                lengths=self.table.lengths, has_image=has_image, source=self.table.source,
-                weights=[s.weight for s in cfg.sources], buckets=cfg.buckets, text_rows=cfg.text_rows,
-                image_rows=cfg.image_rows, pack_text=cfg.pack_text, seed=cfg.seed, epoch=epoch))
+        return records
+
+    def _builder(self, table: SampleTable) -> MicrobatchBuilder:
+        return MicrobatchBuilder(table, self.ids, image_tokens=self.image_tokens, processing=self.processing,
+                                 process_index=self.process_index, process_count=self.process_count)
+
+    def _plan(self, table: SampleTable, weights: Sequence[float], epoch: int) -> list[MicrobatchPlan]:
+        cfg = self.cfg
+        return plan_epoch(lengths=table.lengths, has_image=table.has_image, source=table.source, weights=weights,
+                          buckets=cfg.buckets, text_rows=cfg.text_rows, image_rows=cfg.image_rows,
+                          pack_text=cfg.pack_text, seed=cfg.seed, epoch=epoch)
+
+    def _table(self, records: list[list[Record]]) -> SampleTable:
+        return build_sample_table(records, self.tokenizer, self.cfg, image_tokens=self.image_tokens,
+                                  max_len=max(self.cfg.buckets), skips=self.skips)
 
     def _drop_undecodable(self, records: list[Record], processing: ImageProcessing) -> list[Record]:
         """Decode every image once: the first bad one raises its DataError, or under

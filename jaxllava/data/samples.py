@@ -35,7 +35,7 @@ import numpy as np
 
 from jaxllava.data.config import DataConfig
 from jaxllava.data.records import Record, SkipReport
-from jaxllava.data.templates import get_template
+from jaxllava.data.templates import get_template, user_turn
 from jaxllava.data.tokenizer import IMAGE_TOKEN, special_ids
 from jaxllava.data.words import record_words
 from jaxllava.errors import DataError
@@ -87,15 +87,14 @@ def record_pieces(record: Record, cfg: DataConfig, *, has_bos: bool) -> list[Pie
             if turn.role == "user":
                 if not first_user and template.bos_each_round and has_bos:
                     pieces.append(("bos",))
-                image_here = with_image and index == image_turn
-                if first_user and template.system:
-                    text = template.system_format.format(system=template.system) + text
-                wrapped = template.user.format(text=text)
-                if image_here:
-                    # The image goes to the start of its turn (the reference's
-                    # preprocess_multimodal), i.e. right before the turn's text.
-                    pieces.append(("image",))
-                pieces.append(("text", wrapped, False))
+                head, rest = user_turn(template, text, first=first_user)
+                if with_image and index == image_turn:
+                    # Tokenized apart, as LLaVA tokenizes the prompt around <image>.
+                    if head:
+                        pieces.append(("text", head, False))
+                    pieces += [("image",), ("text", rest, False)]
+                else:
+                    pieces.append(("text", head + rest, False))
                 first_user = False
             else:
                 pieces.append(("text", template.assistant.format(text=text), True))

@@ -5,7 +5,8 @@ import dataclasses
 import re
 from typing import Literal
 
-from jaxllava.errors import FieldError, at_least, require
+from jaxllava.errors import FieldError
+from jaxllava.schema import at_least, path_field, require
 
 TASK_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 TEXT_SLOT = "{text}"
@@ -23,7 +24,7 @@ def check_task_name(name: str) -> None:
 class EvalConfig:
     # Minimal-pair tasks: name -> a directory or file of BLiMP-format jsonl. The name
     # becomes a directory under the workdir, so it must pass `check_task_name`.
-    tasks: dict[str, str] = dataclasses.field(default_factory=dict)
+    tasks: dict[str, str] = path_field(default_factory=dict)
     every_steps: int = 0  # 0: never on a step schedule
     at_milestones: bool = True  # evaluate at each word milestone
     at_end: bool = True  # evaluate the final model of the run
@@ -34,11 +35,14 @@ class EvalConfig:
     # "<image>\n{text}" (the reference's `--image_template append_image_token`);
     # each is scored and reported beside bare text.
     image_templates: tuple[str, ...] = ()
-    protocol: Literal["2025", "2024"] = "2025"
-    batch_size: int = 32
+    protocol: Literal["2025", "2024"] = "2025"  # which BabyLM pipeline's scoring to reproduce
+    batch_size: int = 32  # candidate sentences per scoring batch (scores agree up to float noise)
+    # Steps between held-out losses (data.validation_fraction); 0: only where minimal pairs
+    # are evaluated and at the end of the run.
+    validation_every_steps: int = 0
 
     def __post_init__(self):
-        at_least(self, 0, "every_steps")
+        at_least(self, 0, "every_steps", "validation_every_steps")
         at_least(self, 1, "batch_size")
         for name, path in self.tasks.items():
             try:

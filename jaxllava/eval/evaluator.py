@@ -203,7 +203,8 @@ class MinimalPairEvaluator:
                 for task, settings in results.items()}
 
     def format(self, results: Mapping[str, Mapping[str, Results]]) -> str:
-        """Per task: the table of the first setting, then each other setting beside it."""
+        """Per task: the table of the first setting, then each other setting beside it, each with its
+        ties and how many are identical after tokenization (report.py)."""
         blocks = []
         for task, settings in results.items():
             names = list(settings)

@@ -2,14 +2,16 @@
 
   predictions JSONL   one line per item: id, UID, scores (one per candidate, good first),
                       chosen, correct.
-  summary JSON        protocol, template, n, chance, macro average over UIDs, ties,
-                      non-finite items, and accuracy/n for every value of every metadata
-                      key (UID, field, linguistics_term, ...).
+  summary JSON        protocol, template, n, chance, macro average over UIDs, ties, items
+                      identical after tokenization, non-finite items, and accuracy/n for
+                      every value of every metadata key (UID, field, linguistics_term, ...).
   pipeline files      `best_temperature_report.txt` text and `predictions.json` in the
                       official layout (evaluation-pipeline-2025 `sentence_zero_shot/run.py::
                       create_evaluation_report`, `compute_results.py::rank_and_evaluate`), so
                       the official `collate_preds.py` can read our runs.
-  tables              one setting, or two side by side (e.g. without / with image template).
+  tables              one setting, or two side by side (e.g. without / with image template),
+                      with the ties and how many of them are identical after tokenization:
+                      both count as correct, so they raise accuracy without the model deciding.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ def summary(results: Results) -> dict[str, Any]:
         "chance": results.chance,
         "average": results.average,  # mean over UIDs, the pipeline's reported number
         "ties": results.ties,
+        "identical_after_tokenization": results.identical,
         "nonfinite": results.nonfinite,
         "by": {key: {value: {"accuracy": acc, "n": results.counts[key][value]} for value, acc in values.items()}
                for key, values in results.accuracy.items()},
@@ -93,7 +96,12 @@ def format_table(results: Results, keys: tuple[str, ...] = ("UID", "field")) -> 
     rows.append((f"average over {n_uids} UIDs ({results.protocol})", str(len(results.items)),
                  f"{results.average:.2f}"))
     rows.append(("chance", "", f"{results.chance:.2f}"))
-    return _render(rows)
+    return _render(rows) + "\n" + ties_line(results)
+
+
+def ties_line(results: Results) -> str:
+    return (f"ties: {results.ties} ({results.identical} of them identical after tokenization), "
+            f"counted correct as the pipeline does")
 
 
 def format_comparison(first: Results, second: Results, labels: tuple[str, str] = ("text", "image template"),
@@ -109,7 +117,9 @@ def format_comparison(first: Results, second: Results, labels: tuple[str, str] =
             rows.append((f"{key} {value}", f"{a:.2f}", f"{b:.2f}", f"{b - a:+.2f}"))
     rows.append(("average over UIDs", f"{first.average:.2f}", f"{second.average:.2f}",
                  f"{second.average - first.average:+.2f}"))
-    return _render(rows)
+    rows.append(("ties (identical after tokenization)", f"{first.ties} ({first.identical})",
+                 f"{second.ties} ({second.identical})", ""))
+    return _render(rows) + "\nties count as correct, as the pipeline does"
 
 
 def _render(rows: list[tuple[str, ...]]) -> str:

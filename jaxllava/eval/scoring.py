@@ -102,6 +102,10 @@ class Results:
     protocol: str
     image_template: str | None
     compiles: int  # new jit compilations of the scoring function during this evaluation
+    # Items whose candidates are the same token ids and target masks (`identical_candidates`):
+    # one score for all, so a tie, counted correct like every tie. Counted apart from `ties`
+    # because such an item says nothing about the model (docs/evaluation.md#ties).
+    identical: int = 0
 
     @property
     def chance(self) -> float:
@@ -363,6 +367,18 @@ def aggregate(items: Sequence[MinimalPairItem], correct: np.ndarray
     return accuracy, counts, average
 
 
+def identical_candidates(encoded: EncodedSet) -> np.ndarray:
+    """bool (items,): every candidate of the item has the good one's token ids and target mask,
+    e.g. BLiMP's identical sentences, or words that differ only where the tokenizer gives both
+    the unknown token."""
+    out = np.zeros(len(encoded.row_start) - 1, bool)
+    for i, (lo, hi) in enumerate(zip(encoded.row_start[:-1], encoded.row_start[1:])):
+        ids, mask = encoded.token_ids[lo], encoded.target_mask[lo]
+        out[i] = all(np.array_equal(ids, encoded.token_ids[r]) and np.array_equal(mask, encoded.target_mask[r])
+                     for r in range(lo + 1, hi))
+    return out
+
+
 def decide(items: Sequence[MinimalPairItem], encoded: EncodedSet, flat: np.ndarray, *,
            compiles: int = 0) -> Results:
     """Decisions and aggregates from the row scores of `encoded` (what `score_encoded` returns)."""
@@ -373,4 +389,4 @@ def decide(items: Sequence[MinimalPairItem], encoded: EncodedSet, flat: np.ndarr
     ties = sum(int(np.sum(s == np.max(s)) > 1) for s in scores)
     nonfinite = sum(int(not np.all(np.isfinite(s))) for s in scores)
     return Results(items, scores, chosen, correct, accuracy, counts, average, ties, nonfinite, encoded.protocol,
-                   encoded.image_template, compiles)
+                   encoded.image_template, compiles, identical=int(identical_candidates(encoded).sum()))

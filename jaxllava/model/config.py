@@ -13,7 +13,8 @@ import math
 import re
 from typing import Literal, Optional
 
-from jaxllava.errors import ConfigError, at_least, positive, require
+from jaxllava.errors import ConfigError
+from jaxllava.schema import at_least, positive, require
 
 ComputeDtype = Literal["float32", "bfloat16"]
 AttentionImpl = Literal["auto", "xla", "cudnn"]
@@ -24,10 +25,10 @@ Remat = Literal["none", "full", "save_dots"]
 class RopeScaling:
     """Llama-3 frequency scaling (transformers `rope_type: llama3`)."""
 
-    factor: float = 8.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
+    factor: float = 8.0  # the frequencies of long wavelengths are divided by this
+    low_freq_factor: float = 1.0  # wavelengths above original_max_position_embeddings / this are scaled
+    high_freq_factor: float = 4.0  # wavelengths below original_max_position_embeddings / this are kept
+    original_max_position_embeddings: int = 8192  # the position range the model was pretrained with
 
     def __post_init__(self):
         positive(self, "factor", "low_freq_factor", "high_freq_factor")
@@ -39,20 +40,20 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-    vocab_size: int = 32000
-    hidden_size: int = 768
-    intermediate_size: int = 3072
-    num_layers: int = 12
-    num_heads: int = 12
-    num_kv_heads: int = 12
+    vocab_size: int = 32000  # embedding rows; must cover the tokenizer with its image placeholders (checked by train)
+    hidden_size: int = 768  # width of the residual stream and the embeddings
+    intermediate_size: int = 3072  # width of each SwiGLU MLP
+    num_layers: int = 12  # decoder layers
+    num_heads: int = 12  # query heads
+    num_kv_heads: int = 12  # key/value heads (grouped-query attention when fewer than num_heads)
     head_dim: Optional[int] = None  # None: hidden_size // num_heads
-    rms_norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    rope_scaling: Optional[RopeScaling] = None
-    max_position_embeddings: int = 2048
-    tie_word_embeddings: bool = False
-    attention_bias: bool = False
-    mlp_bias: bool = False
+    rms_norm_eps: float = 1e-5  # epsilon of every RMSNorm
+    rope_theta: float = 10000.0  # base of the rotary position embedding frequencies
+    rope_scaling: Optional[RopeScaling] = None  # None: plain rotary embeddings; a mapping: Llama-3 scaling
+    max_position_embeddings: int = 2048  # positions the LM takes; the largest data bucket must fit (checked)
+    tie_word_embeddings: bool = False  # True: the output head is the input embedding matrix (no lm_head)
+    attention_bias: bool = False  # biases on the query, key, value and output projections
+    mlp_bias: bool = False  # biases on the MLP projections
 
     def __post_init__(self):
         at_least(self, 1, "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -80,14 +81,14 @@ VisionKind = Literal["dinov2", "clip", "siglip"]
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-    kind: VisionKind = "dinov2"
+    kind: VisionKind = "dinov2"  # tower architecture (transformers' Dinov2, CLIP or SigLIP vision model)
     image_size: int = 224  # the input the tower sees (the data pipeline resizes to this)
-    patch_size: int = 14
-    hidden_size: int = 1024
-    intermediate_size: int = 4096
-    num_layers: int = 24
-    num_heads: int = 16
-    layer_norm_eps: float = 1e-6
+    patch_size: int = 14  # pixels per patch side; the grid is image_size // patch_size patches a side
+    hidden_size: int = 1024  # tower width (the width the resampler works in)
+    intermediate_size: int = 4096  # width of each tower MLP
+    num_layers: int = 24  # transformer blocks
+    num_heads: int = 16  # attention heads
+    layer_norm_eps: float = 1e-6  # epsilon of every LayerNorm
     # Size of the learned position-embedding grid, in pixels (DINOv2: 518 = 37 × 14;
     # CLIP/SigLIP: equal to image_size, so no interpolation).
     pretrained_image_size: int = 518
@@ -99,7 +100,7 @@ class VisionConfig:
     # -1: the final normalised output (transformers' last_hidden_state, what the
     # reference used); k >= 0: hidden_states[k] (0 = embeddings), before the final norm.
     feature_layer: int = -1
-    feature_select: Literal["patch", "cls_patch"] = "patch"
+    feature_select: Literal["patch", "cls_patch"] = "patch"  # cls_patch: the CLS token too, in front (SigLIP has none)
 
     def __post_init__(self):
         at_least(self, 1, "patch_size", "hidden_size", "intermediate_size", "num_layers", "num_heads")
@@ -133,13 +134,13 @@ ResamplerKind = Literal["identity", "perceiver", "token_packer", "avg_pool"]
 
 @dataclasses.dataclass(frozen=True)
 class ResamplerConfig:
-    kind: ResamplerKind = "identity"
+    kind: ResamplerKind = "identity"  # tower tokens → image tokens; image_token_count gives how many
     num_latents: int = 64  # perceiver latents; token_packer queries (a square number)
     depth: int = 2  # perceiver layers
-    num_heads: int = 8
+    num_heads: int = 8  # perceiver and token_packer attention heads; must divide vision.hidden_size
     ff_mult: int = 4  # perceiver feed-forward multiplier
     pool_stride: int = 2  # avg_pool window and stride over the patch grid
-    layer_norm_eps: float = 1e-5
+    layer_norm_eps: float = 1e-5  # epsilon of the resampler's LayerNorms
 
     def __post_init__(self):
         at_least(self, 1, "num_latents", "depth", "num_heads", "ff_mult", "pool_stride")

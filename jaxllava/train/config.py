@@ -10,7 +10,8 @@ import dataclasses
 import math
 from typing import Literal, Optional
 
-from jaxllava.errors import ConfigError, FieldError, at_least, positive, require
+from jaxllava.errors import ConfigError, FieldError
+from jaxllava.schema import at_least, path_field, positive, require
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +33,7 @@ class FrozenPartConfig(PartConfig):
     loader builds a section from the keys given plus the class defaults: setting only
     `optim.parts.vision.lr` must not start training the tower."""
 
-    train: bool = False
+    train: bool = False  # frozen by default; true: trained (updates and optimizer state) like the others
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,21 +58,21 @@ class OptimConfig:
     lr 5e-4, no weight decay, 10% warmup, cosine to zero.
     """
 
-    lr: float = 5e-4
+    lr: float = 5e-4  # peak learning rate of every part whose parts.<part>.lr is null
     parts: PartsConfig = dataclasses.field(default_factory=PartsConfig)
     # The reference's stage 1 froze a randomly initialised lm_head (README pitfall 5);
     # available for reproducing it, off by default.
     freeze_lm_head: bool = False
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
+    b1: float = 0.9  # AdamW decay rate of the first moment (β1)
+    b2: float = 0.999  # AdamW decay rate of the second moment (β2)
+    eps: float = 1e-8  # AdamW ε, added to the root of the second moment
     weight_decay: float = 0.0  # decoupled (AdamW); never applied to norm scales or biases
     grad_clip: Optional[float] = 1.0  # max global gradient norm; None: no clipping
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # after warmup: cosine or linear decay, or constant
     # Warmup length: `warmup_steps` if set, else ceil(warmup_ratio · total steps)
     # (HF Trainer's rule, which the reference used with ratio 0.1).
     warmup_steps: Optional[int] = None
-    warmup_ratio: float = 0.1
+    warmup_ratio: float = 0.1  # used when warmup_steps is null
     min_lr_ratio: float = 0.0  # decay ends at min_lr_ratio · peak
 
     def __post_init__(self):
@@ -118,7 +119,7 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    seed: int = 0  # parameter init, dropout-free model RNG, data order (with data.seed)
+    seed: int = 0  # parameter init and the step RNG (the data order follows data.seed)
     # Optimizer steps. None: as many as the data's epochs give (and the word
     # budget allows); the LR schedule's horizon is this number either way.
     steps: Optional[int] = None
@@ -132,9 +133,15 @@ class TrainConfig:
     log_every: int = 10  # optimizer steps between metrics rows
     workdir: str = "runs/default"  # where the run lives (checkpoints, metrics, run.json)
     # Start a NEW run from the parameters of another checkpoint (e.g. one written by
-    # `launch.py convert import-hf`): optimizer, step and words start fresh. Ignored
-    # when the workdir already has a checkpoint (the run then resumes from it).
-    init_from: Optional[str] = None
+    # `launch.py convert import-hf`): optimizer and step start fresh. Ignored when the
+    # workdir already has a checkpoint (the run then resumes from it).
+    init_from: Optional[str] = path_field(None)
+    # After init_from, words seen (the budget and milestones) "restart" at 0 or "continue"
+    # from the init_from checkpoint's count (a second stage of one BabyLM run).
+    init_from_words: Literal["restart", "continue"] = "restart"
+    # init_from refuses a data tokenizer whose vocabulary differs from the one the
+    # checkpoint was trained with (ids would mean other words); true accepts it.
+    init_from_other_tokenizer: bool = False
 
     def __post_init__(self):
         at_least(self, 1, "steps", "word_budget", null_ok=True)
@@ -149,16 +156,16 @@ class TrainConfig:
 class MeshConfig:
     """Device mesh (data, fsdp, tensor); -1 in one axis takes the remaining devices."""
 
-    data: int = -1
-    fsdp: int = 1
-    tensor: int = 1
+    data: int = -1  # data-parallel ways: rows are split, parameters replicated
+    fsdp: int = 1  # fully sharded data-parallel ways: rows split, parameters and optimizer state sharded
+    tensor: int = 1  # tensor-parallel ways: attention heads, MLP width and vocabulary split
     # Multi-host: call jax.distributed.initialize. None: only when a coordinator is named
     # here or in JAX_COORDINATOR_ADDRESS. On SLURM or a TPU pod set true: JAX then finds
     # the coordinator and the process count itself (docs/multihost.md).
     distributed: Optional[bool] = None
     coordinator_address: Optional[str] = None  # host:port of process 0
-    num_processes: Optional[int] = None
-    process_id: Optional[int] = None
+    num_processes: Optional[int] = None  # None: detected by jax.distributed (SLURM, TPU pod, environment)
+    process_id: Optional[int] = None  # this process's index, 0-based; None: detected likewise
 
     def __post_init__(self):
         sizes = (self.data, self.fsdp, self.tensor)

@@ -19,6 +19,7 @@ data iterator's position, so a resumed run reproduces the uninterrupted one.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -35,8 +36,8 @@ from jaxllava.data.batch import BatchStats, Microbatch, batch_arrays
 from jaxllava.data.loader import LoaderStopped, LoaderWorkerDied
 from jaxllava.errors import TrainingError
 from jaxllava.train.metrics import lm_flops_per_token, mfu, peak_memory_gb
-from jaxllava.train.setup import Run, banner, close, setup
-from jaxllava.train.step import TrainStep, check_finite, device_batch, host_metrics
+from jaxllava.train.setup import Run, banner, close, finished_run, setup
+from jaxllava.train.step import MODALITIES, TrainStep, check_finite, device_batch, host_metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,14 +45,19 @@ class Due:
     """What a finished optimizer step calls for."""
 
     log: bool  # its row goes to metrics.jsonl
-    evaluate: bool
+    evaluate: bool  # minimal-pair tasks
+    validate: bool  # the held-out loss
     save: bool
     final: bool  # no step follows
+
+    @property
+    def needs_state(self) -> bool:
+        return self.evaluate or self.validate or self.save
 
 
 def what_is_due(config: ExperimentConfig, step: int, *, total_steps: int, milestones_reached: Sequence[int],
                 interrupted: bool) -> Due:
-    """The one rule for logging, saving and evaluating after `step` (counted from 1).
+    """The one rule for logging, saving, evaluating and the held-out loss after `step` (from 1).
 
     `interrupted`: a signal or a dead loader ends the run after this step; it is saved
     but not evaluated, so that a preempted job exits quickly."""
@@ -61,10 +67,47 @@ def what_is_due(config: ExperimentConfig, step: int, *, total_steps: int, milest
     evaluate = bool(config.eval.tasks) and not interrupted and bool(
         (every_eval and step % every_eval == 0) or (config.eval.at_milestones and milestones_reached)
         or (config.eval.at_end and finished))
+    every_validation = config.eval.validation_every_steps
+    validate = config.data.validation_fraction > 0 and not interrupted and bool(
+        (every_validation and step % every_validation == 0) or evaluate or finished)
     save = bool((every_save and step % every_save == 0) or (config.checkpoint.milestones and milestones_reached)
                 or final)
     log = step % config.train.log_every == 0 or step == 1 or bool(milestones_reached) or final
-    return Due(log=log, evaluate=evaluate, save=save, final=final)
+    return Due(log=log, evaluate=evaluate, validate=validate, save=save, final=final)
+
+
+@dataclasses.dataclass
+class LogInterval:
+    """Sums over the steps since the last logged row. A logged row's loss is their mean (one step's
+    loss swings with its modality mix, so logging single steps drew a sawtooth), and its text and
+    image losses are Σ CE / Σ target tokens of each modality over the interval. Saved in every
+    checkpoint, so a resumed run logs the numbers the uninterrupted one would have."""
+
+    steps: int = 0
+    loss_sum: float = 0.0
+    text_ce: float = 0.0
+    text_target_tokens: int = 0
+    image_ce: float = 0.0
+    image_target_tokens: int = 0
+
+    def add(self, metrics: dict[str, float]) -> None:
+        self.steps += 1
+        self.loss_sum += metrics["loss"]
+        for modality in MODALITIES:
+            setattr(self, f"{modality}_ce", getattr(self, f"{modality}_ce") + metrics[f"{modality}_ce"])
+            setattr(self, f"{modality}_target_tokens",
+                    getattr(self, f"{modality}_target_tokens") + int(metrics[f"{modality}_target_tokens"]))
+
+    def close(self) -> dict[str, Any]:
+        """The interval's figures for a row; the next interval starts empty."""
+        row: dict[str, Any] = {"loss": self.loss_sum / self.steps, "interval_steps": self.steps}
+        for modality in MODALITIES:
+            tokens = getattr(self, f"{modality}_target_tokens")
+            row[f"{modality}_target_tokens"] = tokens
+            if tokens:
+                row[f"{modality}_loss"] = getattr(self, f"{modality}_ce") / tokens
+        self.__init__()
+        return row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +191,11 @@ class _StepLoop:
         self.start_eval: Optional[dict] = None
         self.chances: dict[str, float] = {}
         self.stop_reason: Optional[str] = None
+        self.interval = LogInterval(**run.log_interval)
+        # The closing headline's training loss: the last steps of the run, enough of them that
+        # the modality mix of a short final interval does not decide it.
+        self.recent: collections.deque = collections.deque(maxlen=max(10, run.config.train.log_every))
+        self.last_validation: Optional[dict] = None
         self._last_time = time.monotonic()
 
     # -- data
@@ -202,7 +250,7 @@ class _StepLoop:
             due = what_is_due(run.config, run.step, total_steps=run.total_steps, milestones_reached=reached,
                               interrupted=self.stop_reason is not None)
             current = _Dispatched(run.step, device_metrics, loaded, run.words_seen, reached, due)
-            if due.save or due.evaluate or any(hook.due(run.step) for hook in self.hooks):
+            if due.needs_state or any(hook.due(run.step) for hook in self.hooks):
                 self.finish(current)  # this step's state is needed before the next step consumes it
             else:
                 unread = current
@@ -222,12 +270,15 @@ class _StepLoop:
         if done.due.evaluate:
             name = milestone_name(done.milestones[-1]) if done.milestones else f"step_{done.step}"
             self.last_eval = accuracies = self.evaluate(name)
+        if done.due.validate:
+            self.last_validation = self.validate()
         if done.due.save:
-            meta = {"words_seen": done.words_seen, "milestones_done": run.tracker.state()["done"]}
+            meta = {"words_seen": done.words_seen, "milestones_done": run.tracker.state()["done"],
+                    "log_interval": dataclasses.asdict(self.interval)}
             if accuracies is not None:
                 meta["eval"] = accuracies
             run.checkpointer.save(done.step, run.state, meta=meta, data_state=done.loaded.data_state,
-                                  run_record=run.record,
+                                  run_record=run.record, assets=run.assets,
                                   milestones=done.milestones if run.config.checkpoint.milestones else ())
             self.last_saved = done.step
 
@@ -244,8 +295,32 @@ class _StepLoop:
         row = step_row([b.stats for b in done.loaded.batches], metrics, done.words_seen, now - self._last_time,
                        run.config.model.lm)
         self._last_time = now
-        if run.logger is not None and done.due.log:
-            run.logger.log(done.step, row)
+        self.interval.add(metrics)
+        self.recent.append(metrics)
+        if done.due.log:
+            row.update(self.interval.close())
+            if run.logger is not None:
+                run.logger.log(done.step, row)
+        return row
+
+    def validate(self) -> dict[str, float]:
+        """The held-out loss of the current parameters, over all held-out microbatches, in total and
+        per modality: metrics.jsonl (val_loss, val_text_loss, val_image_loss) and stdout."""
+        run = self.run
+        sums = {m: [0.0, 0] for m in MODALITIES}
+        pending = [(batch.modality, run.trainer.loss_sums(run.state, device_batch(batch, run.trainer.mesh)))
+                   for batch in run.pipeline.validation.batches()]
+        for modality, (ce, tokens) in pending:
+            sums[modality][0] += float(ce)
+            sums[modality][1] += int(tokens)
+        ce, tokens = sum(v[0] for v in sums.values()), sum(v[1] for v in sums.values())
+        row = {"val_loss": ce / max(tokens, 1), "val_target_tokens": tokens}
+        row.update({f"val_{m}_loss": c / n for m, (c, n) in sums.items() if n})
+        if run.primary:
+            if run.logger is not None:
+                run.logger.log(run.step, row)
+            print(json.dumps({"validation": run.step, **row}), flush=True)
+        self._last_time = time.monotonic()  # validation time is not step time
         return row
 
     def evaluate(self, name: str) -> dict[str, float]:
@@ -278,17 +353,40 @@ class _StepLoop:
         raise TrainingError(f"{error}; diagnostics in {where}") from None
 
     def summary(self, signals: _Signals) -> dict[str, Any]:
+        """What the run did; the training losses are those of its last steps (`recent`)."""
         run = self.run
+        window = LogInterval()
+        for metrics in self.recent:
+            window.add(metrics)
+        last = window.close() if window.steps else None
         return {
             "workdir": run.workdir, "steps": run.step, "total_steps": run.total_steps,
             "stopped_by": self.stop_reason or run.end_reason, "signal": signals.received,
             "words_seen": run.words_seen, "milestones": [milestone_name(m) for m in sorted(run.tracker.done)],
             "last_checkpoint": self.last_saved, "resumed_from": run.resumed_from,
-            "final_loss": None if self.last_row is None else self.last_row["loss"],
+            "final_loss": None if last is None else last["loss"],
+            "final_losses": None if last is None else {k: last[k] for k in ("text_loss", "image_loss") if k in last},
+            "final_loss_steps": None if last is None else last["interval_steps"],
+            "held_out_loss": self.last_validation,
             "eval": self.last_eval, "eval_at_start": self.start_eval,
             "skipped": run.pipeline.summary.skips.total,
             "wall_time_s": round(time.monotonic() - run.started, 1),
         }
+
+
+def _already_complete(finished: dict) -> dict[str, Any]:
+    """The summary of a rerun of a finished command, which changes nothing."""
+    result = {"workdir": finished["workdir"], "steps": finished["step"], "total_steps": finished["total_steps"],
+              "stopped_by": "already complete", "signal": None, "words_seen": finished["words_seen"],
+              "milestones": [milestone_name(m) for m in finished["milestones"]],
+              "last_checkpoint": finished["step"], "resumed_from": finished["step"], "final_loss": None,
+              "held_out_loss": None, "eval": finished["eval"], "eval_at_start": None, "skipped": 0,
+              "wall_time_s": 0.0}
+    if jax.process_index() == 0:
+        print(f"already complete at step {finished['step']} in {finished['workdir']}: nothing to do "
+              f"(a new run needs a new workdir)", flush=True)
+        print(json.dumps({"summary": result}), flush=True)
+    return result
 
 
 def step_row(stats: Sequence[BatchStats], metrics: dict[str, float], words_seen: int, step_time: float,
@@ -299,7 +397,8 @@ def step_row(stats: Sequence[BatchStats], metrics: dict[str, float], words_seen:
     # Model FLOPs of the decoder on the real (non-padding) tokens; the vision tower is not counted.
     flops = sum((s.rows * s.seq_len - s.padding_tokens) * lm_flops_per_token(lm_config, s.seq_len) for s in stats)
     row = {
-        "loss": metrics["loss"],
+        "loss": metrics["loss"],  # a logged row replaces it by the interval's mean (LogInterval)
+        "step_loss": metrics["loss"],
         "lr": metrics["lr"],
         "grad_norm": metrics["grad_norm"],
         "tokens": tokens,
@@ -328,6 +427,9 @@ def train(config: ExperimentConfig, workdir: Optional[str] = None, *, hooks: Seq
     `hooks` run after the steps they are due at, with the state; `compiler_options` are XLA
     options for the jitted functions (TrainStep).
     """
+    finished = finished_run(config, workdir)
+    if finished is not None:
+        return _already_complete(finished)
     run = setup(config, workdir, compiler_options=compiler_options)
     if run.primary:
         print(banner(run), flush=True)
@@ -345,17 +447,25 @@ def train(config: ExperimentConfig, workdir: Optional[str] = None, *, hooks: Seq
 
 
 def format_summary(result: dict, chances: dict[str, float]) -> str:
-    """The closing lines a person reads: what ran, where it stopped, how well it scores."""
-    loss = "n/a" if result["final_loss"] is None else f"{result['final_loss']:.4f}"
+    """The closing lines a person reads: what ran, where it stopped, its losses, how well it scores."""
     lines = [f"== {result['workdir']}: {result['steps']} steps (stopped by {result['stopped_by']}), "
-             f"{result['words_seen']:,} words seen, final loss {loss}, last checkpoint "
-             f"{result['last_checkpoint']}, {result['wall_time_s']} s"]
+             f"{result['words_seen']:,} words seen, last checkpoint {result['last_checkpoint']}, "
+             f"{result['wall_time_s']} s"]
+    if result["final_loss"] is not None:
+        per_modality = ", ".join(f"{k.removesuffix('_loss')} {v:.4f}" for k, v in result["final_losses"].items())
+        lines.append(f"   training loss {result['final_loss']:.4f} over the last {result['final_loss_steps']} steps"
+                     + (f" ({per_modality})" if per_modality else ""))
+    held_out = result["held_out_loss"]
+    if held_out:
+        per_modality = ", ".join(f"{m} {held_out[f'val_{m}_loss']:.4f}" for m in MODALITIES
+                                 if f"val_{m}_loss" in held_out)
+        lines.append(f"   held-out loss {held_out['val_loss']:.4f}" + (f" ({per_modality})" if per_modality else ""))
     if result["skipped"]:
         lines.append(f"   {result['skipped']} bad records skipped (data.on_bad_record: skip; reasons in run.json)")
     for key, accuracy in (result["eval"] or {}).items():
         extra = [f"chance {chances[key]:.1f}%"] if key in chances else []
         if result["eval_at_start"] and key in result["eval_at_start"]:
-            extra.insert(0, f"untrained {result['eval_at_start'][key]:.1f}%")
+            extra.insert(0, f"at start {result['eval_at_start'][key]:.1f}%")
         name = key.removeprefix("eval/").removesuffix("/accuracy")
         lines.append(f"   {name}: {accuracy:.1f}% ({', '.join(extra)})")
     return "\n".join(lines)

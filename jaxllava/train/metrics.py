@@ -126,7 +126,9 @@ class MetricsLogger:
             from tensorboardX import SummaryWriter
             self._writer = SummaryWriter(logdir=os.path.join(workdir, TENSORBOARD_DIR))
         self.stream = stream or sys.stdout
-        self.progress = progress and self.stream.isatty()
+        self.progress = progress
+        # A terminal gets one line rewritten in place; a pipe (SLURM, nohup, CI) a plain line per row.
+        self._terminal = self.stream.isatty()
         self.total_steps = total_steps
         self._start_time = time.monotonic()
         self._start_step: Optional[int] = None
@@ -156,7 +158,7 @@ class MetricsLogger:
                     # "eval/blimp/text/accuracy" keeps its own group; plain names go under train/
                     self._writer.add_scalar(name if "/" in name else f"train/{name}", value, step)
             self._writer.flush()
-        if self.progress:
+        if self.progress and "loss" in row:
             self._progress_line(step, row)
 
     def _progress_line(self, step: int, row: dict) -> None:
@@ -164,7 +166,9 @@ class MetricsLogger:
             self._start_step, self._start_time = step, time.monotonic()
         parts = [f"step {step}" + (f"/{self.total_steps}" if self.total_steps else "")]
         if isinstance(row.get("loss"), float):
-            parts.append(f"loss {row['loss']:.4f}")
+            by_modality = ", ".join(f"{m} {row[f'{m}_loss']:.4f}" for m in ("text", "image")
+                                    if isinstance(row.get(f"{m}_loss"), float))
+            parts.append(f"loss {row['loss']:.4f}" + (f" ({by_modality})" if by_modality else ""))
         if isinstance(row.get("tokens_per_s"), (int, float)):
             parts.append(f"{row['tokens_per_s']:,.0f} tok/s")
         if row.get("words_seen") is not None:
@@ -173,11 +177,14 @@ class MetricsLogger:
         if self.total_steps and done > 0:
             rate = (time.monotonic() - self._start_time) / done
             parts.append(f"ETA {_format_duration(rate * (self.total_steps - step))}")
-        self.stream.write("\r" + " | ".join(parts) + "\033[K")
+        if self._terminal:
+            self.stream.write("\r" + " | ".join(parts) + "\033[K")
+        else:
+            self.stream.write(" | ".join(parts) + "\n")
         self.stream.flush()
 
     def close(self) -> None:
-        if self.progress:
+        if self.progress and self._terminal:
             self.stream.write("\n")
             self.stream.flush()
         self._file.close()

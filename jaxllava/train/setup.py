@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import time
 from typing import Any, Optional, Sequence
 
@@ -23,12 +24,15 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxllava.checkpoint import Checkpointer, load_checkpoint_params, read_checkpoint_config
-from jaxllava.config import ExperimentConfig, config_to_dict, dump_yaml
+from jaxllava.checkpoint import (CHECKPOINTS_DIR, META, PREPROCESSOR_CONFIG, RUN, TOKENIZER_DIR, AssetsSave,
+                                 Checkpointer, complete_steps, load_checkpoint_params, read_checkpoint_config,
+                                 read_json_item, read_meta)
+from jaxllava.config import ExperimentConfig, config_differences, config_to_dict, dump_yaml
 from jaxllava.data.batch import BatchStats
 from jaxllava.data.pipeline import DataPipeline
-from jaxllava.data.tokenizer import check_vocabulary
-from jaxllava.errors import ConfigError, TrainingError
+from jaxllava.data.tokenizer import (TokenizerCoverage, check_vocabulary, copy_tokenizer, load_tokenizer,
+                                     table_coverage, vocabulary_difference)
+from jaxllava.errors import ConfigError, ConversionError, TrainingError
 from jaxllava.eval.evaluator import MinimalPairEvaluator
 from jaxllava.model.config import ModelConfig
 from jaxllava.model.llava import LlavaModel
@@ -37,6 +41,7 @@ from jaxllava.provenance import data_fingerprint, run_record, write_run_json
 from jaxllava.train.config import MeshConfig
 from jaxllava.train.metrics import MetricsLogger, StepProfiler
 from jaxllava.train.milestones import BABYLM_MILESTONES, MilestoneTracker
+from jaxllava.train.optimizer import path_str
 from jaxllava.train.step import TrainStep
 
 # Config sections whose change would alter the trajectory of a resumed run, and the
@@ -60,6 +65,7 @@ class Run:
     profiler: StepProfiler
     evaluator: Optional[MinimalPairEvaluator]
     record: dict  # provenance, stored in every checkpoint
+    assets: AssetsSave  # copied into every checkpoint: the tokenizer (and preprocessor config)
     total_steps: int
     end_reason: str  # "steps", "data" or "word_budget": what the schedule's horizon is
     state: dict
@@ -67,7 +73,30 @@ class Run:
     words_seen: int
     tracker: MilestoneTracker
     resumed_from: Optional[int]
+    log_interval: dict  # the metrics interval in progress at the checkpoint (loop.LogInterval)
+    warnings: list[str]  # said in the start banner
+    coverage: TokenizerCoverage  # <unk> rate and split words of the trained text
     started: float = dataclasses.field(default_factory=time.monotonic)
+
+
+def finished_run(config: ExperimentConfig, workdir: Optional[str] = None) -> Optional[dict]:
+    """The last checkpoint's step, words and metadata when the run in `workdir` already reached its
+    planned last step with this config, else None: read from the checkpoint's JSON alone, so a rerun
+    of a finished command builds nothing, trains nothing and writes nothing."""
+    workdir = os.path.abspath(workdir or config.train.workdir)
+    steps = complete_steps(os.path.join(workdir, CHECKPOINTS_DIR))
+    if not steps:
+        return None
+    step_dir = os.path.join(workdir, CHECKPOINTS_DIR, str(steps[-1]))
+    try:
+        record, meta = read_json_item(step_dir, RUN), read_json_item(step_dir, META)
+    except ConversionError:
+        return None  # setup reports what is wrong with it
+    total = record.get("total_steps")
+    if total is None or steps[-1] < total or resume_mismatch(record.get("config", {}), config_to_dict(config)):
+        return None
+    return {"workdir": workdir, "step": steps[-1], "total_steps": total, "words_seen": meta.get("words_seen"),
+            "milestones": meta.get("milestones_done", []), "eval": meta.get("eval")}
 
 
 def maybe_initialize_distributed(mesh: MeshConfig) -> None:
@@ -87,12 +116,13 @@ def maybe_initialize_distributed(mesh: MeshConfig) -> None:
 
 
 def plan_steps(stats: Sequence[BatchStats], grad_accum: int, steps: Optional[int],
-               word_budget: Optional[int]) -> tuple[int, str]:
+               word_budget: Optional[int], words_before: int = 0) -> tuple[int, str]:
     """(optimizer steps the run will take, why it ends): the one place the run's end is decided,
     and the learning-rate schedule's horizon.
 
     The data plan is fixed before training, so the step at which the word budget is
     reached is known exactly; the last step of the data may hold fewer microbatches.
+    `words_before`: words counted before this run's first step (train.init_from_words: continue).
     """
     available = -(-len(stats) // grad_accum)
     if steps is not None and steps > available:
@@ -100,12 +130,15 @@ def plan_steps(stats: Sequence[BatchStats], grad_accum: int, steps: Optional[int
                           f"data.epochs give {len(stats)} ({available} steps): raise data.epochs or lower train.steps")
     horizon, reason = (steps, "steps") if steps is not None else (available, "data")
     if word_budget is not None:
-        words = np.cumsum([sum(s.words for s in stats[i:i + grad_accum]) for i in range(0, len(stats), grad_accum)])
+        words = words_before + np.cumsum([sum(s.words for s in stats[i:i + grad_accum])
+                                          for i in range(0, len(stats), grad_accum)])
         reach = int(np.searchsorted(words, word_budget, side="left")) + 1  # first step whose total reaches it
         if reach <= horizon:
             horizon, reason = reach, "word_budget"
     if horizon < 1:
-        raise ConfigError("the data gives no microbatch to train on")
+        raise ConfigError("the data gives no microbatch to train on" if words_before < (word_budget or 1) else
+                          f"train.word_budget={word_budget} is already reached by the {words_before:,} words "
+                          f"carried over from train.init_from (train.init_from_words: continue)")
     return horizon, reason
 
 
@@ -134,23 +167,44 @@ def create_model(model_config: ModelConfig, mesh, seed: int, *, compiler_options
     return nnx.merge(graphdef, state)
 
 
-def _params_from_checkpoint(config: ExperimentConfig, params: nnx.State) -> nnx.State:
-    """`params` with their values from `config.train.init_from`, kept in their shardings."""
+@dataclasses.dataclass
+class _Start:
+    """Where a run starts: fresh, from `train.init_from`, or resumed from its own checkpoint."""
+
+    state: dict
+    step: int
+    words_seen: int
+    tracker: MilestoneTracker
+    resumed_from: Optional[int]
+    log_interval: dict
+
+
+def _init_from(config: ExperimentConfig, params: nnx.State, tokenizer) -> tuple[nnx.State, int]:
+    """`params` with their values from `config.train.init_from`, kept in their shardings, and the
+    words that checkpoint had seen. Its model must be this config's, and its tokenizer this
+    data's (ids that meant other words would silently retrain the embedding)."""
     source = config.train.init_from
     stored, _, _ = read_checkpoint_config(source)
     if stored.model != config.model:
-        mine, theirs = config_to_dict(config.model), config_to_dict(stored.model)
         raise ConfigError(f"train.init_from={source}: its model differs from this config's in "
-                          f"{', '.join(f'model.{k}' for k in mine if mine[k] != theirs[k])}")
+                          + "; ".join(config_differences(config.model, stored.model, "model"))
+                          + " (this config's value first)")
+    if not config.train.init_from_other_tokenizer:
+        difference = vocabulary_difference(tokenizer, load_tokenizer(stored.data.tokenizer),
+                                           names=(f"data.tokenizer={config.data.tokenizer}",
+                                                  f"the tokenizer of train.init_from={source}"))
+        if difference:
+            raise ConfigError(f"train.init_from={source}: the data tokenizer's vocabulary differs from the one the "
+                              f"model was trained with: {difference}; use that tokenizer, or set "
+                              f"train.init_from_other_tokenizer=true to train with it anyway")
     shardings = nnx.to_pure_dict(jax.tree.map(lambda x: x.sharding, params))
     _, values, _ = load_checkpoint_params(source, shardings=shardings)
     nnx.replace_by_pure_dict(params, values)
-    return params
+    return params, int(read_meta(source).get("words_seen") or 0)
 
 
-def _start_or_resume(config: ExperimentConfig, workdir: str, trainer: TrainStep, params, checkpointer: Checkpointer,
-                     iterator) -> tuple[dict, int, int, MilestoneTracker, Optional[int]]:
-    """(train state, step, words seen, milestone tracker, step resumed from or None)."""
+def _start_or_resume(config: ExperimentConfig, workdir: str, trainer: TrainStep, params, init_words: int,
+                     checkpointer: Checkpointer, iterator) -> _Start:
     milestone_words = config.checkpoint.milestone_words or BABYLM_MILESTONES
     imported = checkpointer.latest_meta().get("imported_from")
     if imported:
@@ -158,23 +212,49 @@ def _start_or_resume(config: ExperimentConfig, workdir: str, trainer: TrainStep,
                             f"start a new run from it with --set train.init_from={workdir}")
     restored = checkpointer.restore_latest(trainer.abstract)
     if restored is None:
-        return trainer.init_state(params), 0, 0, MilestoneTracker(milestone_words), None
+        tracker = MilestoneTracker(milestone_words, done=[m for m in milestone_words if m <= init_words])
+        return _Start(trainer.init_state(params), 0, init_words, tracker, None, {})
     mismatch = resume_mismatch(restored.run.get("config", {}), config_to_dict(config))
     if mismatch:
         raise TrainingError(f"{workdir}: cannot resume step {restored.step}: the config differs from the "
                             f"checkpoint's in {', '.join(mismatch)} (use a new workdir)")
     iterator.set_state(restored.data_state)
     tracker = MilestoneTracker(milestone_words, done=restored.meta["milestones_done"])
-    return restored.state, restored.step, int(restored.meta["words_seen"]), tracker, restored.step
+    return _Start(restored.state, restored.step, int(restored.meta["words_seen"]), tracker, restored.step,
+                  restored.meta.get("log_interval", {}))
+
+
+def parameter_counts(params: nnx.State, manifest: dict[str, bool]) -> dict[str, dict[str, int]]:
+    """{part: {"total": n, "trainable": m}} and "all", from the parameter shapes and what trains."""
+    counts: dict[str, dict[str, int]] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        name = path_str(path)
+        size = int(np.prod(leaf.shape))
+        for part in (name.split("/")[0], "all"):
+            entry = counts.setdefault(part, {"total": 0, "trainable": 0})
+            entry["total"] += size
+            entry["trainable"] += size if manifest.get(name, False) else 0
+    return counts
+
+
+def _untrained_frozen_parts(config: ExperimentConfig, counts: dict, pretrained: bool) -> list[str]:
+    """Warnings for frozen parts that start from a random initialisation: allowed (tests, the bundled
+    sample), but a frozen random tower only adds noise, so it is said."""
+    if pretrained:
+        return []
+    return [f"warning: model part {part!r} is frozen (optim.parts.{part}.train: false) but starts from a random "
+            f"initialisation: import pretrained weights (launch.py convert import-hf) and start from them with "
+            f"train.init_from" for part, entry in counts.items()
+            if part != "all" and entry["total"] and not entry["trainable"]]
 
 
 def _check_rows_split_evenly(config: ExperimentConfig, mesh) -> None:
     """Microbatch rows are split over the mesh's batch axes (data × fsdp). Rows that do not divide
     evenly stay replicated, which one process tolerates (slower) but several processes cannot:
     each would hold rows another needs."""
-    shards = batch_shards(mesh)
     if jax.process_count() == 1:
         return
+    shards = batch_shards(mesh)
     for name in ("text_rows", "image_rows"):
         rows = getattr(config.data, name)
         if rows % shards:
@@ -182,17 +262,32 @@ def _check_rows_split_evenly(config: ExperimentConfig, mesh) -> None:
                               f"(mesh.data × mesh.fsdp) when training with {jax.process_count()} processes")
 
 
-def _provenance(config: ExperimentConfig, mesh, pipeline: DataPipeline) -> dict:
+def _provenance(config: ExperimentConfig, mesh, pipeline: DataPipeline, coverage: TokenizerCoverage) -> dict:
     summary = pipeline.summary
     skips = summary.skips
     return run_record(config, mesh, {
         **data_fingerprint([s.path for s in config.data.sources],
-                           {"text": summary.text_samples, "image": summary.image_samples},
+                           {"text": summary.text_samples, "image": summary.image_samples,
+                            "held_out": summary.held_out_samples},
                            sha256=summary.files_sha256),
-        "pipeline_sha256": summary.fingerprint, "words_per_epoch": summary.words,
+        "pipeline_sha256": summary.fingerprint, "words_per_epoch": summary.words_per_epoch,
         "skipped": {"total": skips.total, "by_reason": dict(skips.counts), "examples": skips.examples},
+        "tokenizer": coverage.as_dict(),
         # the resolved pixel settings, wherever they came from (README pitfall 12)
         "image_processing": dataclasses.asdict(pipeline.processing) if pipeline.processing else None})
+
+
+def _copy_assets(config: ExperimentConfig, workdir: str, primary: bool) -> AssetsSave:
+    """Copy the tokenizer (and the preprocessor config) into the work directory, where evaluation
+    and export read them and every checkpoint takes its own copy from, so a moved run still works."""
+    tokenizer = os.path.join(workdir, TOKENIZER_DIR)
+    preprocessor = os.path.join(workdir, PREPROCESSOR_CONFIG) if config.data.image.preprocessor_config else None
+    if primary:
+        if not os.path.isdir(tokenizer):
+            copy_tokenizer(config.data.tokenizer, tokenizer, config.model.lm.vocab_size)
+        if preprocessor and not os.path.exists(preprocessor):
+            shutil.copy(config.data.image.preprocessor_config, preprocessor)
+    return AssetsSave(tokenizer=tokenizer, preprocessor_config=preprocessor)
 
 
 def _write_run_files(workdir: str, config: ExperimentConfig, record: dict, manifest: dict[str, bool]) -> None:
@@ -205,23 +300,35 @@ def _write_run_files(workdir: str, config: ExperimentConfig, record: dict, manif
 
 
 def banner(run: Run) -> str:
-    """What a person reads before the first step: the data it will feed, and where the run starts."""
+    """What a person reads before the first step: the data it will feed, the model, where the run starts."""
     summary = run.pipeline.summary
-    lines = [f"data: {summary.text_samples} text-only and {summary.image_samples} image samples, "
-             f"{summary.words:,} words per epoch; {run.total_steps} optimizer steps (ends by {run.end_reason})"]
+    counts = run.record["parameters"]
+    parts = ", ".join(f"{part} {c['total']:,} ({c['trainable']:,} trained)" for part, c in counts.items()
+                      if part != "all")
+    lines = [f"data: {summary.text_samples} text-only and {summary.image_samples} image samples"
+             + (f" (+{summary.held_out_samples} held out)" if summary.held_out_samples else "")
+             + f", {summary.words_per_epoch:,} words per epoch; {run.total_steps} optimizer steps (ends by "
+             f"{run.end_reason})",
+             f"parameters: {counts['all']['total']:,}, {counts['all']['trainable']:,} trained: {parts}"]
+    lines.append(run.coverage.summary_line())
+    lines += [f"warning: {w}" for w in run.coverage.warnings()]
     if summary.skips.total:
         lines += summary.skips.summary_lines()
-    if run.resumed_from is None:
-        lines.append(f"starting a new run in {run.workdir}")
-    else:
+    lines += run.warnings
+    if run.resumed_from is not None:
         lines.append(f"resuming from step {run.resumed_from} ({run.words_seen:,} words seen) in {run.workdir}")
+    elif run.config.train.init_from:
+        how = (f"words seen continue from its {run.words_seen:,}" if run.config.train.init_from_words == "continue"
+               else "words seen restart at 0")
+        lines.append(f"starting a new run in {run.workdir} from {run.config.train.init_from} ({how})")
+    else:
+        lines.append(f"starting a new run in {run.workdir}")
     return "\n".join(lines)
 
 
 def setup(config: ExperimentConfig, workdir: Optional[str] = None, *,
           compiler_options: Optional[dict] = None) -> Run:
-    """Build everything the step loop needs; the caller closes `run.checkpointer`, `run.logger`,
-    `run.profiler` and `run.iterator` when done (see loop.py)."""
+    """Build everything the step loop needs; `close(run)` releases it."""
     workdir = os.path.abspath(workdir or config.train.workdir)
     maybe_initialize_distributed(config.mesh)
     primary = jax.process_index() == 0
@@ -235,31 +342,35 @@ def setup(config: ExperimentConfig, workdir: Optional[str] = None, *,
                             image_size=vision.image_size if vision else None,
                             process_index=jax.process_index(), process_count=jax.process_count())
     check_vocabulary(pipeline.tokenizer, config.model.lm.vocab_size, f"data.tokenizer={config.data.tokenizer}")
-    total_steps, end_reason = plan_steps(list(pipeline.stats()), config.train.grad_accum, config.train.steps,
-                                         config.train.word_budget)
+    coverage = table_coverage(pipeline.tokenizer, pipeline.table)
 
     model = create_model(config.model, mesh, config.train.seed, compiler_options=compiler_options)
+    params = nnx.split(model, nnx.Param, ...)[1]
+    init_words, pretrained = 0, Checkpointer.has_checkpoint(workdir)
+    if config.train.init_from and not pretrained:
+        params, words = _init_from(config, params, pipeline.tokenizer)
+        init_words, pretrained = (words if config.train.init_from_words == "continue" else 0), True
+    total_steps, end_reason = plan_steps(list(pipeline.stats()), config.train.grad_accum, config.train.steps,
+                                         config.train.word_budget, words_before=init_words)
     trainer = TrainStep(model, config.optim, total_steps, mesh, seed=config.train.seed,
                         compiler_options=compiler_options)
-    params = nnx.split(model, nnx.Param, ...)[1]
     del model
-    if config.train.init_from and not Checkpointer.has_checkpoint(workdir):
-        params = _params_from_checkpoint(config, params)
 
     checkpointer = Checkpointer(workdir, config.checkpoint)
     iterator = pipeline.iterator()
     try:
-        state, step, words_seen, tracker, resumed_from = _start_or_resume(config, workdir, trainer, params,
-                                                                         checkpointer, iterator)
-        record = _provenance(config, mesh, pipeline)
-        record.update(resumed_from_step=resumed_from, total_steps=total_steps, ends_by=end_reason)
-        logger = None
+        start = _start_or_resume(config, workdir, trainer, params, init_words, checkpointer, iterator)
+        record = _provenance(config, mesh, pipeline, coverage)
+        counts = parameter_counts(params, trainer.manifest)
+        record.update(resumed_from_step=start.resumed_from, total_steps=total_steps, ends_by=end_reason,
+                      parameters=counts)
+        logger, assets = None, _copy_assets(config, workdir, primary)
         if primary:
             _write_run_files(workdir, config, record, trainer.manifest)
             # A new run starts a new metrics file; a resumed one keeps the rows up to its checkpoint.
             logger = MetricsLogger(workdir, tensorboard=config.logging.tensorboard,
                                    progress=config.logging.progress, total_steps=total_steps,
-                                   keep_through_step=-1 if resumed_from is None else resumed_from)
+                                   keep_through_step=-1 if start.resumed_from is None else start.resumed_from)
         evaluator = (MinimalPairEvaluator.from_config(config.eval, pipeline.tokenizer)
                      if config.eval.tasks else None)
     except BaseException:
@@ -268,10 +379,13 @@ def setup(config: ExperimentConfig, workdir: Optional[str] = None, *,
         raise
     profiler = StepProfiler(config.logging.profile_steps, os.path.join(workdir, "profile",
                                                                        f"process_{jax.process_index()}"))
+    warnings = _untrained_frozen_parts(config, counts, pretrained or start.resumed_from is not None)
     return Run(config=config, workdir=workdir, primary=primary, pipeline=pipeline, iterator=iterator,
                trainer=trainer, checkpointer=checkpointer, logger=logger, profiler=profiler, evaluator=evaluator,
-               record=record, total_steps=total_steps, end_reason=end_reason, state=state, step=step,
-               words_seen=words_seen, tracker=tracker, resumed_from=resumed_from)
+               record=record, assets=assets, total_steps=total_steps, end_reason=end_reason, state=start.state,
+               step=start.step, words_seen=start.words_seen, tracker=start.tracker,
+               resumed_from=start.resumed_from, log_interval=start.log_interval, warnings=warnings,
+               coverage=coverage)
 
 
 def _close_iterator(iterator) -> None:

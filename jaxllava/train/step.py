@@ -148,13 +148,19 @@ def _fresh_state(params, *, spec: StepSpec):
     return spec.constrain(state)
 
 
+MODALITIES = ("text", "image")
+
+
 def _zero_accumulator(params, *, spec: StepSpec):
     trainable, _ = spec.split(params)
-    return spec.constrain({"grads": jax.tree.map(jnp.zeros_like, trainable), "ce": jnp.zeros((), jnp.float32),
-                           "tokens": jnp.zeros((), jnp.int32)})
+    return spec.constrain({"grads": jax.tree.map(jnp.zeros_like, trainable),
+                           "ce": {m: jnp.zeros((), jnp.float32) for m in MODALITIES},
+                           "tokens": {m: jnp.zeros((), jnp.int32) for m in MODALITIES}})
 
 
 def _accumulate(params, rest, accum, batch, *, spec: StepSpec):
+    """Add one microbatch's gradient and its Σ CE and target count, kept per modality (the batch
+    type says which, at trace time) so the text and image losses can be logged apart."""
     trainable, frozen = spec.split(params)
 
     def loss(trainable):
@@ -164,15 +170,24 @@ def _accumulate(params, rest, accum, batch, *, spec: StepSpec):
 
     with activation_sharding(spec.mesh, spec.rules_dict):
         grads, (ce, tokens) = jax.grad(loss, has_aux=True)(trainable)
-    return spec.constrain({"grads": jax.tree.map(jnp.add, accum["grads"], grads), "ce": accum["ce"] + ce,
-                           "tokens": accum["tokens"] + tokens})
+    ce_sums, token_sums = dict(accum["ce"]), dict(accum["tokens"])
+    ce_sums[batch.modality] += ce
+    token_sums[batch.modality] += tokens
+    return spec.constrain({"grads": jax.tree.map(jnp.add, accum["grads"], grads), "ce": ce_sums,
+                           "tokens": token_sums})
+
+
+def _loss_sums(params, rest, batch, *, spec: StepSpec):
+    """(Σ CE, target tokens) of one microbatch, forward only: the held-out loss."""
+    with activation_sharding(spec.mesh, spec.rules_dict):
+        return microbatch_loss(nnx.merge(spec.graphdef, params, rest), batch, spec.loss_chunk)
 
 
 def _update(state, accum, *, spec: StepSpec):
     params = state["params"]
     tx, schedule = spec.optimizer(params)
     trainable, frozen = spec.split(params)
-    tokens = jnp.maximum(accum["tokens"], 1).astype(jnp.float32)
+    tokens = jnp.maximum(sum(accum["tokens"].values()), 1).astype(jnp.float32)
     grads = jax.tree.map(lambda g: g / tokens, accum["grads"])
     # The optimizer sees the whole tree (frozen parts get zero updates and hold no
     # state); only the trainable part is written back, the frozen one passes through.
@@ -180,8 +195,10 @@ def _update(state, accum, *, spec: StepSpec):
     updates, opt_state = tx.update(full_grads, state["opt_state"], params)
     trainable_updates, _ = spec.split(updates)
     new_params = nnx.merge_state(optax.apply_updates(trainable, trainable_updates), frozen)
-    metrics = {"loss": accum["ce"] / tokens, "grad_norm": global_norm(grads), "lr": schedule(state["step"]),
-               "target_tokens": accum["tokens"]}
+    metrics = {"loss": sum(accum["ce"].values()) / tokens, "grad_norm": global_norm(grads),
+               "lr": schedule(state["step"]), "target_tokens": sum(accum["tokens"].values()),
+               **{f"{m}_ce": accum["ce"][m] for m in MODALITIES},
+               **{f"{m}_target_tokens": accum["tokens"][m] for m in MODALITIES}}
     new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
     return spec.constrain(new_state), metrics
 
@@ -222,6 +239,7 @@ class TrainStep:
         self._zeros = _jitted(_zero_accumulator, compiler_options)
         self._accumulate = _jitted(_accumulate, compiler_options, donate_argnums=(2,))
         self._update = _jitted(_update, compiler_options, donate_argnums=(0,))
+        self._loss_sums = _jitted(_loss_sums, compiler_options)
 
     def init_state(self, params: nnx.State) -> dict:
         """The train state for fresh parameters, placed on the mesh."""
@@ -250,6 +268,10 @@ class TrainStep:
         for batch in batches:
             accum = self._accumulate(state["params"], self.rest, accum, batch, spec=spec)
         return self._update(state, accum, spec=self.spec)
+
+    def loss_sums(self, state: dict, batch: Microbatch) -> tuple[jax.Array, jax.Array]:
+        """(Σ CE, target tokens) of one device microbatch under the current parameters, no update."""
+        return self._loss_sums(state["params"], self.rest, batch, spec=self.spec.for_gradients())
 
     @staticmethod
     def compile_count() -> int:
