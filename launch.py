@@ -30,9 +30,7 @@ def cmd_inspect_data(args) -> int:
     from jaxllava.data.tokenizer import check_vocabulary
 
     config = load_config(args.config, args.overrides)
-    vision = config.model.vision
-    pipeline = DataPipeline(config.data, image_tokens=config.model.image_tokens,
-                            image_size=vision.image_size if vision else None)
+    pipeline = DataPipeline.for_model(config.data, config.model)
     check_vocabulary(pipeline.tokenizer, config.model.lm.vocab_size, f"data.tokenizer={config.data.tokenizer}")
     inspect(pipeline, args.batches, sys.stdout, microbatches_per_step=config.train.grad_accum)
     return 0
@@ -57,8 +55,9 @@ def cmd_cache_images(args) -> int:
     from jaxllava.errors import ConfigError
 
     config = load_config(args.config, args.overrides)
-    if config.model.vision is None:
-        raise ConfigError(f"{args.config}: the config has no model.vision: there are no images to cache")
+    if config.model.vision is None or config.model.vision.kind == "features":
+        raise ConfigError(f"{args.config}: the model has no vision tower (model.vision is null or reads features): "
+                          f"there are no images to cache")
     processing = image_processing_for(config.data, config.model.vision.image_size)
     result = cache_images(config.data, processing, args.out, workers=args.workers)
     print(f"cached {result.images} images under {args.out}")

@@ -63,9 +63,7 @@ def time_loop(config, warmup: int, steps: int) -> dict:
 
 def time_step(config, warmup: int, steps: int) -> tuple[dict, int, float]:
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    vision = config.model.vision
-    pipeline = DataPipeline(config.data, image_tokens=config.model.image_tokens,
-                            image_size=vision.image_size if vision else None)
+    pipeline = DataPipeline.for_model(config.data, config.model)
     total, _ = plan_steps(list(pipeline.stats()), config.train.grad_accum, config.train.steps,
                           config.train.word_budget)
     model = create_model(config.model, mesh, config.train.seed)

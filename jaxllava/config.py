@@ -303,6 +303,8 @@ def _absolute(value: Any, origin: str) -> Any:
     came from; a `--set` value or one built in code resolves against the working directory."""
     if isinstance(value, dict):
         return {k: _absolute(v, origin) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return tuple(_absolute(v, origin) for v in value)
     if not isinstance(value, str) or not value:
         return value
     base = os.path.dirname(os.path.abspath(origin)) if os.path.isfile(origin) else os.getcwd()

@@ -14,7 +14,19 @@ PRESETS = sorted(glob.glob("configs/presets/*/*.yaml"))
 
 
 def test_the_shipped_configs_are_the_documented_ones():
-    assert {"configs/tiny.yaml", "configs/babylm_reference.yaml", "configs/llama_1b_multigpu.yaml"} <= set(EXPERIMENTS)
+    assert {"configs/tiny.yaml", "configs/babylm_reference.yaml", "configs/llama_1b_multigpu.yaml",
+            "configs/babylm_2025_multimodal.yaml"} <= set(EXPERIMENTS)
+
+
+def test_babylm_2025_config_reads_the_files_as_distributed():
+    config = load_config("configs/babylm_2025_multimodal.yaml")
+    text, narratives, cc3m = config.data.sources
+    assert text.format == "text" and text.path.endswith("data/babylm_2025/train_50M/*.train")
+    assert narratives.format == cc3m.format == "captions"
+    assert [p.rsplit("/", 1)[-1] for p in cc3m.features] == ["cc_3M_dino_v2_states_1of2.npy",
+                                                             "cc_3M_dino_v2_states_2of2.npy"]
+    assert config.model.vision.kind == "features" and config.model.vision.hidden_size == 768
+    assert config.model.image_tokens == config.model.projector.expand  # one vector, expanded
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS + PRESETS)
@@ -24,7 +36,9 @@ def test_config_loads_validates_and_its_model_can_be_built(path):
     config = load_config(path, [] if path in EXPERIMENTS else ["data.buckets=[32]"])
     # Shapes only (no memory): the model the config describes is consistent.
     model = nnx.eval_shape(lambda: LlavaModel(config.model, rngs=nnx.Rngs(0)))
-    assert (model.vision is None) == (config.model.vision is None)
+    has_tower = config.model.vision is not None and config.model.vision.kind != "features"
+    assert (model.vision is not None) == has_tower
+    assert (model.projector is None) == (config.model.vision is None)
 
 
 def test_babylm_reference_config_states_the_reference_run():

@@ -11,7 +11,7 @@ import transformers
 from flax import nnx
 
 from jaxllava.errors import ConfigError
-from jaxllava.model.config import LlamaConfig, ModelConfig, ProjectorConfig, ResamplerConfig
+from jaxllava.model.config import LlamaConfig, ModelConfig, ProjectorConfig, ResamplerConfig, VisionConfig
 from jaxllava.convert.checkpoint_files import CheckpointTensors, read_config
 from jaxllava.convert.hf_configs import llama_config_from_hf, vision_config_from_hf
 from jaxllava.convert.weights import load_hf_llama_weights, load_hf_vision_weights, load_projector_weights
@@ -131,7 +131,8 @@ def _uses_vision_params(model: LlavaModel, batch, names) -> bool:
     arrays = _device(batch, names)
     closed = jax.make_jaxpr(lambda vp: nnx.merge(graphdef, vp, rest)(
         arrays["input_ids"], segment_ids=arrays["segment_ids"], positions=arrays["positions"],
-        pixels=arrays.get("pixels"), image_mask=arrays.get("image_mask")))(vision_params)
+        pixels=arrays.get("pixels"), image_mask=arrays.get("image_mask"), features=arrays.get("features")))(
+        vision_params)
     inputs = {id(v) for v in closed.jaxpr.invars}  # by identity: literals are unhashable
     assert len(inputs) == len(jax.tree.leaves(vision_params)) > 0
     read = [v for eqn in closed.jaxpr.eqns for v in eqn.invars] + list(closed.jaxpr.outvars)
@@ -167,3 +168,107 @@ def test_merge_writes_the_kth_vector_to_the_kth_placeholder():
     mask = jnp.asarray([[False, True, True, True, False, False], [False] * 6])
     merged = merge_image_features(embeds, features, mask)
     np.testing.assert_array_equal(merged[..., 0], [[0, 1, 2, 3, 0, 0], [0, 0, 0, 0, 0, 0]])
+
+
+# ----------------------------------------------------------------------------- features input
+
+FEATURE_WIDTH = 32
+TOWER = VisionConfig(kind="dinov2", image_size=IMAGE_SIZE, patch_size=PATCH, hidden_size=FEATURE_WIDTH,
+                     intermediate_size=64, num_layers=2, num_heads=4, pretrained_image_size=IMAGE_SIZE)
+FEATURES = VisionConfig(kind="features", hidden_size=FEATURE_WIDTH, tokens=N)  # what TOWER outputs per image
+
+
+def _params(model) -> dict:
+    return {path: np.asarray(v[...]) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+@pytest.mark.parametrize("resampler", [ResamplerConfig("perceiver", num_latents=4, num_heads=4),
+                                       ResamplerConfig("token_packer", num_latents=4, num_heads=4)],
+                         ids=lambda r: r.kind)
+def test_each_part_starts_from_the_same_values_whatever_other_parts_exist(resampler):
+    """A model reading cached features (no tower) must start where the tower model with the same seed
+    starts, so that the two runs train alike; a text-only model shares the LM's initial values too."""
+    def build(vision):
+        return _params(LlavaModel(ModelConfig(lm=TINY_LM, vision=vision, resampler=resampler, dtype="float32"),
+                                  rngs=nnx.Rngs(7)))
+
+    tower, features, text = build(TOWER), build(FEATURES), build(None)
+    assert {p[0] for p in tower} == {"lm", "vision", "resampler", "projector"}
+    assert {p[0] for p in features} == {"lm", "resampler", "projector"}  # no vision parameter at all
+    assert {p[0] for p in text} == {"lm"}
+    assert features.keys() == {p for p in tower if p[0] != "vision"}
+    for path, value in features.items():
+        np.testing.assert_array_equal(value, tower[path], err_msg=str(path))
+    for path, value in text.items():
+        np.testing.assert_array_equal(value, tower[path], err_msg=str(path))
+    # each part's stream follows the seed (norm scales and biases start constant, so "any")
+    other = _params(LlavaModel(ModelConfig(lm=TINY_LM, vision=FEATURES, resampler=resampler, dtype="float32"),
+                               rngs=nnx.Rngs(8)))
+    for part in ("lm", "resampler", "projector"):
+        changed = [not np.array_equal(v, other[p]) for p, v in features.items() if p[0] == part]
+        assert any(changed), part
+
+
+def _features_model(**projector) -> LlavaModel:
+    config = ModelConfig(lm=TINY_LM, vision=FEATURES, resampler=ResamplerConfig("identity"),
+                         projector=ProjectorConfig("mlp2x_gelu", **projector), dtype="float32", attention_impl="xla")
+    return LlavaModel(config, rngs=nnx.Rngs(0))
+
+
+def _feature_microbatch():
+    batch = _image_microbatch()
+    batch["features"] = np.random.RandomState(3).randn(3, N, FEATURE_WIDTH).astype(np.float32)
+    return batch
+
+
+FEATURE_FIELDS = TEXT_FIELDS + ("features", "image_mask")
+
+
+def test_text_only_call_of_a_features_model_never_reads_resampler_or_projector():
+    model = _features_model()
+    batch = _feature_microbatch()
+    assert model.vision is None
+    assert not _uses_vision_params(model, batch, TEXT_FIELDS)
+    assert _uses_vision_params(model, batch, FEATURE_FIELDS)
+    with_features = np.asarray(_forward_features(*nnx.split(model), _device(batch, FEATURE_FIELDS)))
+    text_only = np.asarray(_forward(*nnx.split(model), _device(batch, TEXT_FIELDS)))
+    real = batch["real"]
+    assert np.abs(text_only[:2][real[:2]] - with_features[:2][real[:2]]).max() > 1e-2  # the features matter
+
+
+@jax.jit
+def _forward_features(graphdef, state, arrays):
+    return nnx.merge(graphdef, state)(arrays["input_ids"], segment_ids=arrays["segment_ids"],
+                                      positions=arrays["positions"], features=arrays["features"],
+                                      image_mask=arrays["image_mask"])
+
+
+def test_wrong_visual_input_is_a_value_error_naming_it():
+    features_model, batch = _features_model(), _feature_microbatch()
+    tower_model = LlavaModel(ModelConfig(lm=TINY_LM, vision=TOWER, dtype="float32"), rngs=nnx.Rngs(0))
+    text_model = LlavaModel(ModelConfig(lm=TINY_LM, vision=None, dtype="float32"), rngs=nnx.Rngs(0))
+    ids, mask = jnp.asarray(batch["input_ids"]), jnp.asarray(batch["image_mask"])
+    pixels, features = jnp.asarray(batch["pixels"]), jnp.asarray(batch["features"])
+    with pytest.raises(ValueError, match="pixels given to a model without a vision tower"):
+        features_model.embed_inputs(ids, pixels, mask)
+    with pytest.raises(ValueError, match="features given to a model with a dinov2 vision tower"):
+        tower_model.embed_inputs(ids, image_mask=mask, features=features)
+    with pytest.raises(ValueError, match="features given to a text-only model"):
+        text_model.embed_inputs(ids, image_mask=mask, features=features)
+    with pytest.raises(ValueError, match="both pixels and features"):
+        tower_model.embed_inputs(ids, pixels, mask, features=features)
+    with pytest.raises(ValueError, match="features given without image_mask"):
+        features_model.embed_inputs(ids, features=features)
+    with pytest.raises(ValueError, match=r"features of shape \(3, 16, 31\).*\(B, 16, 32\)"):
+        features_model.embed_inputs(ids, image_mask=mask, features=features[..., :31])
+
+
+def test_expand_multiplies_the_image_tokens_and_the_projected_vectors():
+    model = _features_model(expand=4)
+    assert model.config.image_tokens == 4 * N
+    features = jnp.asarray(_feature_microbatch()["features"])
+    out = model.encode_features(features)
+    assert out.shape == (3, 4 * N, LM_WIDTH)
+    # each input vector owns k consecutive tokens: changing vector 5 changes tokens 20..23 only
+    changed = np.abs(np.asarray(model.encode_features(features.at[:, 5].add(1.0)) - out)).max(axis=(0, 2)) > 0
+    np.testing.assert_array_equal(np.flatnonzero(changed), np.arange(20, 24))

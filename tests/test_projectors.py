@@ -11,7 +11,7 @@ from safetensors.numpy import save_file
 
 from jaxllava.convert.checkpoint_files import CheckpointTensors
 from jaxllava.convert.weights import hf_state_dict, load_projector_weights
-from jaxllava.errors import ConversionError
+from jaxllava.errors import ConfigError, ConversionError
 from jaxllava.model.config import ProjectorConfig
 from jaxllava.model.layers import gelu_tanh
 from jaxllava.model.projectors import Projector
@@ -99,3 +99,30 @@ def test_projector_parameters_carry_logical_axes():
     for variable in jax.tree.leaves(nnx.state(projector, nnx.Param), is_leaf=lambda v: isinstance(v, nnx.Variable)):
         axes = variable.get_metadata().get("axes")
         assert axes is not None and len(axes) == variable.ndim
+
+
+@pytest.mark.parametrize("kind,depth", [("linear", 1), ("mlp2x_gelu", 2)])
+def test_expand_makes_k_consecutive_tokens_per_input_token_like_torch(kind, depth, tmp_path):
+    """expand k: the last torch Linear outputs k·D and (B, n, k·D) is viewed as (B, n·k, D), so output
+    token i·k + m is the m-th D-slice of input token i (input-token-major)."""
+    k = 4
+    torch.manual_seed(depth)
+    if kind == "linear":
+        reference = torch.nn.Linear(24, 16 * k)
+    else:
+        reference = torch.nn.Sequential(torch.nn.Linear(24, 16), torch.nn.GELU(), torch.nn.Linear(16, 16 * k))
+    projector = Projector(ProjectorConfig(kind, expand=k), 24, 16, rngs=nnx.Rngs(0))
+    assert projector.layers[-1].kernel.shape == (24 if depth == 1 else 16, 16 * k)
+    assert load_projector_weights(projector, save_with_prefix(reference, tmp_path)) == []
+    x = inputs(2)
+    with torch.no_grad():
+        wide = reference(torch.from_numpy(x)).numpy()  # (2, 5, k·16)
+    out = np.asarray(projector(jnp.asarray(x)))
+    assert out.shape == (2, 5 * k, 16)
+    np.testing.assert_allclose(out, wide.reshape(2, 5 * k, 16), rtol=0, atol=ATOL)
+    np.testing.assert_allclose(out[:, 1 * k + 2], wide[:, 1, 2 * 16:3 * 16], rtol=0, atol=ATOL)
+
+
+def test_expand_must_be_at_least_one():
+    with pytest.raises(ConfigError, match="expand"):
+        ProjectorConfig("mlp2x_gelu", expand=0)

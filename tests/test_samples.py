@@ -5,7 +5,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-from conftest import image_record, text_record, write_json, write_jsonl, write_png
+from conftest import image_record, text_record, write_jsonl, write_png
 
 from jaxllava.data.config import DataConfig
 from jaxllava.data.records import SkipReport, read_records

@@ -220,6 +220,10 @@ def import_hf(config, out: str, lm_dir: str, vision_dir: Optional[str] = None,
     from jaxllava.data.tokenizer import load_tokenizer
 
     ensure_new_output(out)
+    if config.model.vision is not None and config.model.vision.kind == "features":
+        # Without this, --vision would silently swap the features input for a tower.
+        raise ConversionError("model.vision.kind is features: the model has no vision tower, and import-hf "
+                              "does not build a features model yet (its fresh resampler and projector)")
     if config.model.vision is not None and not vision_dir:
         raise ConversionError(f"the config has a model.vision section ({config.model.vision.kind}) but no "
                               f"--vision directory was given: a tower is never left at a random init")

@@ -248,7 +248,10 @@ def export_reference(checkpoint: str, out: str) -> dict:
     if vision is None:
         raise ConversionError(f"{checkpoint}: a text-only checkpoint has no reference layout; use --what lm")
     problems = []
-    if vision.kind != "dinov2":
+    if vision.kind == "features":
+        problems.append("vision.kind 'features' (the model has no vision tower, and the reference layout "
+                        "holds its DINOv2 tower)")
+    elif vision.kind != "dinov2":
         problems.append(f"vision.kind {vision.kind!r} (the reference layout here covers its DINOv2 tower)")
     if vision.feature_layer != -1:
         problems.append(f"vision.feature_layer {vision.feature_layer} (the reference always used "
@@ -256,6 +259,9 @@ def export_reference(checkpoint: str, out: str) -> dict:
     if model_config.resampler.kind != "identity":
         problems.append(f"resampler.kind {model_config.resampler.kind!r} (the reference's resampler "
                         f"differs; only the identity maps exactly)")
+    if model_config.projector.expand != 1:
+        problems.append(f"projector.expand {model_config.projector.expand} (the reference's projector maps "
+                        f"each vector to one token)")
     if problems:
         raise ConversionError(f"{checkpoint}: cannot be written in the reference's layout: {'; '.join(problems)}")
     notes = []

@@ -16,7 +16,8 @@ Array conventions (numpy on the host, int32 unless noted):
   segment_ids (B, T)  1, 2, ... for the packed segments of a row; 0 on padding.
                       Attention never crosses segments.
   positions   (B, T)  position within the segment (restarts at 0 per segment).
-  pixels      (B, H, W, 3) float32, normalised (image batches only).
+  pixels      (B, side, side, 3) float32, normalised (image batches only).
+  features    (B, P, E) float32 precomputed vision features (feature batches only).
   image_mask  (B, T) bool: the I placeholder positions the model overwrites with
                       the I visual vectors (image batches only).
   image_rows  (B,) bool: the row holds a real image (False only for the empty
@@ -76,7 +77,25 @@ class ImageBatch:
     modality = "image"
 
 
-Microbatch = Union[TextBatch, ImageBatch]
+@dataclasses.dataclass(frozen=True)
+class FeatureBatch:
+    """Image rows whose visual input is precomputed vision features (BabyLM's DINOv2 states, or
+    `launch.py cache-features`) instead of pixels: the model has no tower to run. Its samples
+    count as image samples (`modality`), with the same placeholder span and mask as an ImageBatch."""
+
+    input_ids: np.ndarray
+    targets: np.ndarray
+    segment_ids: np.ndarray
+    positions: np.ndarray
+    features: np.ndarray  # (B, P, E) float32: P feature vectors of width E per row (zeros on filler rows)
+    image_mask: np.ndarray
+    image_rows: np.ndarray
+    stats: BatchStats | None  # host metadata; None on the device copy
+
+    modality = "image"
+
+
+Microbatch = Union[TextBatch, ImageBatch, FeatureBatch]
 
 
 def batch_arrays(batch: Microbatch) -> dict[str, np.ndarray]:
@@ -102,3 +121,4 @@ def _register_as_pytree(cls) -> None:
 
 _register_as_pytree(TextBatch)
 _register_as_pytree(ImageBatch)
+_register_as_pytree(FeatureBatch)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from jaxllava.data.templates import TEMPLATES
 from jaxllava.schema import at_least, path_field, positive, require
@@ -17,17 +17,35 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclasses.dataclass(frozen=True)
 class SourceConfig:
-    path: str = path_field()  # a .json (list) or .jsonl file of LLaVA-format records
+    # The records: format llava, one .json list or .jsonl file of LLaVA records; text, a plain-text
+    # file or a glob of them (BabyLM's *.train); captions, a .json list of caption strings or a
+    # .jsonl file of {"caption": ..., "image": ...} objects.
+    path: str = path_field()
     weight: float = 1.0  # copies per epoch: 2.0 repeats every record, 0.5 takes a seeded half
     image_folder: Optional[str] = path_field(None)  # image paths are relative to this (default: the file's folder)
     # Image paths must resolve inside image_folder (no "..", absolute paths or symlinks
     # leading out) unless this is true.
     allow_outside: bool = False
+    format: Literal["llava", "text", "captions"] = "llava"  # how `path` is read (see path)
+    # Precomputed vision features instead of image files: one .npy, or a list concatenated in
+    # order, of shape (rows, E) or (rows, P, E); row i belongs to the source's i-th image record
+    # (captions: its i-th caption). Needs model.vision.kind: features.
+    features: Union[str, tuple[str, ...]] = path_field(())
+    # text format: "line" (each non-empty line is a sample), "paragraph" (blank lines end a
+    # sample), or "chunk" (consecutive lines joined while they fit in chunk_tokens tokens).
+    text_unit: Literal["line", "paragraph", "chunk"] = "line"
+    chunk_tokens: int = 512  # the token budget of a text_unit: chunk sample
 
     def __post_init__(self):
-        require(bool(self.path), "path", "must name a .json or .jsonl file, got an empty string")
+        require(bool(self.path), "path", "must name a record file (or a glob of text files), got an empty string")
         # A weight of 0, below 0 or NaN used to drop the source without a word.
         positive(self, "weight")
+        if isinstance(self.features, str):  # one path or a list of them, one spelling inside
+            object.__setattr__(self, "features", (self.features,) if self.features else ())
+        require(all(self.features), "features", f"every features path must be non-empty, got {list(self.features)}")
+        require(not self.features or self.format != "text", "features",
+                "a text source has no image records to pair with features")
+        at_least(self, 1, "chunk_tokens")
 
 
 @dataclasses.dataclass(frozen=True)

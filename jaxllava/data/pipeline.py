@@ -18,16 +18,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from jaxllava.data.batch import IGNORE, BatchStats, ImageBatch, Microbatch, TextBatch
+from jaxllava.data.batch import IGNORE, BatchStats, FeatureBatch, ImageBatch, Microbatch, TextBatch
 from jaxllava.data.config import DataConfig
 from jaxllava.data.images import ImageProcessing, check_image, load_image
 from jaxllava.data.loader import LoaderIterator, WorkerGuard
 from jaxllava.data.packing import MicrobatchPlan, plan_epoch
-from jaxllava.data.records import Record, SkipReport, fingerprint_files, read_records
+from jaxllava.data.records import Record, SkipReport, fingerprint_files
+from jaxllava.data.sources import FeatureStore, features_identity, read_source, text_files
 from jaxllava.data.samples import SampleTable, build_sample_table
 from jaxllava.data.tokenizer import TOKENIZER_FILES, SpecialIds, load_tokenizer, special_ids
 from jaxllava.errors import DataError
@@ -47,11 +48,16 @@ class MicrobatchBuilder:
     """Turns one MicrobatchPlan into this process's rows of the microbatch (picklable for workers)."""
 
     def __init__(self, table: SampleTable, ids: SpecialIds, *, image_tokens: int,
-                 processing: ImageProcessing | None, process_index: int = 0, process_count: int = 1):
+                 processing: ImageProcessing | None, features: Sequence[Optional[FeatureStore]] = (),
+                 features_shape: Optional[tuple[int, int]] = None, process_index: int = 0, process_count: int = 1):
+        """`features`: each source's FeatureStore (None for a source without); with `features_shape`
+        (P, E) set, image rows are FeatureBatches read from them, else ImageBatches of decoded pixels."""
         self.table = table
         self.ids = ids
         self.image_tokens = image_tokens
         self.processing = processing
+        self.features = tuple(features)
+        self.features_shape = features_shape
         self.process_index = process_index
         self.process_count = process_count
         # Targets per sample: every target token except position 0 (never predicted).
@@ -112,7 +118,7 @@ class MicrobatchBuilder:
         must hold one whole image span each, and no placeholder id may appear anywhere else
         (a text row with one would train on an image token that no image fills)."""
         placeholder = np.isin(input_ids, (self.ids.im_start, self.ids.im_patch, self.ids.im_end))
-        span = np.asarray(self.ids.image_span(self.image_tokens)) if self.image_tokens >= 2 else None
+        span = np.asarray(self.ids.image_span(self.image_tokens)) if self.image_tokens >= 1 else None
         for r, members in enumerate(rows):
             masked = input_ids[r, image_mask[r]]
             good = (np.array_equal(placeholder[r], image_mask[r])
@@ -124,11 +130,12 @@ class MicrobatchBuilder:
                                 f"span of {self.image_tokens}); samples: {origins}", field="image span",
                                 reason="image_span")
 
-    def _image_batch(self, plan, rows, input_ids, targets, segment_ids, positions, stats) -> ImageBatch:
-        size = self.processing.size
-        # Filler rows (the tail of a bucket) keep zero pixels: they have no
-        # placeholder positions and image_rows=False, so nothing of them is spliced.
-        pixels = np.zeros((len(rows), size, size, 3), np.float32)
+    def _image_batch(self, plan, rows, input_ids, targets, segment_ids, positions, stats
+                     ) -> ImageBatch | FeatureBatch:
+        # Filler rows (the tail of a bucket) keep zeros: they have no placeholder
+        # positions and image_rows=False, so nothing of them is spliced.
+        shape = self.features_shape or (self.processing.size, self.processing.size, 3)
+        visual = np.zeros((len(rows), *shape), np.float32)
         image_mask = np.zeros(input_ids.shape, bool)
         image_rows = np.zeros((len(rows),), bool)
         for r, members in enumerate(rows):
@@ -138,10 +145,14 @@ class MicrobatchBuilder:
             start = int(self.table.image_start[i])
             image_mask[r, start:start + self.image_tokens] = True
             image_rows[r] = True
-            pixels[r] = load_image(self.table.images[i], self.processing, record=self.table.origins[i],
-                                   record_id=self.table.ids[i])
+            if self.features_shape is not None:
+                visual[r] = self.features[self.table.source[i]].row(int(self.table.feature_rows[i]))
+            else:
+                visual[r] = load_image(self.table.images[i], self.processing, record=self.table.origins[i],
+                                       record_id=self.table.ids[i])
         self._check_placeholders(rows, input_ids, image_mask)
-        return ImageBatch(input_ids, targets, segment_ids, positions, pixels, image_mask, image_rows, stats)
+        kind = ImageBatch if self.features_shape is None else FeatureBatch
+        return kind(input_ids, targets, segment_ids, positions, visual, image_mask, image_rows, stats)
 
 
 @dataclasses.dataclass
@@ -162,7 +173,7 @@ _SPEED_ONLY = ("num_workers", "prefetch", "check_images")
 
 
 def data_fingerprint_sha256(files_sha256: str, cfg: DataConfig, image_tokens: int,
-                            processing: ImageProcessing | None) -> str:
+                            processing: ImageProcessing | None, features: str = "") -> str:
     """sha256 of everything that decides the batches: the record files' bytes, the tokenizer's
     files' bytes, every data setting but the speed-only ones, the image-token count and the
     resolved pixel settings (a preprocessor_config.json is read at run time; README pitfall 12).
@@ -171,14 +182,14 @@ def data_fingerprint_sha256(files_sha256: str, cfg: DataConfig, image_tokens: in
     for key in _SPEED_ONLY:
         settings.pop(key)
     for source in settings["sources"]:
-        source.pop("path")
-        source.pop("image_folder")
+        for key in ("path", "image_folder", "features"):  # contents count, not where they lie
+            source.pop(key)
     settings.pop("tokenizer")
     settings["image"].pop("preprocessor_config")
     tokenizer_files = sorted(os.path.join(cfg.tokenizer, name) for name in TOKENIZER_FILES
                              if os.path.isfile(os.path.join(cfg.tokenizer, name)))
     text = repr((files_sha256, fingerprint_files(tokenizer_files), sorted(settings.items()), image_tokens,
-                 processing))
+                 processing, features))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -211,10 +222,15 @@ class HeldOut:
 
 
 class DataPipeline:
-    """Reads, validates and tokenizes the configured sources once; serves microbatch iterators."""
+    """Reads, validates and tokenizes the configured sources once; serves microbatch iterators.
 
-    def __init__(self, cfg: DataConfig, *, image_tokens: int, image_size: int | None,
-                 process_index: int = 0, process_count: int = 1, tokenizer=None):
+    Image records are image files decoded for a vision tower (`image_size`), or rows of
+    precomputed features for a model whose vision input is features (`features_shape` (P, E));
+    `for_model` takes both from a ModelConfig."""
+
+    def __init__(self, cfg: DataConfig, *, image_tokens: int, image_size: int | None = None,
+                 features_shape: Optional[tuple[int, int]] = None, process_index: int = 0, process_count: int = 1,
+                 tokenizer=None):
         if not cfg.sources:
             raise DataError("data.sources is empty: give at least one record file", field="data.sources")
         for rows, name in ((cfg.text_rows, "data.text_rows"), (cfg.image_rows, "data.image_rows")):
@@ -222,6 +238,7 @@ class DataPipeline:
                 raise DataError(f"{name}={rows} is not divisible by the {process_count} processes", field=name)
         self.cfg = cfg
         self.image_tokens = image_tokens
+        self.features_shape = features_shape
         self.process_index, self.process_count = process_index, process_count
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
         self.ids = special_ids(self.tokenizer)
@@ -231,13 +248,8 @@ class DataPipeline:
         self.table = self._table(records)
         held_out_table = self._table(held_out) if any(held_out) else None
         has_image = self.table.has_image
-        if has_image.any() or (held_out_table is not None and held_out_table.has_image.any()):
-            if not image_size:
-                raise DataError("the data has image records but the model has no vision tower; "
-                                "set data.use_images=false or configure model.vision", field="data.use_images")
-            self.processing = image_processing_for(cfg, image_size)
-        else:
-            self.processing = None
+        image_files = any(r.image is not None for rs in records + held_out for r in rs) and cfg.use_images
+        self.processing = image_processing_for(cfg, image_size) if image_files else None
         self.builder = self._builder(self.table)
         self.plans: list[MicrobatchPlan] = []
         self.epoch_starts: list[int] = []
@@ -246,7 +258,7 @@ class DataPipeline:
             self.plans.extend(self._plan(self.table, [s.weight for s in cfg.sources], epoch))
         self.validation = None if held_out_table is None else HeldOut(
             held_out_table, self._builder(held_out_table), self._plan(held_out_table, [1.0] * len(held_out), 0))
-        files_sha256 = fingerprint_files([s.path for s in cfg.sources])
+        files_sha256 = fingerprint_files(self.record_files)
         first_epoch = self.plans[:self.epoch_starts[1]] if cfg.epochs > 1 else self.plans
         self.summary = DatasetSummary(
             records_per_file={s.path: len(rs) + len(hs) for s, rs, hs in zip(cfg.sources, records, held_out)},
@@ -257,24 +269,85 @@ class DataPipeline:
             held_out_samples=0 if self.validation is None else len(self.validation.table),
             skips=self.skips,
             files_sha256=files_sha256,
-            fingerprint=data_fingerprint_sha256(files_sha256, cfg, image_tokens, self.processing),
+            fingerprint=data_fingerprint_sha256(
+                files_sha256, cfg, image_tokens, self.processing,
+                features=features_identity([p for store in self.features if store for p in store.paths])),
         )
 
+    @classmethod
+    def for_model(cls, cfg: DataConfig, model, **kwargs) -> "DataPipeline":
+        """The pipeline that feeds `model` (a ModelConfig): its image-token count, and image files
+        for a tower or feature rows for a features input."""
+        vision = model.vision
+        if vision is not None and vision.kind == "features":
+            kwargs["features_shape"] = (vision.tokens, vision.hidden_size)
+        elif vision is not None:
+            kwargs["image_size"] = vision.image_size
+        return cls(cfg, image_tokens=model.image_tokens, **kwargs)
+
     def _read_sources(self, image_size: int | None) -> list[list[Record]]:
+        """Every source's records, with `self.features` (its FeatureStore or None) and
+        `self.record_files` (the files read, for the fingerprint); bad images or feature rows are
+        found now under `skip` or `data.check_images`."""
         cfg = self.cfg
-        # Image records trained as text (use_images: false) need no image file.
-        records = [read_records(source.path, image_folder=source.image_folder, on_bad_record=cfg.on_bad_record,
-                                skips=self.skips, allow_outside=source.allow_outside,
-                                check_image_files=cfg.use_images) for source in cfg.sources]
-        if (cfg.check_images or cfg.on_bad_record == "skip") and cfg.use_images and image_size:
-            # Under the skip policy images are always decoded now, so a bad one is a counted
-            # skip before planning instead of a hole in a batch later.
-            processing = image_processing_for(cfg, image_size)
-            records = [self._drop_undecodable(rs, processing) for rs in records]
+        records, self.features, self.record_files = [], [], []
+        for index, source in enumerate(cfg.sources):
+            rs, store = read_source(source, on_bad_record=cfg.on_bad_record, skips=self.skips,
+                                    tokenizer=self.tokenizer, use_images=cfg.use_images)
+            if cfg.use_images:
+                self._check_visual_kind(index, rs, store, image_size)
+            records.append(rs)
+            self.features.append(store)
+            self.record_files += text_files(source.path) if source.format == "text" else [source.path]
+        if cfg.use_images and (cfg.check_images or cfg.on_bad_record == "skip"):
+            processing = image_processing_for(cfg, image_size) if image_size else None
+            records = [self._drop_undecodable(rs, processing, store) for rs, store in zip(records, self.features)]
         return records
+
+    def _check_visual_kind(self, index: int, records: list[Record], store: Optional[FeatureStore],
+                           image_size: int | None) -> None:
+        """Image files need a vision tower, feature rows a features input of their shape."""
+        source = f"data.sources.{index}"
+        if store is not None and self.features_shape is None:
+            raise DataError(f"{source} has features ({store.describe()}) but the model's vision input is not "
+                            f"features: set model.vision.kind: features", field=f"{source}.features")
+        if store is not None and tuple(store.shape) != tuple(self.features_shape):
+            raise DataError(f"the features have rows of shape {tuple(store.shape)} (P, E) but model.vision says "
+                            f"tokens {self.features_shape[0]}, hidden_size {self.features_shape[1]}",
+                            file=store.describe(), field="features")
+        images = sum(r.image is not None for r in records)
+        if images and not image_size:
+            what = ("reads features: give the source features:" if self.features_shape is not None
+                    else "has no vision tower: configure model.vision, or set data.use_images=false")
+            raise DataError(f"{source} has {images} records with image files, but the model {what}",
+                            file=self.cfg.sources[index].path, field="image")
+
+    def _drop_undecodable(self, records: list[Record], processing: ImageProcessing | None,
+                          store: Optional[FeatureStore]) -> list[Record]:
+        """Decode every image and read every feature row once: the first bad one raises its
+        DataError, or under `on_bad_record: skip` its record is dropped and counted."""
+        bad_rows = set(store.bad_rows()) if store is not None else set()
+        kept = []
+        for record in records:
+            try:
+                if record.image is not None and processing is not None:
+                    check_image(record.image, processing, record=f"{record.file} {record.where}",
+                                record_id=record.id)
+                if record.features_row in bad_rows:
+                    raise DataError(f"its features ({store.where(record.features_row)}) hold NaN or inf",
+                                    file=record.file, record=record.where, record_id=record.id, field="features",
+                                    reason="bad_features")
+            except DataError as error:
+                if self.cfg.on_bad_record != "skip":
+                    raise
+                self.skips.add(error)
+                continue
+            kept.append(record)
+        return kept
 
     def _builder(self, table: SampleTable) -> MicrobatchBuilder:
         return MicrobatchBuilder(table, self.ids, image_tokens=self.image_tokens, processing=self.processing,
+                                 features=self.features, features_shape=self.features_shape,
                                  process_index=self.process_index, process_count=self.process_count)
 
     def _plan(self, table: SampleTable, weights: Sequence[float], epoch: int) -> list[MicrobatchPlan]:
@@ -286,23 +359,6 @@ class DataPipeline:
     def _table(self, records: list[list[Record]]) -> SampleTable:
         return build_sample_table(records, self.tokenizer, self.cfg, image_tokens=self.image_tokens,
                                   max_len=max(self.cfg.buckets), skips=self.skips)
-
-    def _drop_undecodable(self, records: list[Record], processing: ImageProcessing) -> list[Record]:
-        """Decode every image once: the first bad one raises its DataError, or under
-        `on_bad_record: skip` its record is dropped and counted."""
-        kept = []
-        for record in records:
-            if record.image is not None:
-                try:
-                    check_image(record.image, processing, record=f"{record.file} {record.where}",
-                                record_id=record.id)
-                except DataError as error:
-                    if self.cfg.on_bad_record != "skip":
-                        raise
-                    self.skips.add(error)
-                    continue
-            kept.append(record)
-        return kept
 
     def __len__(self) -> int:
         return len(self.plans)

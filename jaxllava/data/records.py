@@ -48,10 +48,13 @@ import json
 import os
 import reprlib
 import stat
-from typing import Any, Iterable, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal
 
 from jaxllava.data.tokenizer import IMAGE_TOKEN, PLACEHOLDER_TOKENS, VIDEO_TOKEN
 from jaxllava.errors import DataError
+
+if TYPE_CHECKING:
+    from jaxllava.data.sources import FeatureStore
 
 Role = Literal["user", "assistant"]
 
@@ -78,11 +81,23 @@ class Record:
     where: str  # "record 12" (0-based index in a .json list) or "line 13" (1-based line of a .jsonl)
     id: str
     turns: tuple[Turn, ...]
-    image: str | None  # resolved image path; None: text-only everywhere downstream
+    image: str | None  # resolved image path
+    # The record's row of its source's precomputed vision features (data.sources[].features),
+    # which stand in for the image; None: no features.
+    features_row: int | None = None
 
     @property
     def modality(self) -> Literal["text", "image"]:
-        return "text" if self.image is None else "image"
+        """The one rule: a record with neither an image nor features is text-only everywhere downstream."""
+        return "text" if self.image is None and self.features_row is None else "image"
+
+
+class EntryError(ValueError):
+    """A file entry that cannot stand for a record (the `entry` map of `read_records_with_raw`)."""
+
+    def __init__(self, message: str, field: str | None, reason: str):
+        super().__init__(message)
+        self.field, self.reason = field, reason
 
 
 @dataclasses.dataclass
@@ -135,27 +150,52 @@ def read_records(path: str, *, image_folder: str | None = None, on_bad_record: s
 
 def read_records_with_raw(path: str, *, image_folder: str | None = None, on_bad_record: str = "error",
                           skips: SkipReport | None = None, check_image_files: bool = True,
-                          allow_outside: bool = False) -> list[tuple[Record, dict]]:
+                          allow_outside: bool = False, entry: Callable[[Any], Any] | None = None,
+                          features: "FeatureStore | None" = None) -> list[tuple[Record, dict]]:
     """`read_records`, each record paired with the JSON object it was read from (for tools that
-    rewrite record files, such as the image cache, without parsing the file a second time)."""
+    rewrite record files, such as the image cache, without parsing the file a second time).
+
+    entry: turns each entry of the file into a LLaVA record (the captions format) before it is
+    validated like any record. features: rows aligned with the file's image entries (those with an
+    `image`, in file order, bad ones included): each image record carries its `features_row`
+    instead of an image (whose file is then neither opened nor checked), and the file must hold
+    exactly as many image entries as the features have rows."""
     if on_bad_record not in ON_BAD_RECORD:
         raise ValueError(f"on_bad_record must be one of {ON_BAD_RECORD}, got {on_bad_record!r}")
     if on_bad_record == "skip" and skips is None:
         raise ValueError("on_bad_record='skip' needs a SkipReport to count the skipped records")
     folder = image_folder if image_folder is not None else os.path.dirname(path)
+    with_files = features is None
     context = _Context(path, os.path.splitext(os.path.basename(path))[0], folder,
-                       None if allow_outside else _ImageFolder(folder), check_image_files)
-    records = []
+                       _ImageFolder(folder) if with_files and not allow_outside else None,
+                       check_image_files and with_files)
+    records, image_entries = [], 0
     with _cyclic_gc_paused():
         for where, raw in _raw_records(path):
+            row = None
             try:
                 if isinstance(raw, DataError):  # an unparsable JSONL line
                     raise raw
-                records.append((_parse_record(raw, where, context), raw))
+                if entry is not None:
+                    try:
+                        raw = entry(raw)
+                    except EntryError as invalid:
+                        raise DataError(str(invalid), file=path, record=where, field=invalid.field,
+                                        reason=invalid.reason) from None
+                if features is not None and isinstance(raw, dict) and raw.get("image") is not None:
+                    row, image_entries = image_entries, image_entries + 1
+                record = _parse_record(raw, where, context)
+                if row is not None:
+                    record = dataclasses.replace(record, image=None, features_row=row)
+                records.append((record, raw))
             except DataError as error:
                 if on_bad_record == "error":
                     raise
                 skips.add(error)
+    if features is not None and image_entries != features.rows:
+        raise DataError(f"{image_entries} image records, but the features ({features.describe()}) have "
+                        f"{features.rows} rows; row i must belong to the i-th image record", file=path,
+                        field="features", reason="features_count")
     return records
 
 

@@ -57,7 +57,7 @@ def _image_turn(record: Record) -> int | None:
 
 def record_pieces(record: Record, cfg: DataConfig, *, has_bos: bool) -> list[Piece]:
     """The pieces a record becomes under the configured objective."""
-    with_image = record.image is not None and cfg.use_images
+    with_image = record.modality == "image" and cfg.use_images
     pieces: list[Piece] = [("bos",)] if has_bos else []
     if cfg.objective == "plain_lm":
         text = " ".join(t for t in (_strip_image_marker(turn.text) for turn in record.turns) if t)
@@ -117,6 +117,7 @@ class SampleTable:
     source: np.ndarray  # int32 (n,): index of the source file
     truncated: np.ndarray  # bool (n,)
     images: list  # image path or None, per sample
+    feature_rows: np.ndarray  # int64 (n,): the sample's row of its source's features, -1 for none
     ids: list  # record id per sample
     origins: list  # "<records file> <record N | line N>" per sample, for error messages
 
@@ -146,13 +147,13 @@ def build_sample_table(records_by_source: Sequence[Sequence[Record]], tokenizer,
     """
     ids = special_ids(tokenizer)
     has_bos = ids.bos is not None
-    if cfg.use_images and image_tokens < 2 and any(r.image for rs in records_by_source for r in rs):
-        raise DataError("image records need a model with a vision tower (image_tokens >= 2); "
+    if cfg.use_images and image_tokens < 1 and any(r.modality == "image" for rs in records_by_source for r in rs):
+        raise DataError("image records need a model with a vision input (model.vision); "
                         "set data.use_images=false to train them as text", field="data.use_images")
-    span = ids.image_span(image_tokens) if image_tokens >= 2 else []
+    span = ids.image_span(image_tokens) if image_tokens >= 1 else []
 
-    tokens, is_target, lengths, image_start, words, source, truncated, images, rec_ids, origins = (
-        [] for _ in range(10))
+    tokens, is_target, lengths, image_start, words, source, truncated, images, feature_rows, rec_ids, origins = (
+        [] for _ in range(11))
 
     flat = [(s, r) for s, records in enumerate(records_by_source) for r in records]
     for lo in range(0, len(flat), chunk):
@@ -177,6 +178,7 @@ def build_sample_table(records_by_source: Sequence[Sequence[Record]], tokenizer,
             source.append(s)
             truncated.append(cut)
             images.append(record.image if start >= 0 else None)
+            feature_rows.append(record.features_row if start >= 0 and record.features_row is not None else -1)
             rec_ids.append(record.id)
             origins.append(f"{record.file} {record.where}")
 
@@ -191,6 +193,7 @@ def build_sample_table(records_by_source: Sequence[Sequence[Record]], tokenizer,
         source=np.asarray(source, np.int32),
         truncated=np.asarray(truncated, bool),
         images=images,
+        feature_rows=np.asarray(feature_rows, np.int64),
         ids=rec_ids,
         origins=origins,
     )

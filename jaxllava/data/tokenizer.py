@@ -47,9 +47,12 @@ class SpecialIds:
     im_end: int
 
     def image_span(self, n: int) -> list[int]:
-        """The N ids one image occupies: `<im_start> + (N-2)×<im_patch> + <im_end>`."""
-        if n < 2:
-            raise ValueError(f"an image span needs at least 2 tokens (start and end), got N={n}")
+        """The I ids one image occupies: `<im_start> + (I-2)×<im_patch> + <im_end>`, or a lone
+        `<im_patch>` for I = 1 (one global feature vector, one image token)."""
+        if n < 1:
+            raise ValueError(f"an image span needs at least 1 token, got I={n}")
+        if n == 1:
+            return [self.im_patch]
         return [self.im_start] + [self.im_patch] * (n - 2) + [self.im_end]
 
 

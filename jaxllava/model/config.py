@@ -1,7 +1,8 @@
 """Model configuration: decoder, vision tower, resampler, projector, and their composition.
 
 `ModelConfig.image_tokens` is the one place where the image-token count I is
-derived (tower grid → resampler output; axis letters: see jaxllava/__init__.py).
+derived (tower grid or feature count → resampler output → × projector.expand;
+axis letters: see jaxllava/__init__.py).
 The data pipeline expands `<image>` to exactly I placeholders from this number, and
 the model overwrites exactly those I positions; the reference never saved this
 number and changed its default three times (README pitfall 29).
@@ -76,15 +77,21 @@ class LlamaConfig:
         return self.head_dim or self.hidden_size // self.num_heads
 
 
-VisionKind = Literal["dinov2", "clip", "siglip"]
+VisionKind = Literal["dinov2", "clip", "siglip", "features"]
 
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-    kind: VisionKind = "dinov2"  # tower architecture (transformers' Dinov2, CLIP or SigLIP vision model)
-    image_size: int = 224  # the input the tower sees (the data pipeline resizes to this)
-    patch_size: int = 14  # pixels per patch side; the grid is image_size // patch_size patches a side
-    hidden_size: int = 1024  # tower width (the width the resampler works in)
+    # Tower architecture (transformers' Dinov2, CLIP or SigLIP vision model), or "features":
+    # no tower, the model reads precomputed (P, E) feature vectors per image (BabyLM's DINOv2
+    # states); for features only `tokens` and `hidden_size` matter, every other field is ignored.
+    kind: VisionKind = "dinov2"
+    image_size: int = 224  # the input the tower sees (the data pipeline resizes to this); ignored by features
+    patch_size: int = 14  # pixels per patch side (grid: image_size // patch_size a side); ignored by features
+    hidden_size: int = 1024  # tower width, or the feature width E for features (the width the resampler works in)
+    # kind features only: P, the feature vectors per image (1 for one global vector, g² for a
+    # g×g patch grid, which avg_pool and token_packer need); a tower's P follows from its grid.
+    tokens: int = 1
     intermediate_size: int = 4096  # width of each tower MLP
     num_layers: int = 24  # transformer blocks
     num_heads: int = 16  # attention heads
@@ -103,7 +110,10 @@ class VisionConfig:
     feature_select: Literal["patch", "cls_patch"] = "patch"  # cls_patch: the CLS token too, in front (SigLIP has none)
 
     def __post_init__(self):
-        at_least(self, 1, "patch_size", "hidden_size", "intermediate_size", "num_layers", "num_heads")
+        at_least(self, 1, "hidden_size", "tokens")
+        if self.kind == "features":
+            return  # the tower fields are ignored, so their values cannot be wrong
+        at_least(self, 1, "patch_size", "intermediate_size", "num_layers", "num_heads")
         for name in ("image_size", "pretrained_image_size"):
             value = getattr(self, name)
             require(value >= self.patch_size, name,
@@ -117,14 +127,21 @@ class VisionConfig:
 
     @property
     def grid(self) -> int:
+        """Side of the square patch grid; for features, of the g×g grid the P vectors form (ModelConfig
+        refuses a grid resampler when P is not a square)."""
+        if self.kind == "features":
+            return math.isqrt(self.tokens)
         return self.image_size // self.patch_size
 
     @property
     def has_cls(self) -> bool:
-        return self.kind != "siglip"
+        return self.kind not in ("siglip", "features")
 
     @property
     def output_tokens(self) -> int:
+        """Vectors per image the resampler receives."""
+        if self.kind == "features":
+            return self.tokens
         extra = 1 if (self.feature_select == "cls_patch" and self.has_cls) else 0
         return self.grid * self.grid + extra
 
@@ -134,7 +151,7 @@ ResamplerKind = Literal["identity", "perceiver", "token_packer", "avg_pool"]
 
 @dataclasses.dataclass(frozen=True)
 class ResamplerConfig:
-    kind: ResamplerKind = "identity"  # tower tokens → image tokens; image_token_count gives how many
+    kind: ResamplerKind = "identity"  # tower tokens or features → image tokens; image_token_count gives how many
     num_latents: int = 64  # perceiver latents; token_packer queries (a square number)
     depth: int = 2  # perceiver layers
     num_heads: int = 8  # perceiver and token_packer attention heads; must divide vision.hidden_size
@@ -153,8 +170,13 @@ PROJECTOR_KIND = re.compile(r"mlp([1-9]\d*)x_gelu")
 @dataclasses.dataclass(frozen=True)
 class ProjectorConfig:
     kind: str = "mlp2x_gelu"  # "linear" | "mlp{k}x_gelu" (k linear layers, exact GELU between)
+    # Output tokens per input token: the last linear layer outputs expand·D and each vector becomes
+    # `expand` consecutive image tokens, so one global image vector (BabyLM's features) can fill
+    # several; multiplies the image-token count. The reference layout has only 1.
+    expand: int = 1
 
     def __post_init__(self):
+        at_least(self, 1, "expand")
         require(self.kind == "linear" or PROJECTOR_KIND.fullmatch(self.kind) is not None, "kind",
                 f"projector kind must be 'linear' or 'mlp{{k}}x_gelu' with k >= 1 linear layers "
                 f"(e.g. 'mlp2x_gelu'), got {self.kind!r}")
@@ -180,8 +202,16 @@ class ModelConfig:
         vision, resampler = self.vision, self.resampler
         if vision is None:  # a text-only model builds no resampler
             return
-        grid = f"the {vision.grid}×{vision.grid} vision grid (image_size {vision.image_size} // patch_size " \
-               f"{vision.patch_size})"
+        if vision.kind == "features":
+            grid = f"the {vision.grid}×{vision.grid} feature grid (vision.tokens {vision.tokens})"
+            if resampler.kind in ("token_packer", "avg_pool"):
+                require(vision.grid ** 2 == vision.tokens, "vision.tokens",
+                        f"the {resampler.kind} resampler works on a square patch grid, so vision.tokens "
+                        f"(P feature vectors per image) must be a square number (e.g. {vision.grid ** 2} or "
+                        f"{(vision.grid + 1) ** 2}), got {vision.tokens}; identity and perceiver take any P")
+        else:
+            grid = f"the {vision.grid}×{vision.grid} vision grid (image_size {vision.image_size} // patch_size " \
+                   f"{vision.patch_size})"
         if resampler.kind in ("perceiver", "token_packer"):
             require(vision.hidden_size % resampler.num_heads == 0, "resampler.num_heads",
                     f"the {resampler.kind} resampler attends over the vision width, so num_heads must divide "
@@ -201,13 +231,18 @@ class ModelConfig:
     @property
     def image_tokens(self) -> int:
         """I: how many placeholder positions one image occupies in the sequence."""
-        return 0 if self.vision is None else image_token_count(self.vision, self.resampler)
+        return 0 if self.vision is None else image_token_count(self.vision, self.resampler, self.projector)
 
 
-def image_token_count(vision: VisionConfig, resampler: ResamplerConfig) -> int:
-    """I, the number of visual vectors one image becomes (tower grid → resampler): the one
-    place it is derived. The data pipeline writes exactly I placeholders per image, the
-    resamplers output exactly I vectors, and the model overwrites exactly those I positions."""
+def image_token_count(vision: VisionConfig, resampler: ResamplerConfig, projector: ProjectorConfig) -> int:
+    """I, the number of visual vectors one image becomes (tower grid or features → resampler →
+    projector): the one place it is derived. The data pipeline writes exactly I placeholders per
+    image, the resampler outputs I / projector.expand vectors, the projector turns each into
+    `expand` tokens, and the model overwrites exactly those I positions."""
+    return _resampler_output_count(vision, resampler) * projector.expand
+
+
+def _resampler_output_count(vision: VisionConfig, resampler: ResamplerConfig) -> int:
     kind = resampler.kind
     if kind == "identity":
         return vision.output_tokens

@@ -6,10 +6,21 @@ visual vectors, in order, keeping the sequence length (the reference's in-place
 splice, docs/reference.md#image-placeholders). Placeholder embeddings themselves
 are never seen.
 
-A text-only call (`pixels=None`) embeds tokens and nothing else: the vision tower,
+The visual input is `pixels` (B, H, W, 3) for a model with a tower, or `features`
+(B, P, E) for `vision.kind: features` (precomputed tower outputs, e.g. BabyLM's
+DINOv2 states), which builds no tower and sends the features down exactly the path
+a tower's output takes: resampler → projector → splice.
+
+A text-only call (neither given) embeds tokens and nothing else: the vision tower,
 resampler and projector are not traced, so a text-only step cannot run them
 (README pitfall 1). A model built with `config.vision = None` has no vision
 parameters at all.
+
+Each part draws its initial parameters from its own stream, derived from the
+seed and the part's name (`PART_STREAMS`), so a part's initial values do not
+depend on which other parts exist: a features model starts from the same LM,
+resampler and projector as the tower model it replaces, and a text-only model
+from the same LM.
 
 Which parts train is the optimizer's choice (`optim.train_*`; the tower is frozen
 by default, docs/reference.md#trainable-parts). The train step differentiates only
@@ -32,6 +43,16 @@ from jaxllava.model.sharding import constrain
 from jaxllava.model.vision import VisionTower
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Fixed per-part constants folded into the seed's key; never renumber one, or every
+# run's initial values for that part change.
+PART_STREAMS = {"lm": 0, "vision": 1, "resampler": 2, "projector": 3}
+
+
+def part_rngs(rngs: nnx.Rngs) -> dict[str, nnx.Rngs]:
+    """One independent stream per model part. The base key is drawn once, whatever the config,
+    so each part's stream depends only on the seed and the part's name."""
+    base = rngs.params()
+    return {name: nnx.Rngs(jax.random.fold_in(base, index)) for name, index in PART_STREAMS.items()}
 
 
 def merge_image_features(embeds: jax.Array, features: jax.Array, image_mask: jax.Array) -> jax.Array:
@@ -49,52 +70,80 @@ def merge_image_features(embeds: jax.Array, features: jax.Array, image_mask: jax
 
 
 class LlavaModel(nnx.Module):
-    """`lm` (Llama) plus, when `config.vision` is set, `vision`, `resampler` and `projector`."""
+    """`lm` (Llama) plus, when `config.vision` is set, `resampler`, `projector` and (unless
+    `vision.kind` is features) the tower `vision`."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         dtype = DTYPES[config.dtype]
         self.config = config
+        streams = part_rngs(rngs)
         self.lm = Llama(config.lm, dtype=dtype, attention_impl=config.attention_impl, remat=config.remat,
-                        rngs=rngs)
-        if config.vision is None:
+                        rngs=streams["lm"])
+        vision = config.vision
+        if vision is None:
             self.vision = self.resampler = self.projector = None
             return
-        self.vision = VisionTower(config.vision, dtype=dtype, rngs=rngs)
-        self.resampler = make_resampler(config.resampler, config.vision, dtype=dtype, rngs=rngs)
-        self.projector = Projector(config.projector, config.vision.hidden_size, config.lm.hidden_size,
-                                   dtype=dtype, rngs=rngs)
+        self.vision = (None if vision.kind == "features"
+                       else VisionTower(vision, dtype=dtype, rngs=streams["vision"]))
+        self.resampler = make_resampler(config.resampler, vision, dtype=dtype, rngs=streams["resampler"])
+        self.projector = Projector(config.projector, vision.hidden_size, config.lm.hidden_size,
+                                   dtype=dtype, rngs=streams["projector"])
 
     def encode_images(self, pixels: jax.Array) -> jax.Array:
         """pixels (B, H, W, 3) → (B, I, D) visual vectors in the LM's width."""
-        features = self.resampler(self.vision(pixels))
-        return constrain(self.projector(features), ("batch", "length", "act_embed"))
+        return self.encode_features(self.vision(pixels))
+
+    def encode_features(self, features: jax.Array) -> jax.Array:
+        """Tower outputs or precomputed features (B, P, E) → (B, I, D) visual vectors in the LM's width."""
+        return constrain(self.projector(self.resampler(features)), ("batch", "length", "act_embed"))
+
+    def _visual_vectors(self, pixels: jax.Array | None, features: jax.Array | None) -> jax.Array:
+        vision = self.config.vision
+        given = "pixels" if pixels is not None else "features"
+        if vision is None:
+            raise ValueError(f"{given} given to a text-only model (model.vision is not configured)")
+        if pixels is not None:
+            if vision.kind == "features":
+                raise ValueError("pixels given to a model without a vision tower (model.vision.kind is "
+                                 "features): pass features=")
+            return self.encode_images(pixels)
+        if vision.kind != "features":
+            raise ValueError(f"features given to a model with a {vision.kind} vision tower: pass pixels=")
+        expected = (vision.output_tokens, vision.hidden_size)
+        if features.ndim != 3 or tuple(features.shape[1:]) != expected:
+            raise ValueError(f"features of shape {tuple(features.shape)}; model.vision expects (B, "
+                             f"{expected[0]}, {expected[1]}) (B, vision.tokens, vision.hidden_size)")
+        return self.encode_features(features)
 
     def embed_inputs(self, input_ids: jax.Array, pixels: jax.Array | None = None,
-                     image_mask: jax.Array | None = None) -> jax.Array:
-        """(B, T) ids [+ pixels (B, H, W, 3), image_mask (B, T)] → (B, T, D) input embeddings."""
+                     image_mask: jax.Array | None = None, *, features: jax.Array | None = None) -> jax.Array:
+        """(B, T) ids [+ pixels (B, H, W, 3) or features (B, P, E), and image_mask (B, T)] → (B, T, D)
+        input embeddings."""
         embeds = self.lm.embed(input_ids)
-        if pixels is None:
+        if pixels is not None and features is not None:
+            raise ValueError("both pixels and features given: a model reads one of them")
+        if pixels is None and features is None:
             if image_mask is not None:
-                raise ValueError("image_mask given without pixels")
+                raise ValueError("image_mask given without pixels or features")
             return embeds
-        if self.vision is None:
-            raise ValueError("pixels given to a text-only model (model.vision is not configured)")
         if image_mask is None:
-            raise ValueError("pixels given without image_mask")
-        features = self.encode_images(pixels)
-        if features.shape[1] != self.config.image_tokens:
-            raise ValueError(f"the image encoder produced {features.shape[1]} vectors per image, "
+            raise ValueError(f"{'pixels' if pixels is not None else 'features'} given without image_mask")
+        visual = self._visual_vectors(pixels, features)
+        if visual.shape[1] != self.config.image_tokens:
+            raise ValueError(f"the image encoder produced {visual.shape[1]} vectors per image, "
                              f"config.image_tokens is {self.config.image_tokens}")
-        return merge_image_features(embeds, features, image_mask)
+        return merge_image_features(embeds, visual, image_mask)
 
     def hidden(self, input_ids: jax.Array, *, segment_ids: jax.Array, positions: jax.Array,
-               pixels: jax.Array | None = None, image_mask: jax.Array | None = None) -> jax.Array:
+               pixels: jax.Array | None = None, image_mask: jax.Array | None = None,
+               features: jax.Array | None = None) -> jax.Array:
         """Final-normed hidden states (B, T, D), for a loss that projects onto the vocabulary in chunks."""
-        embeds = self.embed_inputs(input_ids, pixels, image_mask)
+        embeds = self.embed_inputs(input_ids, pixels, image_mask, features=features)
         return self.lm.decode(embeds, segment_ids=segment_ids, positions=positions)
 
     def __call__(self, input_ids: jax.Array, *, segment_ids: jax.Array, positions: jax.Array,
-                 pixels: jax.Array | None = None, image_mask: jax.Array | None = None) -> jax.Array:
+                 pixels: jax.Array | None = None, image_mask: jax.Array | None = None,
+                 features: jax.Array | None = None) -> jax.Array:
         """(B, T, V) float32 logits."""
         return self.lm.logits(self.hidden(input_ids, segment_ids=segment_ids, positions=positions,
-                                          pixels=pixels, image_mask=image_mask))
+                                          pixels=pixels, image_mask=image_mask, features=features))

@@ -9,7 +9,13 @@ Checkpoint names follow LLaVA: `mm_projector.weight` for `linear`,
 `mm_projector.{2i}.weight` for the i-th Linear of an MLP (the odd Sequential
 indices are the parameter-free GELUs); `hf_renames` declares both.
 
-Maps (B, I, E) → (B, I, D); axis letters: see jaxllava/__init__.py.
+`expand` = k > 1 (ProjectorConfig.expand) makes the last Linear output k·D and
+splits each input vector's output into k consecutive tokens, input-token-major
+(a reshape (B, n, k·D) → (B, n·k, D)), so that one global image vector (the
+features BabyLM ships) becomes several image tokens. The reference never had it,
+so its layout holds only k = 1 (convert/reference.py refuses k > 1).
+
+Maps (B, n, E) → (B, n·k, D), n·k = I; axis letters: see jaxllava/__init__.py.
 """
 from __future__ import annotations
 
@@ -29,8 +35,9 @@ class Projector(nnx.Module):
                  rngs: nnx.Rngs):
         depth = config.depth
         self.config = config
+        self.out_features = out_features
         self.layers = nnx.List([
-            Dense(in_features if i == 0 else out_features, out_features,
+            Dense(in_features if i == 0 else out_features, out_features * (config.expand if i == depth - 1 else 1),
                   axes=("vision_embed" if i == 0 else None, "embed"), kernel_init=TORCH_LINEAR_INIT,
                   dtype=dtype, rngs=rngs)
             for i in range(depth)])
@@ -44,4 +51,4 @@ class Projector(nnx.Module):
         for i, layer in enumerate(self.layers):
             x = gelu_exact(x) if i else x
             x = layer(x)
-        return x
+        return x.reshape(*x.shape[:-2], x.shape[-2] * self.config.expand, self.out_features)

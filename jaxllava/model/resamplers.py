@@ -1,9 +1,13 @@
-"""Resamplers: turn the tower's (B, T, E) features into the I image tokens (B, I, E), in the vision width E.
+"""Resamplers: turn the tower's (B, T, E) outputs (or precomputed features, `vision.kind: features`)
+into n vectors (B, n, E) in the vision width E; the projector makes them the I = n · projector.expand
+image tokens.
 
 Axis letters: see jaxllava/__init__.py. I is derived in one place only,
 `jaxllava.model.config.image_token_count`; the data pipeline writes exactly I
 placeholders per image and the LLaVA model checks the encoder's output count
 against it at trace time, so the resamplers neither derive nor check it.
+Features have no CLS token; token_packer and avg_pool read them as a g×g grid
+(ModelConfig requires vision.tokens = g²).
 
   identity      no parameters; the reference's BabyLM setting (256 DINOv2 patch tokens).
   perceiver     Flamingo's Perceiver resampler (docs/reference.md#perceiver;
@@ -127,7 +131,7 @@ def resize_bilinear(grid: jax.Array, side: int) -> jax.Array:
 
 
 class TokenPacker(nnx.Module):
-    """Windowed TokenPacker: g×g queries (g² = num_latents = I), each attending its s×s key window.
+    """Windowed TokenPacker: g×g queries (g² = num_latents output vectors), each attending its s×s key window.
 
     a = input grid side, s = ceil(a / g); queries q0 = bilinear(grid → g×g); keys and
     values come from the grid, bilinearly resized to (g·s)×(g·s) when a != g·s.
@@ -190,7 +194,7 @@ class AvgPoolResampler(nnx.Module):
 
 def make_resampler(config: ResamplerConfig, vision: VisionConfig, *, dtype=jnp.float32,
                    rngs: nnx.Rngs) -> nnx.Module:
-    """The resampler named by config.kind; `__call__((B, T, E)) -> (B, I, E)`."""
+    """The resampler named by config.kind; `__call__((B, T, E)) -> (B, n, E)`, I = n · projector.expand."""
     builders = {
         "identity": lambda: IdentityResampler(),
         "perceiver": lambda: PerceiverResampler(config, vision.hidden_size, dtype=dtype, rngs=rngs),

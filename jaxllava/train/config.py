@@ -10,7 +10,7 @@ import dataclasses
 import math
 from typing import Literal, Optional
 
-from jaxllava.errors import ConfigError, FieldError
+from jaxllava.errors import ConfigError
 from jaxllava.schema import at_least, path_field, positive, require
 
 

@@ -337,10 +337,8 @@ def setup(config: ExperimentConfig, workdir: Optional[str] = None, *,
     if primary:
         print(f"# jaxllava train: workdir {workdir}\n{dump_yaml(config)}", flush=True)
 
-    vision = config.model.vision
-    pipeline = DataPipeline(config.data, image_tokens=config.model.image_tokens,
-                            image_size=vision.image_size if vision else None,
-                            process_index=jax.process_index(), process_count=jax.process_count())
+    pipeline = DataPipeline.for_model(config.data, config.model, process_index=jax.process_index(),
+                                      process_count=jax.process_count())
     check_vocabulary(pipeline.tokenizer, config.model.lm.vocab_size, f"data.tokenizer={config.data.tokenizer}")
     coverage = table_coverage(pipeline.tokenizer, pipeline.table)
 

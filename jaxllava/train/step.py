@@ -38,7 +38,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxllava.data.batch import IGNORE, ImageBatch, Microbatch
+from jaxllava.data.batch import IGNORE, FeatureBatch, ImageBatch, Microbatch
 from jaxllava.errors import TrainingError
 from jaxllava.model.sharding import DEFAULT_RULES, Rules, activation_sharding, batch_sharding, tree_shardings
 from jaxllava.train.config import OptimConfig
@@ -81,8 +81,14 @@ def cross_entropy_sum(logits_fn: Callable[[jax.Array], jax.Array], hidden: jax.A
 
 def microbatch_loss(model: nnx.Module, batch: Microbatch, chunk: int) -> tuple[jax.Array, jax.Array]:
     """(Σ CE, target tokens) of one microbatch on a LlavaModel. Only an ImageBatch has
-    pixels, so a text microbatch never reaches the vision tower."""
-    images = {"pixels": batch.pixels, "image_mask": batch.image_mask} if isinstance(batch, ImageBatch) else {}
+    pixels and only a FeatureBatch features, so a text microbatch never reaches the vision
+    tower, resampler or projector."""
+    if isinstance(batch, ImageBatch):
+        images = {"pixels": batch.pixels, "image_mask": batch.image_mask}
+    elif isinstance(batch, FeatureBatch):
+        images = {"features": batch.features, "image_mask": batch.image_mask}
+    else:
+        images = {}
     hidden = model.hidden(batch.input_ids, segment_ids=batch.segment_ids, positions=batch.positions, **images)
     return cross_entropy_sum(model.lm.logits, hidden, batch.targets, chunk)
 
