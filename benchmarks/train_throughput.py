@@ -32,7 +32,7 @@ from jaxllava.config import load_config
 from jaxllava.data.pipeline import DataPipeline
 from jaxllava.model.sharding import make_mesh
 from jaxllava.train.loop import train
-from jaxllava.train.setup import create_model, plan_steps
+from jaxllava.train.setup import create_model, plan_run
 from jaxllava.train.metrics import lm_flops_per_token, mfu
 from jaxllava.train.step import TrainStep, device_batch, host_metrics
 
@@ -64,8 +64,7 @@ def time_loop(config, warmup: int, steps: int) -> dict:
 def time_step(config, warmup: int, steps: int) -> tuple[dict, int, float]:
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     pipeline = DataPipeline.for_model(config.data, config.model)
-    total, _ = plan_steps(list(pipeline.stats()), config.train.grad_accum, config.train.steps,
-                          config.train.word_budget)
+    total, _ = plan_run(pipeline, config.train)
     model = create_model(config.model, mesh, config.train.seed)
     trainer = TrainStep(model, config.optim, total, mesh, seed=config.train.seed)
     state = trainer.init_state(nnx.split(model, nnx.Param, ...)[1])

@@ -360,7 +360,12 @@ def write_tokenizer(out: pathlib.Path, sentences: list[str]) -> None:
 
 
 # ---------------------------------------------------------------- main
-OUTPUTS = ("images", "tokenizer", "captions.json", "text.jsonl", "minimal_pairs.jsonl")
+OUTPUTS = ("images", "tokenizer", "captions.json", "text.jsonl", "minimal_pairs.jsonl", "babylm/train",
+           "babylm/captions.json")
+# The miniature of BabyLM's own files: the same sentences as plain-text *.train files (one sentence
+# a line, split into corpora as BabyLM's text half is) and the captions as a JSON list of strings.
+# Their features (babylm/captions_features.npy) come from the tiny tower: data/README.md.
+TRAIN_FILES = ("childes", "simple_wiki", "switchboard")
 
 
 def generate(out: pathlib.Path) -> None:
@@ -390,10 +395,20 @@ def generate(out: pathlib.Path) -> None:
     write_jsonl(out / "minimal_pairs.jsonl", pairs)
 
     caption_texts = [c["conversations"][1]["value"] for c in captions]
+    write_babylm_miniature(out / "babylm", sentences, caption_texts)
     write_tokenizer(out / "tokenizer", sentences + caption_texts)
     vocabulary = set(json.loads((out / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"])
     unknown = {w for p in pairs for s in (p["sentence_good"], p["sentence_bad"]) for w in s.split()} - vocabulary
     assert not unknown, f"minimal-pair words missing from the tokenizer: {sorted(unknown)}"
+
+
+def write_babylm_miniature(out: pathlib.Path, sentences: list[str], captions: list[str]) -> None:
+    (out / "train").mkdir(parents=True, exist_ok=True)
+    share = -(-len(sentences) // len(TRAIN_FILES))
+    for k, name in enumerate(TRAIN_FILES):
+        lines = sentences[k * share:(k + 1) * share]
+        (out / "train" / f"{name}.train").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    (out / "captions.json").write_text(json.dumps(captions, indent=0) + "\n", encoding="utf-8")
 
 
 def main() -> None:

@@ -282,3 +282,29 @@ def test_image_records_trained_as_text_need_no_image_file(tmp_path, word_tokeniz
         DataPipeline(cfg, image_tokens=N, image_size=8)
     text = DataPipeline(dataclasses.replace(cfg, use_images=False), image_tokens=N, image_size=8)
     assert text.summary.text_samples == 1 and text.summary.image_samples == 0
+
+
+def test_a_warm_start_maps_the_cached_table_and_tokenizes_nothing(files, word_tokenizer_dir, tmp_path, monkeypatch):
+    import jaxllava.data.pipeline as pipeline_module
+
+    cold = pipeline(files, word_tokenizer_dir, table_cache=str(tmp_path / "tables"), validation_fraction=0.2)
+    entries = os.listdir(tmp_path / "tables")
+    assert entries == [cold.summary.fingerprint]
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("a warm start must not build the table again")
+
+    monkeypatch.setattr(pipeline_module, "build_sample_table", no_tokenizing)
+    monkeypatch.setattr(pipeline_module, "read_source", no_tokenizing)
+    warm = pipeline(files, word_tokenizer_dir, table_cache=str(tmp_path / "tables"), validation_fraction=0.2)
+    assert isinstance(warm.table.tokens, np.memmap)  # mapped, not read into memory
+    assert warm.summary == cold.summary
+    for a, b in zip(all_batches(cold), all_batches(warm)):
+        for k in batch_arrays(a):
+            np.testing.assert_array_equal(batch_arrays(a)[k], batch_arrays(b)[k])
+    for a, b in zip(cold.validation.batches(), warm.validation.batches()):
+        np.testing.assert_array_equal(a.input_ids, b.input_ids)
+    # Another setting is another entry: the cache never serves a table made under other settings.
+    monkeypatch.undo()
+    pipeline(files, word_tokenizer_dir, table_cache=str(tmp_path / "tables"), buckets=(16, 48))
+    assert len(os.listdir(tmp_path / "tables")) == 2

@@ -422,7 +422,8 @@ def test_step_words_equal_the_words_in_the_steps_microbatches_over_two_epochs(ge
     step_words = [sum(held[i:i + grad_accum]) for i in range(0, len(held), grad_accum)]
     assert sum(step_words) == 2 * int(single.table.words.sum())
     budget = sum(step_words[:3]) + 1  # reached during step 4
-    assert plan_steps([b.stats for b in batches], grad_accum, None, budget) == (4, "word_budget")
+    assert plan_steps(step_words, len(batches), grad_accum, None, budget) == (4, "word_budget")
+    assert list(single.plans.step_words(grad_accum)) == step_words  # what training plans from
 
     parts = [generated_pipeline(generated, word_tokenizer_dir, text_rows=2, process_index=i, process_count=2)
              for i in range(2)]

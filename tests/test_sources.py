@@ -25,7 +25,8 @@ N = 4  # image tokens per record in these pipelines
 
 def read(source: SourceConfig, tokenizer, on_bad_record="error"):
     skips = SkipReport()
-    records, store = read_source(source, on_bad_record=on_bad_record, skips=skips, tokenizer=tokenizer)
+    store = FeatureStore(source.features) if source.features else None
+    records = read_source(source, features=store, on_bad_record=on_bad_record, skips=skips, tokenizer=tokenizer)
     return records, store, skips
 
 

@@ -266,18 +266,18 @@ def test_steps_between_saves_are_read_after_the_next_one_is_dispatched(budget_co
 
 
 def test_plan_steps_counts_partial_last_step_and_rejects_too_many_steps():
-    from jaxllava.data.batch import BatchStats
-    stats = [BatchStats("text", 4, 32, 4, words, 10, 0, 0) for words in (10, 20, 30, 40, 50)]
-    assert plan_steps(stats, 2, None, None) == (3, "data")
-    assert plan_steps(stats, 2, 2, None) == (2, "steps")
-    assert plan_steps(stats, 2, None, 31) == (2, "word_budget")  # 30 after step 1, 100 after step 2
+    step_words = [30, 70, 50]  # microbatch words (10, 20), (30, 40), (50,): five microbatches, three steps
+    assert plan_steps(step_words, 5, 2, None, None) == (3, "data")
+    assert plan_steps(step_words, 5, 2, 2, None) == (2, "steps")
+    assert plan_steps(step_words, 5, 2, None, 31) == (2, "word_budget")  # 30 after step 1, 100 after step 2
     # A budget equal to a step's total ends at that step; one step later would stretch the
     # learning-rate schedule past the run, so it would never reach its floor.
-    assert plan_steps(stats, 2, None, 30) == (1, "word_budget")
-    assert plan_steps(stats, 2, None, 100) == (2, "word_budget")
-    assert plan_steps(stats, 2, None, 10_000) == (3, "data")
+    assert plan_steps(step_words, 5, 2, None, 30) == (1, "word_budget")
+    assert plan_steps(step_words, 5, 2, None, 100) == (2, "word_budget")
+    assert plan_steps(step_words, 5, 2, None, 10_000) == (3, "data")
+    assert plan_steps(step_words, 5, 2, None, 100, words_before=80) == (1, "word_budget")
     with pytest.raises(ConfigError, match="train.steps=4 needs 8 microbatches"):
-        plan_steps(stats, 2, 4, None)
+        plan_steps(step_words, 5, 2, 4, None)
 
 
 TWO_PROCESS_SCRIPT = """

@@ -99,6 +99,10 @@ class DataConfig:
     image_rows: int = 8  # rows per image microbatch (global)
     epochs: int = 1  # passes over the data, each in its own seeded order
     seed: int = 0  # the order of each epoch and the records a fractional source weight takes
+    # A folder for tokenized sample tables, keyed by the data fingerprint: a restart, and every
+    # other process of a multi-host run (on shared storage), maps the table instead of reading
+    # and tokenizing every record again. null: no cache.
+    table_cache: Optional[str] = path_field(None)
     # Fraction of each source's records held out (seeded by data.seed) and never trained on;
     # their loss is logged as val_loss (eval.validation_every_steps, and at the end).
     validation_fraction: float = 0.0

@@ -53,8 +53,10 @@ def dataset_report(pipeline: DataPipeline, *, microbatches_per_step: int = 1) ->
             values = np.percentile(lengths[mask], [50, 90, 99, 100])
             percentiles[name] = dict(zip(("p50", "p90", "p99", "max"), (int(v) for v in values)))
     padding = collections.defaultdict(lambda: [0, 0])
-    epoch_end = pipeline.epoch_starts[1] if len(pipeline.epoch_starts) > 1 else len(pipeline.plans)
-    for stats in list(pipeline.stats())[:epoch_end]:
+    first_epoch = pipeline.plans.epoch_stats(0, target_counts=pipeline.builder.target_counts,
+                                             image_tokens=pipeline.image_tokens)
+    epoch_end = len(first_epoch)
+    for stats in first_epoch:
         key = f"{stats.modality}@{stats.seq_len}"
         padding[key][0] += stats.padding_tokens
         padding[key][1] += stats.rows * stats.seq_len

@@ -10,16 +10,37 @@ process then loads only its own rows of every global microbatch.
 - Static shapes: every microbatch has one of the configured bucket lengths and a
   fixed number of rows; the last microbatch of a bucket is filled with empty rows
   (segment id 0, no targets) rather than dropping samples.
-- Packing: text-only samples are packed first-fit into rows of the largest bucket.
+- Packing: text-only samples are packed into rows of the largest bucket (`pack_rows`:
+  next fit, then the gaps are filled from the last rows; numpy throughout).
 - Interleaving: text and image microbatches are spread evenly through the epoch in
   the data's proportion, so an optimizer step never sees a long run of one modality.
+
+An epoch is planned as arrays (`EpochLayout`); `EpochPlans` is the sequence of every
+epoch's `MicrobatchPlan`s that the loader indexes, planning an epoch when one of its
+microbatches is first asked for and keeping only the last few epochs planned.
 """
 from __future__ import annotations
 
+import bisect
+import collections
+import collections.abc
 import dataclasses
-from typing import Sequence
+import threading
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
+
+from jaxllava.data.batch import BatchStats
+
+# Next fit runs in independent blocks of about this many rows' worth of tokens, all blocks
+# stepping together, so its Python loop runs about this many times whatever the sample count.
+_BLOCK_ROWS = 256
+# The last rows are taken apart to fill the other rows' gaps; they hold at least this many
+# times the gaps' tokens, so the fill can choose. On the long-tailed lengths of
+# benchmarks/startup.py --padding (rows of 2048), 3 pads 0.1% like first fit did; 1 padded 2.4%.
+_POOL_RATIO = 3.0
+_FILL_ROUNDS = 16  # each round adds at most one sample to a row
+_MAX_DEPTH = 8  # what the fill leaves is packed the same way, at most this deep
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,77 +75,416 @@ def epoch_samples(source: np.ndarray, weights: Sequence[float], rng: np.random.G
     return order[rng.permutation(len(order))]
 
 
-def pack_rows(order: np.ndarray, lengths: np.ndarray, row_len: int, max_open: int = 64) -> list[tuple[int, ...]]:
-    """First-fit packing of samples (in the given order) into rows of `row_len` tokens."""
-    rows: list[list[int]] = []
-    space: list[int] = []
-    open_rows: list[int] = []  # indices into rows that still have space
-    for i in order:
-        n = int(lengths[i])
-        for k, r in enumerate(open_rows):
-            if space[r] >= n:
-                rows[r].append(int(i))
-                space[r] -= n
-                if space[r] == 0:
-                    open_rows.pop(k)
-                break
-        else:
-            rows.append([int(i)])
-            space.append(row_len - n)
-            if space[-1] > 0:
-                open_rows.append(len(rows) - 1)
-                if len(open_rows) > max_open:
-                    open_rows.pop(0)  # close the oldest: keeps packing O(n · max_open)
-    return [tuple(r) for r in rows]
+# ---------------------------------------------------------------- packing
 
 
-def _chunk(rows: list[tuple[int, ...]], n_rows: int, modality: str, seq_len: int) -> list[MicrobatchPlan]:
-    plans = []
-    for lo in range(0, len(rows), n_rows):
-        chunk = rows[lo:lo + n_rows]
-        chunk = chunk + [()] * (n_rows - len(chunk))
-        plans.append(MicrobatchPlan(modality, seq_len, tuple(chunk)))
-    return plans
+def pack_rows(order: np.ndarray, lengths: np.ndarray, row_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pack samples (taken in the given order) into rows of at most `row_len` tokens.
+
+    Returns (members, row_offsets): row r holds `members[row_offsets[r]:row_offsets[r + 1]]`,
+    every sample of `order` exactly once, no row empty. Next fit over the order (a row closes
+    when the next sample does not fit) leaves a gap at the end of each row, large where a long
+    sample closed it; the samples of the last rows are then moved into those gaps, and what
+    does not fit is packed again the same way. Numpy throughout: no Python loop per sample.
+    """
+    order = np.asarray(order, np.int64)
+    lens = np.asarray(lengths)[order].astype(np.int64)
+    if len(lens) and lens.max() > row_len:
+        raise ValueError(f"length {int(lens.max())} exceeds the row length {row_len}")
+    row_of, rows = _pack(lens, row_len, 0)
+    members = order[np.argsort(row_of, kind="stable")]
+    row_offsets = np.zeros(rows + 1, np.int64)
+    np.cumsum(np.bincount(row_of, minlength=rows), out=row_offsets[1:])
+    return members, row_offsets
 
 
-def _bucketed(order: np.ndarray, lengths: np.ndarray, buckets: Sequence[int], n_rows: int,
-              modality: str) -> list[MicrobatchPlan]:
-    by_bucket: dict[int, list[tuple[int, ...]]] = {}
-    for i in order:
-        by_bucket.setdefault(bucket_for(int(lengths[i]), buckets), []).append((int(i),))
-    plans = []
-    for b in sorted(by_bucket):
-        plans.extend(_chunk(by_bucket[b], n_rows, modality, b))
-    return plans
+def _pack(lens: np.ndarray, row_len: int, depth: int) -> tuple[np.ndarray, int]:
+    """(row of each item, row count): next fit, then the last rows' items fill the gaps."""
+    row_of = _next_fit(lens, row_len)
+    rows = int(row_of[-1]) + 1 if len(row_of) else 0
+    if depth == _MAX_DEPTH or rows < 2:
+        return row_of, rows
+    used = np.bincount(row_of, weights=lens, minlength=rows).astype(np.int64)
+    gaps = row_len - used
+    # The fewest last rows whose tokens are _POOL_RATIO times the gaps of the rows before them.
+    enough = np.flatnonzero(np.cumsum(used[::-1])[::-1][1:] >= _POOL_RATIO * np.cumsum(gaps)[:-1])
+    if not len(enough):
+        return row_of, rows
+    head = int(enough[-1]) + 1
+    pool = np.flatnonzero(row_of >= head)
+    placed = _fill(gaps[:head], lens[pool])
+    if not (placed >= 0).any():
+        return row_of, rows
+    row_of[pool] = placed
+    left = pool[placed < 0]
+    if not len(left):
+        return row_of, head
+    rest, rest_rows = _pack(lens[left], row_len, depth + 1)
+    row_of[left] = head + rest
+    return row_of, head + rest_rows
 
 
-def interleave(text: list[MicrobatchPlan], image: list[MicrobatchPlan]) -> list[MicrobatchPlan]:
-    """Merge two lists evenly (Bresenham): each prefix holds both in about the overall ratio."""
-    total = len(text) + len(image)
-    out, t, i = [], 0, 0
-    for k in range(total):
-        if (k + 1) * len(image) // total > i:  # images due among the first k+1
-            out.append(image[i])
-            i += 1
-        else:
-            out.append(text[t])
-            t += 1
-    return out
+def _next_fit(lens: np.ndarray, row_len: int) -> np.ndarray:
+    """Row of each item under next fit, run independently in blocks of about _BLOCK_ROWS rows'
+    tokens (each block's last row may be short; the fill uses its gap like any other)."""
+    n = len(lens)
+    if not n:
+        return np.zeros(0, np.int64)
+    ends = np.cumsum(lens)
+    # A block starts with the item that holds each multiple of the block's tokens.
+    cur = np.unique(np.searchsorted(ends, np.arange(0, ends[-1], row_len * _BLOCK_ROWS), side="right"))
+    stop = np.r_[cur[1:], n]
+    found = []
+    while len(cur):
+        found.append(cur)
+        # The first item whose end passes the row: every item is at most row_len, so it is past cur.
+        nxt = np.minimum(np.searchsorted(ends, ends[cur] - lens[cur] + row_len, side="right"), stop)
+        going = nxt < stop
+        cur, stop = nxt[going], stop[going]
+    first = np.zeros(n, np.int64)
+    first[np.concatenate(found)] = 1
+    first[0] = 0
+    return np.cumsum(first)
+
+
+def _fill(gaps: np.ndarray, pool_lens: np.ndarray) -> np.ndarray:
+    """Row for each pool item (-1: none). Each round, rows in order of widest gap take the
+    longest remaining item that fits; a running maximum makes that one vectorised pass."""
+    gaps = gaps.copy()
+    placed = np.full(len(pool_lens), -1, np.int64)
+    avail = _longest_first(pool_lens)
+    for _ in range(_FILL_ROUNDS):
+        if not len(avail):
+            break
+        avail_lens = pool_lens[avail]
+        rows = np.flatnonzero(gaps >= avail_lens[-1])
+        if not len(rows):
+            break
+        rows = rows[_longest_first(gaps[rows])]
+        fits = np.searchsorted(-avail_lens, -gaps[rows], side="left")  # the longest item that fits
+        k = np.arange(len(rows))
+        take = k + np.maximum.accumulate(fits - k)  # ... unless a wider gap took it: then the next one
+        ok = take < len(avail)
+        rows, take = rows[ok], take[ok]
+        placed[avail[take]] = rows
+        gaps[rows] -= avail_lens[take]
+        avail = np.delete(avail, take)
+    return placed
+
+
+def _longest_first(values: np.ndarray) -> np.ndarray:
+    """Stable order of non-negative values, largest first; a radix sort where they fit 16 bits."""
+    top = int(values.max()) if len(values) else 0
+    return np.argsort((top - values).astype(np.uint16 if top < 2 ** 16 else np.int64), kind="stable")
+
+
+# ---------------------------------------------------------------- one epoch
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochLayout:
+    """One epoch's microbatches as arrays; `plan(j)` makes the j-th MicrobatchPlan."""
+
+    members: np.ndarray  # sample indices, row after row
+    row_offsets: np.ndarray  # (rows + 1,): row r holds members[row_offsets[r]:row_offsets[r + 1]]
+    image: np.ndarray  # (microbatches,) bool: an image microbatch
+    seq_len: np.ndarray  # (microbatches,)
+    first_row: np.ndarray  # (microbatches,) its first row
+    rows_used: np.ndarray  # (microbatches,) rows holding samples; the rest up to text_rows / image_rows are empty
+    text_rows: int
+    image_rows: int
+
+    def __len__(self) -> int:
+        return len(self.image)
+
+    def plan(self, j: int) -> MicrobatchPlan:
+        lo = int(self.first_row[j])
+        bounds = self.row_offsets[lo:lo + int(self.rows_used[j]) + 1]
+        flat = self.members[bounds[0]:bounds[-1]].tolist()
+        cuts = (bounds - bounds[0]).tolist()
+        rows = tuple(tuple(flat[a:b]) for a, b in zip(cuts, cuts[1:]))
+        image = bool(self.image[j])
+        n_rows = self.image_rows if image else self.text_rows
+        return MicrobatchPlan("image" if image else "text", int(self.seq_len[j]), rows + ((),) * (n_rows - len(rows)))
+
+    def plans(self) -> list[MicrobatchPlan]:
+        return [self.plan(j) for j in range(len(self))]
+
+    def totals(self, values: np.ndarray) -> np.ndarray:
+        """Σ values[i] over each microbatch's samples i (values: one per sample, e.g. words)."""
+        values = np.asarray(values)
+        running = np.zeros(len(self.members) + 1, np.result_type(values.dtype, np.int64))
+        np.cumsum(values[self.members], out=running[1:])
+        lo, hi = self._member_bounds()
+        return running[hi] - running[lo]
+
+    def samples(self) -> np.ndarray:
+        lo, hi = self._member_bounds()
+        return hi - lo
+
+    def rows(self) -> np.ndarray:
+        """Rows of each microbatch, filler rows included."""
+        return np.where(self.image, self.image_rows, self.text_rows)
+
+    def _member_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.row_offsets[self.first_row], self.row_offsets[self.first_row + self.rows_used]
+
+
+def layout_epoch(*, lengths: np.ndarray, has_image: np.ndarray, source: np.ndarray, weights: Sequence[float],
+                 buckets: Sequence[int], text_rows: int, image_rows: int, pack_text: bool, seed: int,
+                 epoch: int) -> EpochLayout:
+    """Epoch `epoch`'s microbatches: the samples the source weights give, shuffled, split by
+    modality, packed or bucketed, each modality's microbatches shuffled, then interleaved."""
+    rng = np.random.default_rng([seed, epoch])
+    order = epoch_samples(source, weights, rng)
+    image_of = np.asarray(has_image)[order]
+    text_order, image_order = order[~image_of], order[image_of]
+    if pack_text:
+        members, offsets = pack_rows(text_order, lengths, max(buckets))
+        first, used = _chunks(len(offsets) - 1, text_rows)
+        text = (members, offsets, first, used, np.full(len(first), max(buckets), np.int64))
+    else:
+        text = _bucketed(text_order, lengths, buckets, text_rows)
+    image = _bucketed(image_order, lengths, buckets, image_rows)
+    # Shuffle microbatch order within each modality so buckets interleave too.
+    text_perm = rng.permutation(len(text[2]))
+    image_perm = rng.permutation(len(image[2]))
+    slots = _image_slots(len(text_perm), len(image_perm))
+    text_rows_total = len(text[1]) - 1  # image rows follow the text rows
+    first_row = np.empty(len(slots), np.int64)
+    rows_used = np.empty(len(slots), np.int64)
+    seq_len = np.empty(len(slots), np.int64)
+    for mask, (_, _, first, used, length), perm, shift in ((~slots, text, text_perm, 0),
+                                                           (slots, image, image_perm, text_rows_total)):
+        first_row[mask], rows_used[mask], seq_len[mask] = first[perm] + shift, used[perm], length[perm]
+    return EpochLayout(
+        members=np.concatenate([text[0], image[0]]),
+        row_offsets=np.concatenate([text[1], text[1][-1] + image[1][1:]]),
+        image=slots, seq_len=seq_len, first_row=first_row, rows_used=rows_used,
+        text_rows=text_rows, image_rows=image_rows)
 
 
 def plan_epoch(*, lengths: np.ndarray, has_image: np.ndarray, source: np.ndarray, weights: Sequence[float],
                buckets: Sequence[int], text_rows: int, image_rows: int, pack_text: bool, seed: int,
                epoch: int) -> list[MicrobatchPlan]:
-    rng = np.random.default_rng([seed, epoch])
-    order = epoch_samples(source, weights, rng)
-    text_order = order[~has_image[order]]
-    image_order = order[has_image[order]]
-    if pack_text:
-        text = _chunk(pack_rows(text_order, lengths, max(buckets)), text_rows, "text", max(buckets))
-    else:
-        text = _bucketed(text_order, lengths, buckets, text_rows, "text")
-    image = _bucketed(image_order, lengths, buckets, image_rows, "image")
-    # Shuffle microbatch order within each modality so buckets interleave too.
-    text = [text[k] for k in rng.permutation(len(text))]
-    image = [image[k] for k in rng.permutation(len(image))]
-    return interleave(text, image)
+    return layout_epoch(lengths=lengths, has_image=has_image, source=source, weights=weights, buckets=buckets,
+                        text_rows=text_rows, image_rows=image_rows, pack_text=pack_text, seed=seed,
+                        epoch=epoch).plans()
+
+
+def _chunks(rows: int, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(first row, rows used) of each microbatch of `n_rows` rows over `rows` rows; the last may be short."""
+    first = np.arange(0, rows, n_rows, dtype=np.int64)
+    return first, np.minimum(n_rows, rows - first)
+
+
+def _bucketed(order: np.ndarray, lengths: np.ndarray, buckets: Sequence[int], n_rows: int):
+    """One sample per row, rows grouped by the smallest bucket that holds them, in bucket order:
+    (members, row_offsets, first_row, rows_used, seq_len) as in EpochLayout."""
+    buckets = np.asarray(buckets, np.int64)
+    lens = np.asarray(lengths)[order]
+    bucket = np.searchsorted(buckets, lens, side="left")
+    if len(lens) and bucket.max() == len(buckets):
+        raise ValueError(f"length {int(lens.max())} exceeds the largest bucket {int(buckets[-1])}")
+    members = order[np.argsort(bucket, kind="stable")].astype(np.int64)
+    counts = np.bincount(bucket, minlength=len(buckets))
+    per = -(-counts // n_rows)  # microbatches per bucket
+    of = np.repeat(np.arange(len(buckets)), per)
+    k = np.arange(int(per.sum())) - np.repeat(np.cumsum(per) - per, per)  # index within the bucket
+    first = (np.cumsum(counts) - counts)[of] + k * n_rows
+    return (members, np.arange(len(members) + 1, dtype=np.int64), first, np.minimum(n_rows, counts[of] - k * n_rows),
+            buckets[of])
+
+
+def _image_slots(n_text: int, n_image: int) -> np.ndarray:
+    """Bresenham: slot k holds an image microbatch when the images due among the first k+1 grow,
+    so each prefix holds both modalities in about the overall ratio."""
+    total = n_text + n_image
+    k = np.arange(total, dtype=np.int64)
+    return (k + 1) * n_image // max(total, 1) > k * n_image // max(total, 1)
+
+
+def interleave(text: list, image: list) -> list:
+    """Merge two lists evenly (`_image_slots`), keeping the order within each."""
+    text_it, image_it = iter(text), iter(image)
+    return [next(image_it) if slot else next(text_it) for slot in _image_slots(len(text), len(image))]
+
+
+# ---------------------------------------------------------------- all epochs
+
+
+def _narrow(values: np.ndarray) -> np.ndarray:
+    """Integers as the smallest of int8/int16/int32 that holds them (int64 if none does)."""
+    values = np.asarray(values)
+    low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
+    for dtype in (np.int8, np.int16, np.int32):
+        if np.iinfo(dtype).min <= low and high <= np.iinfo(dtype).max:
+            return values.astype(dtype)
+    return values.astype(np.int64)
+
+
+class EpochPlans(collections.abc.Sequence):
+    """Every epoch's MicrobatchPlans, in training order, as one sequence (what the loader indexes).
+
+    An epoch is planned when one of its microbatches is first asked for; the last `keep`
+    planned epochs are kept, so memory holds one or two epochs whatever `epochs` is. The
+    plans equal `plan_epoch` for each epoch in turn. `len()` and `epoch_starts` plan every
+    epoch once (packing decides how many microbatches an epoch has; the last epoch first, so
+    the first ones stay planned) and keep only the counts and the words per microbatch. Pickles without its planned epochs (Grain's workers replan
+    the ones they need); thread-safe (Grain's reading threads index it concurrently).
+
+    `words`: the BabyLM words of each sample (SampleTable.words), for `step_words` and
+    `microbatch_words`.
+    """
+
+    def __init__(self, *, lengths: np.ndarray, has_image: np.ndarray, source: np.ndarray, weights: Sequence[float],
+                 buckets: Sequence[int], text_rows: int, image_rows: int, pack_text: bool, seed: int, epochs: int,
+                 words: Optional[np.ndarray] = None, keep: int = 2):
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        # Narrowed: this object is pickled to every loader worker.
+        self.lengths = _narrow(lengths)
+        self.has_image = np.asarray(has_image, bool)
+        self.source = _narrow(source)
+        self.words = None if words is None else _narrow(words)
+        self.settings = dict(weights=tuple(weights), buckets=tuple(buckets), text_rows=text_rows,
+                             image_rows=image_rows, pack_text=pack_text, seed=seed)
+        self.epochs = epochs
+        self.keep = keep
+        self._sizes: list[Optional[int]] = [None] * epochs
+        self._words: list[Optional[np.ndarray]] = [None] * epochs
+        self._starts: Optional[list[int]] = None
+        self._total = 0
+        self._planned: collections.OrderedDict[int, EpochLayout] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def epoch(self, e: int) -> EpochLayout:
+        """Epoch e's layout, planned now unless it is one of the last `keep` planned."""
+        if not 0 <= e < self.epochs:
+            raise IndexError(f"epoch {e} is outside 0..{self.epochs - 1}")
+        with self._lock:
+            layout = self._planned.get(e)
+            if layout is not None:
+                self._planned.move_to_end(e)
+                return layout
+            layout = layout_epoch(lengths=self.lengths, has_image=self.has_image, source=self.source, epoch=e,
+                                  **self.settings)
+            self._sizes[e] = len(layout)
+            if self.words is not None and self._words[e] is None:
+                self._words[e] = layout.totals(self.words)
+            self._planned[e] = layout
+            while len(self._planned) > self.keep:
+                self._planned.popitem(last=False)
+            return layout
+
+    def epoch_size(self, e: int) -> int:
+        """Microbatches of epoch e (plans it once if it never was)."""
+        size = self._sizes[e]
+        return len(self.epoch(e)) if size is None else size
+
+    @property
+    def epoch_starts(self) -> list[int]:
+        """Index of each epoch's first microbatch."""
+        return list(self._counted()[0])
+
+    @property
+    def planned(self) -> tuple[int, ...]:
+        """The epochs held planned now, least recently used first."""
+        return tuple(self._planned)
+
+    def __len__(self) -> int:
+        return self._counted()[1]
+
+    def _counted(self) -> tuple[list[int], int]:
+        if self._starts is None:
+            # Last epoch first, so the first two stay planned for the first microbatches.
+            sizes = [self.epoch_size(e) for e in reversed(range(self.epochs))][::-1]
+            self._total = int(sum(sizes))  # before _starts: another thread reads _total once _starts is set
+            self._starts = [int(s) for s in np.cumsum([0] + sizes[:-1])]
+        return self._starts, self._total
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
+        k = int(k)
+        if k < 0:
+            k += len(self)
+        if self._starts is not None:
+            if not 0 <= k < self._total:
+                raise IndexError(f"microbatch {k} is outside 0..{self._total - 1}")
+            e = bisect.bisect_right(self._starts, k) - 1
+            return self.epoch(e).plan(k - self._starts[e])
+        start = 0  # not counted yet: plan only the epochs up to k's
+        for e in range(self.epochs):
+            size = self.epoch_size(e)
+            if 0 <= k < start + size:
+                return self.epoch(e).plan(k - start)
+            start += size
+        raise IndexError(f"microbatch {k} is outside 0..{start - 1}")
+
+    def __iter__(self) -> Iterator[MicrobatchPlan]:
+        for e in range(self.epochs):
+            layout = self.epoch(e)
+            for j in range(len(layout)):
+                yield layout.plan(j)
+
+    def microbatch_words(self, e: int) -> np.ndarray:
+        """Words of each microbatch of epoch e (kept once computed; the layout is not)."""
+        if self.words is None:
+            raise ValueError("EpochPlans was made without words")
+        if self._words[e] is None:
+            self.epoch(e)
+        return self._words[e]
+
+    def epoch_stats(self, e: int, *, target_counts: np.ndarray, image_tokens: int) -> list[BatchStats]:
+        """What each microbatch of epoch e feeds (MicrobatchBuilder.stats of each plan), from the
+        per-sample arrays: `target_counts` as MicrobatchBuilder.target_counts, `image_tokens` N."""
+        layout = self.epoch(e)
+        rows, samples = layout.rows(), layout.samples()
+        padding = rows * layout.seq_len - layout.totals(self.lengths)
+        words = self.microbatch_words(e)
+        targets = layout.totals(target_counts)
+        return [BatchStats(modality="image" if image else "text", rows=int(r), seq_len=int(t), samples=int(s),
+                           words=int(w), target_tokens=int(g), image_tokens=int(s) * image_tokens if image else 0,
+                           padding_tokens=int(p))
+                for image, r, t, s, w, g, p in zip(layout.image, rows, layout.seq_len, samples, words, targets, padding)]
+
+    def step_words(self, grad_accum: int, *, until_words: Optional[int] = None,
+                   until_steps: Optional[int] = None) -> np.ndarray:
+        """Words of each optimizer step of `grad_accum` consecutive microbatches (steps run across
+        epoch ends; the last step may be short), planning epoch after epoch and stopping at the
+        first step whose running total reaches `until_words` or at `until_steps` steps."""
+        if until_steps is not None and until_steps < 1:
+            raise ValueError(f"until_steps must be >= 1, got {until_steps}")
+        steps: list[np.ndarray] = []
+        carry = np.zeros(0, np.int64)
+        done, total = 0, 0
+        for e in range(self.epochs):
+            words = np.concatenate([carry, self.microbatch_words(e)])
+            whole = len(words) // grad_accum * grad_accum
+            new = words[:whole].reshape(-1, grad_accum).sum(axis=1)
+            carry = words[whole:]
+            stop, finished = len(new), False
+            if until_words is not None:
+                reached = np.flatnonzero(total + np.cumsum(new) >= until_words)
+                if len(reached):
+                    stop, finished = int(reached[0]) + 1, True
+            if until_steps is not None and done + stop >= until_steps:
+                stop, finished = until_steps - done, True
+            steps.append(new[:stop])
+            if finished:
+                return np.concatenate(steps)
+            done, total = done + len(new), total + int(new.sum())
+        if len(carry):
+            steps.append(np.array([carry.sum()], np.int64))
+        return np.concatenate(steps) if steps else np.zeros(0, np.int64)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_planned"] = collections.OrderedDict()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()

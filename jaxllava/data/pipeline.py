@@ -15,6 +15,7 @@ words.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import os
@@ -26,10 +27,11 @@ from jaxllava.data.batch import IGNORE, BatchStats, FeatureBatch, ImageBatch, Mi
 from jaxllava.data.config import DataConfig
 from jaxllava.data.images import ImageProcessing, check_image, load_image
 from jaxllava.data.loader import LoaderIterator, WorkerGuard
-from jaxllava.data.packing import MicrobatchPlan, plan_epoch
+from jaxllava.data.packing import EpochPlans, MicrobatchPlan, plan_epoch
 from jaxllava.data.records import Record, SkipReport, fingerprint_files
 from jaxllava.data.sources import FeatureStore, features_identity, read_source, text_files
 from jaxllava.data.samples import SampleTable, build_sample_table
+from jaxllava.data.table_cache import entry_directory, load_tables, save_tables
 from jaxllava.data.tokenizer import TOKENIZER_FILES, SpecialIds, load_tokenizer, special_ids
 from jaxllava.errors import DataError
 
@@ -42,6 +44,20 @@ def image_processing_for(cfg: DataConfig, image_size: int) -> ImageProcessing:
         processing = ImageProcessing(size=image_size, aspect=cfg.image.aspect, mean=tuple(cfg.image.mean),
                                      std=tuple(cfg.image.std))
     return dataclasses.replace(processing, size=image_size, max_pixels=cfg.image.max_pixels)
+
+
+def _target_counts(table: SampleTable, chunk: int = 1 << 18) -> np.ndarray:
+    """Targets per sample: every target token except position 0 (never predicted). Counted a
+    chunk of samples at a time: one int64 copy of a 100M-token mask would cost 0.8 GB."""
+    counts = np.zeros(len(table), np.int64)
+    for lo in range(0, len(table), chunk):
+        hi = min(lo + chunk, len(table))
+        start, stop = int(table.offsets[lo]), int(table.offsets[hi])
+        mask = np.asarray(table.is_target[start:stop])
+        cumulative = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
+        bounds = np.asarray(table.offsets[lo:hi + 1]) - start
+        counts[lo:hi] = cumulative[bounds[1:]] - cumulative[bounds[:-1]] - mask[bounds[:-1]]
+    return counts
 
 
 class MicrobatchBuilder:
@@ -60,11 +76,7 @@ class MicrobatchBuilder:
         self.features_shape = features_shape
         self.process_index = process_index
         self.process_count = process_count
-        # Targets per sample: every target token except position 0 (never predicted).
-        starts = table.offsets[:-1]
-        counts = np.add.reduceat(table.is_target.astype(np.int64), starts) if len(table) else np.zeros(0, np.int64)
-        first = table.is_target[starts] if len(table) else np.zeros(0, bool)
-        self.target_counts = counts - first
+        self.target_counts = _target_counts(table)
 
     def stats(self, plan: MicrobatchPlan) -> BatchStats:
         members = [i for row in plan.rows for i in row]
@@ -169,7 +181,7 @@ class DatasetSummary:
 
 
 # Settings that change speed only, never a batch: left out of the fingerprint.
-_SPEED_ONLY = ("num_workers", "prefetch", "check_images")
+_SPEED_ONLY = ("num_workers", "prefetch", "check_images", "table_cache")
 
 
 def data_fingerprint_sha256(files_sha256: str, cfg: DataConfig, image_tokens: int,
@@ -242,37 +254,67 @@ class DataPipeline:
         self.process_index, self.process_count = process_index, process_count
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
         self.ids = special_ids(self.tokenizer)
-        self.skips = SkipReport()
-        records = self._read_sources(image_size)
-        records, held_out = split_held_out(records, cfg.validation_fraction, cfg.seed)
-        self.table = self._table(records)
-        held_out_table = self._table(held_out) if any(held_out) else None
-        has_image = self.table.has_image
-        image_files = any(r.image is not None for rs in records + held_out for r in rs) and cfg.use_images
-        self.processing = image_processing_for(cfg, image_size) if image_files else None
-        self.builder = self._builder(self.table)
-        self.plans: list[MicrobatchPlan] = []
-        self.epoch_starts: list[int] = []
-        for epoch in range(cfg.epochs):
-            self.epoch_starts.append(len(self.plans))
-            self.plans.extend(self._plan(self.table, [s.weight for s in cfg.sources], epoch))
-        self.validation = None if held_out_table is None else HeldOut(
-            held_out_table, self._builder(held_out_table), self._plan(held_out_table, [1.0] * len(held_out), 0))
+        self.features = [FeatureStore(s.features) if s.features else None for s in cfg.sources]
+        self.record_files = [f for s in cfg.sources for f in (text_files(s.path) if s.format == "text" else [s.path])]
+        self.processing = image_processing_for(cfg, image_size) if image_size and cfg.use_images else None
         files_sha256 = fingerprint_files(self.record_files)
-        first_epoch = self.plans[:self.epoch_starts[1]] if cfg.epochs > 1 else self.plans
+        fingerprint = data_fingerprint_sha256(
+            files_sha256, cfg, image_tokens, self.processing,
+            features=features_identity([p for store in self.features if store for p in store.paths]))
+        tables, meta = self._tables(fingerprint, image_size)
+        self.table = tables["train"]
+        self.skips = SkipReport(collections.Counter(meta["skips"]["counts"]), meta["skips"]["examples"])
+        self.builder = self._builder(self.table)
+        self.plans = EpochPlans(lengths=self.table.lengths, has_image=self.table.has_image, source=self.table.source,
+                                words=self.table.words, weights=[s.weight for s in cfg.sources], buckets=cfg.buckets,
+                                text_rows=cfg.text_rows, image_rows=cfg.image_rows, pack_text=cfg.pack_text,
+                                seed=cfg.seed, epochs=cfg.epochs)
+        held = tables.get("held_out")
+        self.validation = None if held is None else HeldOut(held, self._builder(held), plan_epoch(
+            lengths=held.lengths, has_image=held.has_image, source=held.source, weights=[1.0] * len(cfg.sources),
+            buckets=cfg.buckets, text_rows=cfg.text_rows, image_rows=cfg.image_rows, pack_text=cfg.pack_text,
+            seed=cfg.seed, epoch=0))
+        has_image = self.table.has_image
         self.summary = DatasetSummary(
-            records_per_file={s.path: len(rs) + len(hs) for s, rs, hs in zip(cfg.sources, records, held_out)},
+            records_per_file=meta["records_per_file"],
             text_samples=int((~has_image).sum()),
             image_samples=int(has_image.sum()),
             words=int(self.table.words.sum()),
-            words_per_epoch=sum(self.builder.stats(plan).words for plan in first_epoch),
-            held_out_samples=0 if self.validation is None else len(self.validation.table),
+            words_per_epoch=int(self.plans.microbatch_words(0).sum()),
+            held_out_samples=0 if held is None else len(held),
             skips=self.skips,
             files_sha256=files_sha256,
-            fingerprint=data_fingerprint_sha256(
-                files_sha256, cfg, image_tokens, self.processing,
-                features=features_identity([p for store in self.features if store for p in store.paths])),
+            fingerprint=fingerprint,
         )
+
+    @property
+    def epoch_starts(self) -> list[int]:
+        return self.plans.epoch_starts
+
+    def _tables(self, fingerprint: str, image_size: int | None) -> tuple[dict[str, SampleTable], dict]:
+        """The training (and held-out) sample tables, and what reading found: mapped from
+        `data.table_cache` when an entry for this fingerprint is there, else read, checked and
+        tokenized now (and stored there for the next start and the other processes)."""
+        for index, store in enumerate(self.features):
+            self._check_features(index, store)
+        entry_dir = entry_directory(self.cfg.table_cache, fingerprint) if self.cfg.table_cache else None
+        entry = load_tables(entry_dir) if entry_dir else None
+        if entry is not None:
+            return dict(entry.tables), entry.meta
+        self.skips = SkipReport()
+        records = self._read_sources(image_size)
+        records, held_out = split_held_out(records, self.cfg.validation_fraction, self.cfg.seed)
+        tables = {"train": self._table(records)}
+        if any(held_out):
+            tables["held_out"] = self._table(held_out)
+        meta = {"records_per_file": {s.path: len(rs) + len(hs)
+                                     for s, rs, hs in zip(self.cfg.sources, records, held_out)},
+                "skips": {"counts": dict(self.skips.counts), "examples": self.skips.examples}}
+        if entry_dir is None:
+            return tables, meta
+        save_tables(entry_dir, tables, meta=meta)
+        entry = load_tables(entry_dir)  # mapped: a loader worker then receives a path, not the tokens
+        return dict(entry.tables), entry.meta
 
     @classmethod
     def for_model(cls, cfg: DataConfig, model, **kwargs) -> "DataPipeline":
@@ -286,28 +328,26 @@ class DataPipeline:
         return cls(cfg, image_tokens=model.image_tokens, **kwargs)
 
     def _read_sources(self, image_size: int | None) -> list[list[Record]]:
-        """Every source's records, with `self.features` (its FeatureStore or None) and
-        `self.record_files` (the files read, for the fingerprint); bad images or feature rows are
-        found now under `skip` or `data.check_images`."""
+        """Every source's records; bad images or feature rows are found now under `skip` or
+        `data.check_images`."""
         cfg = self.cfg
-        records, self.features, self.record_files = [], [], []
-        for index, source in enumerate(cfg.sources):
-            rs, store = read_source(source, on_bad_record=cfg.on_bad_record, skips=self.skips,
-                                    tokenizer=self.tokenizer, use_images=cfg.use_images)
+        records = []
+        for index, (source, store) in enumerate(zip(cfg.sources, self.features)):
+            rs = read_source(source, features=store, on_bad_record=cfg.on_bad_record, skips=self.skips,
+                             tokenizer=self.tokenizer, use_images=cfg.use_images)
             if cfg.use_images:
-                self._check_visual_kind(index, rs, store, image_size)
+                self._check_image_files(index, rs, image_size)
             records.append(rs)
-            self.features.append(store)
-            self.record_files += text_files(source.path) if source.format == "text" else [source.path]
         if cfg.use_images and (cfg.check_images or cfg.on_bad_record == "skip"):
             processing = image_processing_for(cfg, image_size) if image_size else None
             records = [self._drop_undecodable(rs, processing, store) for rs, store in zip(records, self.features)]
         return records
 
-    def _check_visual_kind(self, index: int, records: list[Record], store: Optional[FeatureStore],
-                           image_size: int | None) -> None:
-        """Image files need a vision tower, feature rows a features input of their shape."""
+    def _check_features(self, index: int, store: Optional[FeatureStore]) -> None:
+        """Feature rows need a features input of their shape."""
         source = f"data.sources.{index}"
+        if store is not None and not self.cfg.use_images:
+            return
         if store is not None and self.features_shape is None:
             raise DataError(f"{source} has features ({store.describe()}) but the model's vision input is not "
                             f"features: set model.vision.kind: features", field=f"{source}.features")
@@ -315,6 +355,10 @@ class DataPipeline:
             raise DataError(f"the features have rows of shape {tuple(store.shape)} (P, E) but model.vision says "
                             f"tokens {self.features_shape[0]}, hidden_size {self.features_shape[1]}",
                             file=store.describe(), field="features")
+
+    def _check_image_files(self, index: int, records: list[Record], image_size: int | None) -> None:
+        """Image files need a vision tower."""
+        source = f"data.sources.{index}"
         images = sum(r.image is not None for r in records)
         if images and not image_size:
             what = ("reads features: give the source features:" if self.features_shape is not None
@@ -350,12 +394,6 @@ class DataPipeline:
                                  features=self.features, features_shape=self.features_shape,
                                  process_index=self.process_index, process_count=self.process_count)
 
-    def _plan(self, table: SampleTable, weights: Sequence[float], epoch: int) -> list[MicrobatchPlan]:
-        cfg = self.cfg
-        return plan_epoch(lengths=table.lengths, has_image=table.has_image, source=table.source, weights=weights,
-                          buckets=cfg.buckets, text_rows=cfg.text_rows, image_rows=cfg.image_rows,
-                          pack_text=cfg.pack_text, seed=cfg.seed, epoch=epoch)
-
     def _table(self, records: list[list[Record]]) -> SampleTable:
         return build_sample_table(records, self.tokenizer, self.cfg, image_tokens=self.image_tokens,
                                   max_len=max(self.cfg.buckets), skips=self.skips)
@@ -390,8 +428,10 @@ class DataPipeline:
         return LoaderIterator(iter(iterable), guard=guard)
 
     def stats(self) -> Iterator[BatchStats]:
-        for plan in self.plans:
-            yield self.builder.stats(plan)
+        """Every microbatch's stats, epoch by epoch (each epoch planned once, then let go)."""
+        for epoch in range(self.cfg.epochs):
+            yield from self.plans.epoch_stats(epoch, target_counts=self.builder.target_counts,
+                                              image_tokens=self.image_tokens)
 
 
 def _mark_absl_flags_parsed() -> None:

@@ -218,16 +218,15 @@ def _read_text(source: SourceConfig, on_bad_record: str, skips: SkipReport, toke
     return records
 
 
-def read_source(source: SourceConfig, *, on_bad_record: str, skips: SkipReport, tokenizer,
-                use_images: bool = True) -> tuple[list[Record], Optional[FeatureStore]]:
-    """The validated records of one source, and its features (None without `features:`)."""
+def read_source(source: SourceConfig, *, features: Optional[FeatureStore], on_bad_record: str,
+                skips: SkipReport, tokenizer, use_images: bool = True) -> list[Record]:
+    """The validated records of one source; `features`: its FeatureStore (`features:`) or None."""
     if source.format == "text":
-        return _read_text(source, on_bad_record, skips, tokenizer), None
-    features = FeatureStore(source.features) if source.features else None
+        return _read_text(source, on_bad_record, skips, tokenizer)
     entry: Optional[Callable[[Any], Any]] = None
     if source.format == "captions":
         entry = functools.partial(_caption_entry, with_features=features is not None)
     pairs = read_records_with_raw(source.path, image_folder=source.image_folder, on_bad_record=on_bad_record,
                                   skips=skips, allow_outside=source.allow_outside,
                                   check_image_files=use_images, entry=entry, features=features)
-    return [record for record, _ in pairs], features
+    return [record for record, _ in pairs]

@@ -28,7 +28,6 @@ from jaxllava.checkpoint import (CHECKPOINTS_DIR, META, PREPROCESSOR_CONFIG, RUN
                                  Checkpointer, complete_steps, load_checkpoint_params, read_checkpoint_config,
                                  read_json_item, read_meta)
 from jaxllava.config import ExperimentConfig, config_differences, config_to_dict, dump_yaml
-from jaxllava.data.batch import BatchStats
 from jaxllava.data.pipeline import DataPipeline
 from jaxllava.data.tokenizer import (TokenizerCoverage, check_vocabulary, copy_tokenizer, load_tokenizer,
                                      table_coverage, vocabulary_difference)
@@ -38,7 +37,7 @@ from jaxllava.model.config import ModelConfig
 from jaxllava.model.llava import LlavaModel
 from jaxllava.model.sharding import batch_shards, make_mesh, tree_shardings
 from jaxllava.provenance import data_fingerprint, run_record, write_run_json
-from jaxllava.train.config import MeshConfig
+from jaxllava.train.config import MeshConfig, TrainConfig
 from jaxllava.train.metrics import MetricsLogger, StepProfiler
 from jaxllava.train.milestones import BABYLM_MILESTONES, MilestoneTracker
 from jaxllava.train.optimizer import path_str
@@ -47,7 +46,7 @@ from jaxllava.train.step import TrainStep
 # Config sections whose change would alter the trajectory of a resumed run, and the
 # settings inside them that may change (speed only, same numbers).
 RESUME_MUST_MATCH = ("model", "data", "optim", "train.seed", "train.steps", "train.grad_accum", "train.word_budget")
-RESUME_MAY_CHANGE = ("data.num_workers", "data.prefetch", "model.remat")
+RESUME_MAY_CHANGE = ("data.num_workers", "data.prefetch", "data.check_images", "data.table_cache", "model.remat")
 
 
 @dataclasses.dataclass
@@ -115,31 +114,41 @@ def maybe_initialize_distributed(mesh: MeshConfig) -> None:
                                process_id=mesh.process_id)
 
 
-def plan_steps(stats: Sequence[BatchStats], grad_accum: int, steps: Optional[int],
+def plan_steps(step_words: Sequence[int], microbatches: int, grad_accum: int, steps: Optional[int],
                word_budget: Optional[int], words_before: int = 0) -> tuple[int, str]:
     """(optimizer steps the run will take, why it ends): the one place the run's end is decided,
     and the learning-rate schedule's horizon.
 
-    The data plan is fixed before training, so the step at which the word budget is
-    reached is known exactly; the last step of the data may hold fewer microbatches.
-    `words_before`: words counted before this run's first step (train.init_from_words: continue).
+    The data plan is fixed before training, so the step at which the word budget is reached is
+    known exactly. `step_words`: the words of each optimizer step in training order (at least up
+    to the step that reaches the budget, or `steps`); `microbatches`: all the data gives, the
+    last step possibly short. `words_before`: words counted before this run's first step
+    (train.init_from_words: continue).
     """
-    available = -(-len(stats) // grad_accum)
+    available = -(-microbatches // grad_accum)
     if steps is not None and steps > available:
         raise ConfigError(f"train.steps={steps} needs {steps * grad_accum} microbatches; the data's "
-                          f"data.epochs give {len(stats)} ({available} steps): raise data.epochs or lower train.steps")
+                          f"data.epochs give {microbatches} ({available} steps): raise data.epochs or lower train.steps")
     horizon, reason = (steps, "steps") if steps is not None else (available, "data")
     if word_budget is not None:
-        words = words_before + np.cumsum([sum(s.words for s in stats[i:i + grad_accum])
-                                          for i in range(0, len(stats), grad_accum)])
-        reach = int(np.searchsorted(words, word_budget, side="left")) + 1  # first step whose total reaches it
-        if reach <= horizon:
-            horizon, reason = reach, "word_budget"
+        words = words_before + np.cumsum(np.asarray(step_words, np.int64))
+        reached = np.flatnonzero(words >= word_budget)  # the first step whose total reaches it
+        if len(reached) and reached[0] + 1 <= horizon:
+            horizon, reason = int(reached[0]) + 1, "word_budget"
     if horizon < 1:
         raise ConfigError("the data gives no microbatch to train on" if words_before < (word_budget or 1) else
                           f"train.word_budget={word_budget} is already reached by the {words_before:,} words "
                           f"carried over from train.init_from (train.init_from_words: continue)")
     return horizon, reason
+
+
+def plan_run(pipeline: DataPipeline, train: TrainConfig, words_before: int = 0) -> tuple[int, str]:
+    """`plan_steps` for a pipeline: its epochs are planned one at a time, only as far as needed."""
+    budget = None if train.word_budget is None else train.word_budget - words_before
+    step_words = pipeline.plans.step_words(train.grad_accum, until_steps=train.steps,
+                                           until_words=budget if budget is None or budget > 0 else 1)
+    return plan_steps(step_words, len(pipeline.plans), train.grad_accum, train.steps, train.word_budget,
+                      words_before=words_before)
 
 
 def resume_mismatch(saved: dict, current: dict) -> list[str]:
@@ -348,8 +357,7 @@ def setup(config: ExperimentConfig, workdir: Optional[str] = None, *,
     if config.train.init_from and not pretrained:
         params, words = _init_from(config, params, pipeline.tokenizer)
         init_words, pretrained = (words if config.train.init_from_words == "continue" else 0), True
-    total_steps, end_reason = plan_steps(list(pipeline.stats()), config.train.grad_accum, config.train.steps,
-                                         config.train.word_budget, words_before=init_words)
+    total_steps, end_reason = plan_run(pipeline, config.train, words_before=init_words)
     trainer = TrainStep(model, config.optim, total_steps, mesh, seed=config.train.seed,
                         compiler_options=compiler_options)
     del model
