@@ -1,8 +1,9 @@
-"""The one entry point: train, inspect-data, cache-images, eval, convert.
+"""The one entry point: train, inspect-data, cache-images, cache-features, eval, convert.
 
     python launch.py train --config configs/tiny.yaml [--workdir DIR] [--set a.b=value ...]
     python launch.py inspect-data --config configs/tiny.yaml [--batches N] [--set ...]
     python launch.py cache-images --config CFG --out DIR [--workers N] [--set ...]
+    python launch.py cache-features --config CFG --out DIR [--select patches|cls|mean] [--dtype D] [--set ...]
     python launch.py eval --checkpoint CKPT --task NAME=PATH [...]
     python launch.py convert {import-hf,import-reference,export-hf} ...
 
@@ -67,6 +68,20 @@ def cmd_cache_images(args) -> int:
     return 0
 
 
+def cmd_cache_features(args) -> int:
+    from jaxllava.config import load_config
+    from jaxllava.convert.features import cache_features, train_overrides_line
+
+    config = load_config(args.config, args.overrides)
+    result = cache_features(config, args.out, select=args.select, dtype=args.dtype, batch_size=args.batch_size)
+    print(f"cached the {args.select} features of {result.images} images under {args.out} "
+          f"({result.tokens} x {result.hidden_size} per image, {args.dtype})")
+    for line in result.skips.summary_lines() if result.skips.total else []:
+        print(line)
+    print(f"train from the cache with: {train_overrides_line(result)}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from jaxllava.eval.cli import run_eval
 
@@ -104,6 +119,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="new cache directory (refused if it exists)")
     p.add_argument("--workers", type=int, default=0, help="processes decoding images (default 0: this one)")
     p.set_defaults(func=cmd_cache_images)
+
+    p = sub.add_parser("cache-features", help="run the frozen vision tower once over every image record, store its "
+                                              "features (.npy) and print the --set that trains from them")
+    _config_args(p)
+    p.add_argument("--out", required=True, help="new cache directory (refused if it exists); an interrupted run "
+                                                "continues when rerun with the same arguments")
+    p.add_argument("--select", choices=("patches", "cls", "mean"), default="patches",
+                   help="patches: what the tower gives the resampler (P x E, feature_layer and feature_select as "
+                        "configured); cls: the CLS vector of the final output (1 x E); mean: the mean of the final "
+                        "output's patch vectors (1 x E) (default patches)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="dtype the features are stored in (default float32)")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="images per tower call, split over all local devices (default 64)")
+    p.set_defaults(func=cmd_cache_features)
 
     p = sub.add_parser("eval", help="score minimal pairs (BLiMP format) with a checkpoint")
     add_eval_arguments(p)

@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import tempfile
+import sys
 import time
 
 import jax
@@ -32,9 +33,18 @@ from jaxllava.config import load_config
 from jaxllava.data.pipeline import DataPipeline
 from jaxllava.model.sharding import make_mesh
 from jaxllava.train.loop import train
-from jaxllava.train.setup import create_model, plan_run
+from jaxllava.model.llava import create_model
+from jaxllava.train.setup import plan_run
 from jaxllava.train.metrics import lm_flops_per_token, mfu
 from jaxllava.train.step import TrainStep, device_batch, host_metrics
+
+
+_START = time.perf_counter()
+
+
+def phase(message: str) -> None:
+    """Progress on stderr, so a run cut off by a time limit still says where it was."""
+    print(f"[{time.perf_counter() - _START:7.1f} s] {message}", file=sys.stderr, flush=True)
 
 
 def step_flops(stats, lm_config) -> float:
@@ -65,15 +75,20 @@ def time_step(config, warmup: int, steps: int) -> tuple[dict, int, float]:
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     pipeline = DataPipeline.for_model(config.data, config.model)
     total, _ = plan_run(pipeline, config.train)
+    phase(f"data planned: {total} steps")
     model = create_model(config.model, mesh, config.train.seed)
     trainer = TrainStep(model, config.optim, total, mesh, seed=config.train.seed)
     state = trainer.init_state(nnx.split(model, nnx.Param, ...)[1])
+    phase("model and optimizer state created")
     iterator = pipeline.iterator()
     per_step = [[next(iterator) for _ in range(config.train.grad_accum)] for _ in range(warmup + steps)]
     on_device = [[device_batch(b, mesh) for b in batches] for batches in per_step]
-    for arrays in on_device[:warmup]:  # compile every shape
+    phase(f"{len(per_step)} steps of microbatches on the devices")
+    for k, arrays in enumerate(on_device[:warmup]):  # compile every shape
         state, metrics = trainer.apply(state, arrays)
-    host_metrics(metrics)
+        host_metrics(metrics)
+        shapes = " ".join(f"{b.stats.modality}:{b.stats.rows}x{b.stats.seq_len}" for b in per_step[k])
+        phase(f"warm-up step {k + 1} ({shapes}), {TrainStep.compile_count()} compiles so far")
     start = time.perf_counter()
     for arrays in on_device[warmup:]:
         state, metrics = trainer.apply(state, arrays)
@@ -98,6 +113,7 @@ def main() -> None:
                       "config": args.config, "overrides": args.overrides}), flush=True)
 
     step, tokens, flops = time_step(config, args.warmup, args.steps)
+    phase("step mode timed; now the loop")
     step_row = report("step", args.steps, step["tokens"], flops, step["seconds"])
     loop = time_loop(config, args.warmup, args.steps)
     assert loop["tokens"] == tokens, "the loop and the step mode must time the same microbatches"

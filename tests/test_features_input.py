@@ -21,7 +21,7 @@ from jaxllava.model.llava import LlavaModel
 from jaxllava.model.sharding import make_mesh
 from jaxllava.train.config import OptimConfig
 from jaxllava.train.optimizer import path_str
-from jaxllava.train.setup import create_model
+from jaxllava.model.llava import create_model
 from jaxllava.train.step import TrainStep, device_batch
 
 TINY = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")

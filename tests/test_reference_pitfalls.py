@@ -34,7 +34,8 @@ from jaxllava.model.llava import LlavaModel
 from jaxllava.model.sharding import make_mesh
 from jaxllava.model.vision import VisionTower
 from jaxllava.train.loop import train
-from jaxllava.train.setup import create_model, plan_steps
+from jaxllava.model.llava import create_model
+from jaxllava.train.setup import plan_steps
 from jaxllava.train.optimizer import lr_multiplier, trainable_manifest
 from jaxllava.train.step import microbatch_loss
 

@@ -16,7 +16,7 @@ from flax import nnx
 from jaxllava.data.batch import IGNORE, BatchStats, ImageBatch, TextBatch
 from jaxllava.errors import TrainingError
 from jaxllava.model.config import LlamaConfig, ModelConfig, VisionConfig
-from jaxllava.train.setup import create_model
+from jaxllava.model.llava import create_model
 from jaxllava.model.sharding import make_mesh
 from jaxllava.train.config import OptimConfig
 from jaxllava.train.optimizer import path_str

@@ -126,7 +126,7 @@ def features_identity(paths: list[str], probe: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _caption_entry(raw: Any, *, with_features: bool) -> dict:
+def caption_record(raw: Any, *, with_features: bool) -> dict:
     """A captions-format entry as the LLaVA record it stands for, validated like any record. With
     features every caption is an image record (its `image` entry only counts its row)."""
     if isinstance(raw, str):
@@ -225,7 +225,7 @@ def read_source(source: SourceConfig, *, features: Optional[FeatureStore], on_ba
         return _read_text(source, on_bad_record, skips, tokenizer)
     entry: Optional[Callable[[Any], Any]] = None
     if source.format == "captions":
-        entry = functools.partial(_caption_entry, with_features=features is not None)
+        entry = functools.partial(caption_record, with_features=features is not None)
     pairs = read_records_with_raw(source.path, image_folder=source.image_folder, on_bad_record=on_bad_record,
                                   skips=skips, allow_outside=source.allow_outside,
                                   check_image_files=use_images, entry=entry, features=features)

@@ -31,6 +31,8 @@ Axis letters: see jaxllava/__init__.py.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -39,7 +41,7 @@ from jaxllava.model.config import ModelConfig
 from jaxllava.model.llama import Llama
 from jaxllava.model.projectors import Projector
 from jaxllava.model.resamplers import make_resampler
-from jaxllava.model.sharding import constrain
+from jaxllava.model.sharding import constrain, tree_shardings
 from jaxllava.model.vision import VisionTower
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -147,3 +149,15 @@ class LlavaModel(nnx.Module):
         """(B, T, V) float32 logits."""
         return self.lm.logits(self.hidden(input_ids, segment_ids=segment_ids, positions=positions,
                                           pixels=pixels, image_mask=image_mask, features=features))
+
+
+def create_model(model_config: ModelConfig, mesh, seed: int, *, compiler_options: Optional[dict] = None
+                 ) -> LlavaModel:
+    """The model with its parameters initialised from `seed` directly in their shardings on `mesh`
+    (never whole on one device): what training starts from, and what the feature cache runs."""
+    abstract = nnx.eval_shape(lambda: LlavaModel(model_config, rngs=nnx.Rngs(seed)))
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = tree_shardings(abstract_state, mesh)
+    state = jax.jit(lambda: nnx.state(LlavaModel(model_config, rngs=nnx.Rngs(seed))), out_shardings=shardings,
+                    compiler_options=compiler_options)()
+    return nnx.merge(graphdef, state)

@@ -34,7 +34,7 @@ from jaxllava.data.tokenizer import (TokenizerCoverage, check_vocabulary, copy_t
 from jaxllava.errors import ConfigError, ConversionError, TrainingError
 from jaxllava.eval.evaluator import MinimalPairEvaluator
 from jaxllava.model.config import ModelConfig
-from jaxllava.model.llava import LlavaModel
+from jaxllava.model.llava import create_model
 from jaxllava.model.sharding import batch_shards, make_mesh, tree_shardings
 from jaxllava.provenance import data_fingerprint, run_record, write_run_json
 from jaxllava.train.config import MeshConfig, TrainConfig
@@ -163,17 +163,6 @@ def resume_mismatch(saved: dict, current: dict) -> list[str]:
         return value
 
     return [key for key in RESUME_MUST_MATCH if pick(saved, key) != pick(current, key)]
-
-
-def create_model(model_config: ModelConfig, mesh, seed: int, *, compiler_options: Optional[dict] = None
-                 ) -> nnx.Module:
-    """The model with its parameters initialised directly in their shardings (never whole on one device)."""
-    abstract = nnx.eval_shape(lambda: LlavaModel(model_config, rngs=nnx.Rngs(seed)))
-    graphdef, abstract_state = nnx.split(abstract)
-    shardings = tree_shardings(abstract_state, mesh)
-    state = jax.jit(lambda: nnx.state(LlavaModel(model_config, rngs=nnx.Rngs(seed))), out_shardings=shardings,
-                    compiler_options=compiler_options)()
-    return nnx.merge(graphdef, state)
 
 
 @dataclasses.dataclass
