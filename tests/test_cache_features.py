@@ -426,3 +426,27 @@ def test_batches_are_split_over_all_local_devices(tmp_path, word_tokenizer_dir):
     assert one.images == 9 and sorted(two) == sorted(reference)
     for record_id in reference:
         np.testing.assert_allclose(two[record_id], reference[record_id], rtol=1e-5, atol=1e-5)
+
+
+def test_cache_then_train_equals_pixels_then_train_on_tiny_yaml(tmp_path, capsys):
+    """The README's tiny run, once from pixels through its frozen tower and once from the features
+    cache-features stored: the same batches, the same LM and projector, the same losses."""
+    quick = ["train.steps=6", "train.log_every=1", "eval.tasks={}", "eval.at_start=false",
+             "logging.tensorboard=false", "logging.progress=false"]
+    argv = ["cache-features", "--config", TINY, "--out", str(tmp_path / "cache"), "--batch-size", "8"]
+    assert launch.main(argv) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("train from the cache"))
+    from_cache = shlex.split(line.partition(": ")[2])[1::2]
+
+    losses = {}
+    for name, extra in (("pixels", []), ("cache", from_cache)):
+        workdir = tmp_path / f"run_from_{name}"
+        argv = ["train", "--config", TINY, "--workdir", str(workdir)]
+        for value in quick + extra:
+            argv += ["--set", value]
+        assert launch.main(argv) == 0
+        rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+        losses[name] = [(r["step"], r["image_samples"], r["loss"]) for r in rows if "loss" in r]
+    assert len(losses["pixels"]) == 6 and sum(r[1] for r in losses["pixels"]) > 0
+    assert [r[:2] for r in losses["cache"]] == [r[:2] for r in losses["pixels"]]
+    np.testing.assert_allclose([r[2] for r in losses["cache"]], [r[2] for r in losses["pixels"]], rtol=1e-5)

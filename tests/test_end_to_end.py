@@ -43,3 +43,23 @@ def test_tiny_run_learns_the_bundled_grammar_and_reports_it(tmp_path, capsys):
     assert os.path.isdir(os.path.join(workdir, "checkpoints", str(summary["last_checkpoint"])))
     run = json.load(open(os.path.join(workdir, "run.json")))
     assert run["config"]["data"]["objective"] == "plain_lm"
+
+
+def test_tiny_features_run_learns_from_babylm_formats_without_a_tower(tmp_path, capsys):
+    """configs/tiny_features.yaml: plain-text .train files and a caption list with a features .npy,
+    as BabyLM distributes them; no tower exists, each vector becomes 4 image tokens."""
+    workdir = str(tmp_path / "run")
+    code = launch.main(["train", "--config", "configs/tiny_features.yaml", "--workdir", workdir,
+                        "--set", "logging.tensorboard=false"])
+    out = capsys.readouterr().out
+    assert code == 0
+    summary = next(json.loads(line)["summary"] for line in out.splitlines() if line.startswith('{"summary"'))
+    assert summary["eval"]["eval/sample_pairs/text/accuracy"] >= 80.0, summary
+    assert summary["eval_at_start"]["eval/sample_pairs/text/accuracy"] <= 65.0, summary
+    # mlp2x_gelu 64 → 64 → 4 × 64 (expand 4): 4,160 + 16,640 parameters
+    assert "parameters: 152,192, 152,192 trained: lm 131,392 (131,392 trained), projector 20,800 (20,800 trained)" in out
+    assert "vision" not in out.split("parameters: ")[1].splitlines()[0]
+    steps = [r for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl"))) if "loss" in r]
+    assert sum(r["image_samples"] for r in steps) > 0 and sum(r["text_samples"] for r in steps) > 0
+    assert all(r["image_tokens"] == 4 * r["image_samples"] for r in steps)
+    assert summary["final_losses"]["image_loss"] < steps[0]["loss"] / 3

@@ -16,6 +16,7 @@ from jaxllava.data.images import ImageProcessing, load_image, to_rgb
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample"
 GENERATOR = ROOT / "data" / "make_sample_data.py"
+FEATURES = pathlib.Path("babylm/captions_features.npy")
 IMAGE_TOKENS = ("<im_start>", "<im_patch>", "<im_end>")
 
 
@@ -237,7 +238,8 @@ def test_generator_rerun_reproduces_the_bundled_sample(tmp_path):
     (mode, size, palette, transparency, pixels): their compressed bytes also depend
     on the zlib that Pillow links, which is not what this test is about."""
     subprocess.run([sys.executable, str(GENERATOR), "--out", str(tmp_path)], check=True, timeout=120)
-    bundled = sorted(p.relative_to(SAMPLE) for p in SAMPLE.rglob("*") if p.is_file())
+    bundled = sorted(p.relative_to(SAMPLE) for p in SAMPLE.rglob("*") if p.is_file()
+                     and p.relative_to(SAMPLE) != FEATURES)  # data/make_sample_features.py writes that one
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()) == bundled
     for relative in bundled:
         if relative.suffix != ".png":
@@ -247,3 +249,16 @@ def test_generator_rerun_reproduces_the_bundled_sample(tmp_path):
             assert (old.mode, old.size, old.info.get("transparency")) == (new.mode, new.size,
                                                                           new.info.get("transparency"))
             assert old.getpalette() == new.getpalette() and np.array_equal(np.asarray(old), np.asarray(new))
+
+
+def test_babylm_miniature_features_are_the_tiny_towers_mean_of_each_captions_image(captions):
+    """data/sample/babylm/captions_features.npy: BabyLM's (N, D) float32 layout, row i for caption i,
+    and what data/make_sample_features.py (cache-features on configs/tiny.yaml) computes today."""
+    spec = importlib.util.spec_from_file_location("make_sample_features", ROOT / "data" / "make_sample_features.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    shipped = np.load(SAMPLE / FEATURES)
+    listed = json.loads((SAMPLE / "babylm" / "captions.json").read_text())
+    assert listed == [_gpt_text(record) for record in captions]
+    assert shipped.dtype == np.float32 and shipped.shape == (len(listed), 64)
+    np.testing.assert_allclose(module.sample_features(), shipped, rtol=1e-5, atol=1e-6)
