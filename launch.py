@@ -1,10 +1,13 @@
-"""The one entry point: train, inspect-data, cache-images, cache-features, eval, convert.
+"""The one entry point: train, inspect-data, cache-images, cache-features, eval, sweep, plot, compare-models, convert.
 
     python launch.py train --config configs/tiny.yaml [--workdir DIR] [--set a.b=value ...]
     python launch.py inspect-data --config configs/tiny.yaml [--batches N] [--set ...]
     python launch.py cache-images --config CFG --out DIR [--workers N] [--set ...]
     python launch.py cache-features --config CFG --out DIR [--select patches|cls|mean] [--dtype D] [--set ...]
     python launch.py eval --checkpoint CKPT --task NAME=PATH [...]
+    python launch.py sweep --config A.yaml --config B.yaml [--set ...] --seeds 3 --out DIR [--only ARM:SEED]
+    python launch.py plot RUNDIR... --out DIR
+    python launch.py compare-models --checkpoint A --checkpoint B --text FILE [--task NAME=PATH ...]
     python launch.py convert {import-hf,import-reference,export-hf} ...
 
 Exit codes: 0 done; 2 a mistake in the input (config, data, checkpoint), printed as one
@@ -88,6 +91,26 @@ def cmd_eval(args) -> int:
     return run_eval(args)
 
 
+def cmd_sweep(args) -> int:
+    from jaxllava.experiments.sweep import run_sweep
+
+    return run_sweep(args.configs, args.overrides, args.seeds, args.out, only=args.only)
+
+
+def cmd_plot(args) -> int:
+    from jaxllava.experiments.plots import plot_runs
+
+    for path in plot_runs(args.runs, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_compare_models(args) -> int:
+    from jaxllava.experiments.compare import run_compare
+
+    return run_compare(args)
+
+
 def cmd_convert(args) -> int:
     from jaxllava.convert.cli import run_convert
 
@@ -138,6 +161,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="score minimal pairs (BLiMP format) with a checkpoint")
     add_eval_arguments(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("sweep", help="train every config (arm) x seed, then compare the arms with intervals")
+    p.add_argument("--config", dest="configs", action="append", required=True,
+                   help="one arm's YAML experiment, named by its file stem (repeat for each arm)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one value in every arm (repeatable)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per arm: train.seed = data.seed = 0 .. N-1 "
+                                                         "(default 3)")
+    p.add_argument("--out", required=True, help="sweep directory: <arm>/seed_<k> runs, sweep.json, table.txt")
+    p.add_argument("--only", metavar="ARM:SEED", help="train just this run (one job of a sweep spread over hosts)")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("plot", help="PNG figures of runs' loss, evaluations, learning rate and modality mix")
+    p.add_argument("runs", nargs="+", metavar="RUNDIR", help="jaxllava work directories (each a line per figure)")
+    p.add_argument("--out", required=True, help="folder for the PNG files")
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("compare-models", help="two checkpoints on the same text: per-layer cosine and CKA, "
+                                              "next-token KL, per-UID accuracy differences")
+    p.add_argument("--checkpoint", action="append", required=True, help="give exactly two: A, then B")
+    p.add_argument("--text", required=True, help="plain-text file, one sample per non-empty line")
+    p.add_argument("--task", action="append", default=[], metavar="NAME=PATH",
+                   help="BLiMP-format minimal pairs to compare per UID (repeatable)")
+    p.add_argument("--max-tokens", type=int, default=8192, help="tokens kept for CKA (default 8192)")
+    p.add_argument("--out", default="compare_models", help="folder for compare.json and layers.png")
+    p.set_defaults(func=cmd_compare_models)
 
     p = sub.add_parser("convert", help="Hugging Face / reference checkpoints in and out")
     add_convert_parsers(p)

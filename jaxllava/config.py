@@ -67,6 +67,10 @@ class ExperimentConfig:
         require(longest <= positions, "data.buckets",
                 f"go up to {longest} tokens but model.lm.max_position_embeddings is {positions}: lower the "
                 f"buckets or raise the position range")
+        vision = self.model.vision
+        require(self.data.text_only_images == "none" or (vision is not None and vision.kind != "features"),
+                "data.text_only_images", "'black' needs a vision tower to see the black image; the model has "
+                f"{'none' if vision is None else 'precomputed features as its vision input'}")
 
 
 # ----------------------------------------------------------------------------- loading

@@ -81,6 +81,11 @@ class DataConfig:
     chat_template: str = "llama_2"  # the chat objective's template, a name in data/templates.py
     add_eos: bool = False  # the reference's plain LM appended no EOS (README pitfall 10)
     use_images: bool = True  # False: image records are trained as text-only records
+    # An ablation, never a default: "black" gives every text-only record a black image and a full
+    # image-placeholder span, the reference's behaviour that cost it 14 BLiMP points (README
+    # pitfall 1). Such samples are then image samples everywhere: counted, batched and logged as
+    # images, and the start banner and run.json say the ablation is on. Needs a vision tower.
+    text_only_images: Literal["none", "black"] = "none"
     # error: a bad record, image or sample stops the run, named; skip: it is dropped, counted
     # by reason and reported (start banner, run.json data.skipped, final summary).
     on_bad_record: Literal["error", "skip"] = "error"
@@ -124,3 +129,5 @@ class DataConfig:
         require(math.isfinite(self.validation_fraction) and 0.0 <= self.validation_fraction < 1.0,
                 "validation_fraction", f"must be in [0, 1), got {self.validation_fraction!r}")
         at_least(self, 0, "num_workers")
+        require(self.text_only_images == "none" or self.use_images, "text_only_images",
+                "'black' gives text-only samples an image, but data.use_images is false")

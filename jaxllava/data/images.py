@@ -209,9 +209,16 @@ def _decoded_rgb(path: str | os.PathLike, processing: ImageProcessing, location:
                         **location) from e
 
 
+# The image `data.text_only_images: black` gives text-only records (an ablation, data/config.py):
+# the processor's size, every pixel 0, as the reference's injected black image. No file has this name.
+BLACK_IMAGE = "<black image: data.text_only_images=black>"
+
+
 def check_image(path: str | os.PathLike, processing: ImageProcessing, *, record: str | int | None = None,
                 record_id: str | None = None) -> None:
     """Raise what `load_image` would raise for this file, without the padding and resizing."""
+    if path == BLACK_IMAGE:
+        return
     _decoded_rgb(path, processing, dict(file=os.fspath(path), record=record, record_id=record_id, field="image"))
 
 
@@ -228,6 +235,8 @@ def square_image(path: str | os.PathLike, processing: ImageProcessing, *, record
     saved file gives the same pixels (a square image of the right size is neither
     padded nor resized again).
     """
+    if path == BLACK_IMAGE:
+        return Image.new("RGB", (processing.size, processing.size))
     rgb = _decoded_rgb(path, processing, dict(file=os.fspath(path), record=record, record_id=record_id,
                                               field="image"))
     if processing.aspect == "pad":

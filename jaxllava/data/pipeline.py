@@ -25,7 +25,7 @@ import numpy as np
 
 from jaxllava.data.batch import IGNORE, BatchStats, FeatureBatch, ImageBatch, Microbatch, TextBatch
 from jaxllava.data.config import DataConfig
-from jaxllava.data.images import ImageProcessing, check_image, load_image
+from jaxllava.data.images import BLACK_IMAGE, ImageProcessing, check_image, load_image
 from jaxllava.data.loader import LoaderIterator, WorkerGuard
 from jaxllava.data.packing import EpochPlans, MicrobatchPlan, plan_epoch
 from jaxllava.data.records import Record, SkipReport, fingerprint_files
@@ -335,6 +335,8 @@ class DataPipeline:
         for index, (source, store) in enumerate(zip(cfg.sources, self.features)):
             rs = read_source(source, features=store, on_bad_record=cfg.on_bad_record, skips=self.skips,
                              tokenizer=self.tokenizer, use_images=cfg.use_images)
+            if cfg.text_only_images == "black":
+                rs = [dataclasses.replace(r, image=BLACK_IMAGE) if r.modality == "text" else r for r in rs]
             if cfg.use_images:
                 self._check_image_files(index, rs, image_size)
             records.append(rs)

@@ -269,6 +269,7 @@ def _provenance(config: ExperimentConfig, mesh, pipeline: DataPipeline, coverage
                             "held_out": summary.held_out_samples},
                            sha256=summary.files_sha256),
         "pipeline_sha256": summary.fingerprint, "words_per_epoch": summary.words_per_epoch,
+        "ablations": ablations(config),
         "skipped": {"total": skips.total, "by_reason": dict(skips.counts), "examples": skips.examples},
         "tokenizer": coverage.as_dict(),
         # the resolved pixel settings, wherever they came from (README pitfall 12)
@@ -297,6 +298,14 @@ def _write_run_files(workdir: str, config: ExperimentConfig, record: dict, manif
         json.dump(manifest, f, indent=1)
 
 
+def ablations(config: ExperimentConfig) -> list[str]:
+    """The deliberate departures from correct training a run has switched on, by config key."""
+    if config.data.text_only_images == "black":
+        return [f"data.text_only_images=black: every text-only sample gets a black image and "
+                f"{config.model.image_tokens} image placeholder tokens, and counts as an image sample"]
+    return []
+
+
 def banner(run: Run) -> str:
     """What a person reads before the first step: the data it will feed, the model, where the run starts."""
     summary = run.pipeline.summary
@@ -309,6 +318,7 @@ def banner(run: Run) -> str:
              f"{run.end_reason})",
              f"parameters: {counts['all']['total']:,}, {counts['all']['trainable']:,} trained: {parts}"]
     lines.append(run.coverage.summary_line())
+    lines += [f"ablation on: {a}" for a in ablations(run.config)]
     lines += [f"warning: {w}" for w in run.coverage.warnings()]
     if summary.skips.total:
         lines += summary.skips.summary_lines()

@@ -1,0 +1,1 @@
+"""Experiments across runs: sweeps of arms × seeds and the statistics that compare them."""
