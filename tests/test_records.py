@@ -509,3 +509,11 @@ def test_pipeline_passes_the_source_allow_outside_flag(tmp_path, word_tokenizer_
         DataPipeline(cfg, image_tokens=6, image_size=8)
     allowed = dataclasses.replace(cfg, sources=(SourceConfig(path, allow_outside=True),))
     assert DataPipeline(allowed, image_tokens=6, image_size=8).summary.image_samples == 1
+
+
+def test_a_missing_record_file_is_named_not_a_traceback(capsys):
+    import launch
+
+    code = launch.main(["train", "--config", "configs/tiny.yaml", "--set", 'data.sources=[{path: /no/such.jsonl}]'])
+    assert code == 2
+    assert "error: file /no/such.jsonl, field 'data.sources': no such record file" in capsys.readouterr().err

@@ -436,6 +436,8 @@ def fingerprint_files(paths: Iterable[str]) -> str:
     """sha256 over the files' bytes, each prefixed by its name and size, in the given order."""
     digest = hashlib.sha256()
     for path in paths:
+        if not os.path.isfile(path):
+            raise DataError("no such record file", file=path, field="data.sources")
         digest.update(f"{os.path.basename(path)}\0{os.path.getsize(path)}\0".encode())
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
