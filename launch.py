@@ -8,7 +8,7 @@
     python launch.py sweep --config A.yaml --config B.yaml [--set ...] --seeds 3 --out DIR [--only ARM:SEED]
     python launch.py plot RUNDIR... --out DIR
     python launch.py compare-models --checkpoint A --checkpoint B --text FILE [--task NAME=PATH ...]
-    python launch.py convert {import-hf,import-reference,export-hf} ...
+    python launch.py convert {import-hf,import-reference,export-hf,export-babylm} ...
 
 Exit codes: 0 done; 2 a mistake in the input (config, data, checkpoint), printed as one
 `error:` line (`--debug` shows the traceback); 128 + the signal number when a run was

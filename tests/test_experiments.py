@@ -70,21 +70,20 @@ def test_runs_are_named_by_config_stem_and_only_picks_one(tmp_path):
 
 
 def test_a_sweep_resumes_after_a_killed_arm_and_writes_its_table(tmp_path, capsys):
-    second = tmp_path / "slower.yaml"
-    second.write_text(f"base: [{TINY}]\noptim: {{lr: 1.0e-3}}\n")
-    configs = [TINY, str(second)]
+    # The shipped experiment, one seed and a few steps.
+    configs = [os.path.join(ROOT, "experiments", "black_image", f"{arm}.yaml") for arm in ("none", "black")]
     quick = ["train.steps=8", "eval.at_start=false", "logging.tensorboard=false", "logging.progress=false",
              "eval.validation_every_steps=0", "data.validation_fraction=0"]
     out = str(tmp_path / "sweep")
 
     def killed_in_second_arm(config):
-        if "slower" in config.train.workdir:
+        if config.data.text_only_images == "black":
             raise KeyboardInterrupt("killed")
         return train(config)
 
     with pytest.raises(KeyboardInterrupt):
         sweep_module.run_sweep(configs, quick, 1, out, train=killed_in_second_arm)
-    first_metrics = open(os.path.join(out, "tiny", "seed_0", "metrics.jsonl")).read()
+    first_metrics = open(os.path.join(out, "none", "seed_0", "metrics.jsonl")).read()
 
     trained = []
 
@@ -94,27 +93,27 @@ def test_a_sweep_resumes_after_a_killed_arm_and_writes_its_table(tmp_path, capsy
 
     assert sweep_module.run_sweep(configs, quick, 1, out, train=recording) == 0
     # The finished arm was visited and changed nothing; the killed one was trained.
-    assert open(os.path.join(out, "tiny", "seed_0", "metrics.jsonl")).read() == first_metrics
+    assert open(os.path.join(out, "none", "seed_0", "metrics.jsonl")).read() == first_metrics
     assert len(trained) == 2
     table = json.load(open(os.path.join(out, "sweep.json")))
-    assert table["arms"] == ["tiny", "slower"]
+    assert table["arms"] == ["none", "black"]
     scores = table["scores"]["sample_pairs/text"]
-    summary = json.load(open(os.path.join(out, "tiny", "seed_0", "eval", "step_8", "summary.json")))
-    assert scores["tiny"]["per_seed"] == [pytest.approx(summary["scalars"]["eval/sample_pairs/text/accuracy"])]
-    difference = table["differences"]["sample_pairs/text"]["slower - tiny"]
-    assert difference["mean"] == pytest.approx(scores["slower"]["mean"] - scores["tiny"]["mean"])
+    summary = json.load(open(os.path.join(out, "none", "seed_0", "eval", "step_8", "summary.json")))
+    assert scores["none"]["per_seed"] == [pytest.approx(summary["scalars"]["eval/sample_pairs/text/accuracy"])]
+    difference = table["differences"]["sample_pairs/text"]["black - none"]
+    assert difference["mean"] == pytest.approx(scores["black"]["mean"] - scores["none"]["mean"])
     assert difference["low"] <= difference["mean"] <= difference["high"]
     text = capsys.readouterr().out
-    assert "sample_pairs/text" in text and "slower - tiny" in text and "paired bootstrap" in text
+    assert "sample_pairs/text" in text and "black - none" in text and "paired bootstrap" in text
     assert open(os.path.join(out, "table.txt")).read().strip() in text
     # Figures: the sweep's, and launch.py plot's from the same runs, one non-empty PNG per quantity.
-    metrics = {k for line in open(os.path.join(out, "tiny", "seed_0", "metrics.jsonl"))
+    metrics = {k for line in open(os.path.join(out, "none", "seed_0", "metrics.jsonl"))
                for k in json.loads(line) if k.startswith("eval/")}
     assert "eval/sample_pairs/text/accuracy" in metrics
     expected = {"loss.png", "learning_rate.png", "modality_and_padding.png",
                 *(k.replace("/", "_") + ".png" for k in metrics)}
     assert set(table["figures"]) == {f"figures/{name}" for name in expected}
-    runs = [os.path.join(out, arm, "seed_0") for arm in ("tiny", "slower")]
+    runs = [os.path.join(out, arm, "seed_0") for arm in ("none", "black")]
     assert launch.main(["plot", *runs, "--out", str(tmp_path / "plots")]) == 0
     for name in expected:
         with Image.open(tmp_path / "plots" / name) as image:

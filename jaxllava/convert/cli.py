@@ -1,9 +1,10 @@
 """`python launch.py convert ...`: Hugging Face and reference checkpoints in and out.
 
     convert import-hf --lm DIR [--vision DIR] [--tokenizer DIR] --config CFG [--set k=v ...] --out CKPT
+    convert import-hf --llava DIR [--tokenizer DIR] [--config CFG [--set k=v ...]] --out CKPT
     convert import-reference --dir DIR --out CKPT [--config CFG] [--vision-config DIR]
                              [--image-size N] [--drop-lape]
-    convert export-hf --checkpoint CKPT --out DIR [--what lm|reference]
+    convert export-hf --checkpoint CKPT --out DIR [--what lm|llava|reference]
 
 Imports write a new jaxllava work directory (step 0, params only) that `train`
 starts from (`train.init_from`) and `eval` scores; exports write a transformers
@@ -23,15 +24,21 @@ from jaxllava.errors import ConfigError
 
 def add_convert_parsers(parser: argparse.ArgumentParser) -> None:
     """The `convert` subcommands and their arguments (shown by `launch.py convert WHAT -h`)."""
-    sub = parser.add_subparsers(dest="what", required=True, metavar="{import-hf,import-reference,export-hf}")
-    p = sub.add_parser("import-hf", help="transformers LM (+ vision tower) directories -> a jaxllava checkpoint")
-    p.add_argument("--lm", required=True, help="transformers LlamaForCausalLM directory")
-    p.add_argument("--vision", help="transformers vision tower directory (DINOv2, CLIP, SigLIP)")
-    p.add_argument("--tokenizer", help="tokenizer directory (default: the --lm directory)")
-    p.add_argument("--config", required=True, help="experiment YAML (data, optim, vision input, resampler and "
-                                                    "projector kinds)")
+    sub = parser.add_subparsers(dest="what", required=True,
+                                metavar="{import-hf,import-reference,export-hf,export-babylm}")
+    p = sub.add_parser("import-hf", help="transformers LM (+ vision tower) directories, or a transformers LLaVA "
+                                         "directory -> a jaxllava checkpoint")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--lm", help="transformers LlamaForCausalLM directory")
+    source.add_argument("--llava", help="transformers LlavaForConditionalGeneration directory (e.g. llava-hf); "
+                                        "the whole model, projector included")
+    p.add_argument("--vision", help="with --lm: transformers vision tower directory (DINOv2, CLIP, SigLIP)")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the --lm or --llava directory)")
+    p.add_argument("--config", help="experiment YAML (data, optim, vision input, resampler and projector kinds); "
+                                    "needed with --lm; with --llava only data/optim are read (default: the "
+                                    "schema defaults)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config value (repeatable)")
+                   help="override one config value (repeatable; needs --config)")
     p.add_argument("--out", required=True, help="new jaxllava work directory")
 
     p = sub.add_parser("import-reference", help="a checkpoint of the PyTorch reference -> a jaxllava checkpoint")
@@ -52,9 +59,14 @@ def add_convert_parsers(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="jaxllava work directory (latest step), step directory or "
                                                        "milestones/chck_<N>M entry")
     p.add_argument("--out", required=True, help="new transformers directory")
-    p.add_argument("--what", dest="export_what", choices=["lm", "reference"], default="lm",
-                   help="lm: LlamaForCausalLM (what the BabyLM pipeline loads); reference: the full model in the "
-                        "reference's LlavaLlamaForCausalLM layout")
+    p.add_argument("--what", dest="export_what", choices=["lm", "llava", "reference"], default="lm",
+                   help="lm: LlamaForCausalLM (what the BabyLM pipeline loads); llava: the full model as "
+                        "transformers' LlavaForConditionalGeneration with its processor; reference: the full "
+                        "model in the reference's LlavaLlamaForCausalLM layout")
+
+    from jaxllava.convert.submission import add_export_babylm_parser
+
+    add_export_babylm_parser(sub)
 
 
 def print_report(report: dict, out: Optional[TextIO] = None) -> None:
@@ -79,14 +91,36 @@ def print_report(report: dict, out: Optional[TextIO] = None) -> None:
         print(f"note: {note}", file=out)
 
 
+def _run_import_hf(options) -> dict:
+    from jaxllava.config import ExperimentConfig, load_config
+
+    if options.overrides and not options.config:
+        raise ConfigError("convert import-hf: --set needs --config")
+    if options.llava:
+        from jaxllava.convert.llava_hf import import_llava
+
+        if options.vision:
+            raise ConfigError("convert import-hf: --vision goes with --lm; a --llava directory holds its own tower")
+        config = load_config(options.config, options.overrides) if options.config else ExperimentConfig()
+        return import_llava(config, options.out, options.llava, options.tokenizer)
+    from jaxllava.convert.hf import import_hf
+
+    if not options.config:
+        raise ConfigError("convert import-hf --lm: --config is required (it gives the vision input, resampler "
+                          "and projector kinds)")
+    return import_hf(load_config(options.config, options.overrides), options.out, options.lm, options.vision,
+                     options.tokenizer)
+
+
 def run_convert(options) -> int:
     from jaxllava.config import ExperimentConfig, load_config
 
-    if options.what == "import-hf":
-        from jaxllava.convert.hf import import_hf
+    if options.what == "export-babylm":
+        from jaxllava.convert.submission import run_export_babylm
 
-        config = load_config(options.config, options.overrides)
-        report = import_hf(config, options.out, options.lm, options.vision, options.tokenizer)
+        return run_export_babylm(options)
+    if options.what == "import-hf":
+        report = _run_import_hf(options)
     elif options.what == "import-reference":
         from jaxllava.convert.reference import import_reference
 
@@ -101,6 +135,8 @@ def run_convert(options) -> int:
     else:
         if options.export_what == "lm":
             from jaxllava.convert.hf import export_lm as export
+        elif options.export_what == "llava":
+            from jaxllava.convert.llava_hf import export_llava as export
         else:
             from jaxllava.convert.reference import export_reference as export
         report = export(options.checkpoint, options.out)

@@ -50,6 +50,7 @@ KNOWN_UNUSED = (
     (r"^text_model\.", "text tower of a two-tower CLIP/SigLIP checkpoint"),
     (r"^(text|visual)_projection\.", "projection head of a two-tower checkpoint; features are read before it"),
     (r"^logit_(scale|bias)$", "contrastive temperature/bias of a two-tower checkpoint"),
+    (r"(^|\.)embeddings\.position_ids$", "position-id buffer of older CLIP/SigLIP checkpoints; recomputed"),
 )
 
 
@@ -166,7 +167,7 @@ def fresh_parts(model_config, seed: int, names: Iterable[str]) -> dict:
     return init()
 
 
-def _tokenizer_source(tokenizer_dir: Optional[str], lm_dir: str, config) -> str:
+def tokenizer_source(tokenizer_dir: Optional[str], lm_dir: str, config) -> str:
     if tokenizer_dir:
         return tokenizer_dir
     if any(os.path.exists(os.path.join(lm_dir, f)) for f in ("tokenizer.json", "tokenizer.model",
@@ -232,7 +233,7 @@ def import_hf(config, out: str, lm_dir: str, vision_dir: Optional[str] = None,
                               f"(it sets the input image_size and the feature selection)")
     lm_tensors = CheckpointTensors(lm_dir)
     lm_config = llama_config_from_hf(read_config(lm_dir))
-    tokenizer_path = _tokenizer_source(tokenizer_dir, lm_dir, config)
+    tokenizer_path = tokenizer_source(tokenizer_dir, lm_dir, config)
     tokenizer = load_tokenizer(tokenizer_path)
     vocab_size, new_tokens = grow_vocabulary(tokenizer, lm_config.vocab_size, tokenizer_path)
     notes = config_differences("model.lm", config.model.lm, dataclasses.replace(lm_config, vocab_size=vocab_size))

@@ -1,4 +1,4 @@
-"""Evaluation settings of a run (`eval:` in a config): which minimal-pair tasks, when, and how."""
+"""Evaluation settings of a run (`eval:` in a config): which zero-shot tasks, when, and how."""
 from __future__ import annotations
 
 import dataclasses
@@ -22,9 +22,15 @@ def check_task_name(name: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    # Minimal-pair tasks: name -> a directory or file of BLiMP-format jsonl. The name
-    # becomes a directory under the workdir, so it must pass `check_task_name`.
+    # Zero-shot tasks: name -> a directory or file of jsonl in the BabyLM pipeline's format:
+    # BLiMP, supplement or EWoK (scored as text), or VQA or Winoground (scored with their images
+    # and without vision), told apart by their fields. The name becomes a directory under the
+    # workdir, so it must pass `check_task_name`.
     tasks: dict[str, str] = path_field(default_factory=dict)
+    # Where an image task's images are: task name -> an image folder (files named by the
+    # items' id fields), a features .npy (row i for item i) or a datasets `save_to_disk`
+    # directory. Default: the folder `images/` beside the task's file (eval/multimodal.py).
+    image_sources: dict[str, str] = path_field(default_factory=dict)
     every_steps: int = 0  # 0: never on a step schedule
     at_milestones: bool = True  # evaluate at each word milestone
     at_end: bool = True  # evaluate the final model of the run
@@ -37,19 +43,23 @@ class EvalConfig:
     image_templates: tuple[str, ...] = ()
     protocol: Literal["2025", "2024"] = "2025"  # which BabyLM pipeline's scoring to reproduce
     batch_size: int = 32  # candidate sentences per scoring batch (scores agree up to float noise)
+    image_batch_size: int = 32  # images per vision-encoder batch (each image is encoded once)
     # Steps between held-out losses (data.validation_fraction); 0: only where minimal pairs
     # are evaluated and at the end of the run.
     validation_every_steps: int = 0
 
     def __post_init__(self):
         at_least(self, 0, "every_steps", "validation_every_steps")
-        at_least(self, 1, "batch_size")
+        at_least(self, 1, "batch_size", "image_batch_size")
         for name, path in self.tasks.items():
             try:
                 check_task_name(name)
             except ValueError as e:
                 raise FieldError("tasks", str(e)) from None
             require(bool(path), "tasks", f"task {name!r} must name a file or directory, got an empty string")
+        for name, path in self.image_sources.items():
+            require(name in self.tasks, "image_sources", f"{name!r} is not one of eval.tasks {sorted(self.tasks)}")
+            require(bool(path), "image_sources", f"task {name!r}: an empty path")
         for i, template in enumerate(self.image_templates):
             # Scoring puts the template's literal prefix before each sentence.
             prefix = template[: -len(TEXT_SLOT)]

@@ -226,6 +226,9 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
+pad_id = _pad_id  # public name, for the other task readers (reading.py, aoa.py)
+
+
 # ---------------------------------------------------------------------------- device side
 
 
@@ -237,6 +240,24 @@ def module_logits_fn(model: nnx.Module) -> jax.tree_util.Partial:
     """
     graphdef, state = nnx.split(model)
     return jax.tree_util.Partial(_apply_module, graphdef, state)
+
+
+def as_logits_fn(model: Any) -> LogitsFn:
+    """A `logits_fn` from an NNX module (parameters moved to the device once, not per batch) or,
+    unchanged, from something that already is one (evaluator.py does the same inline)."""
+    if not isinstance(model, nnx.Module):
+        return model
+    # Host (numpy) parameters would be copied to the device on every batch.
+    return jax.tree.map(lambda x: jnp.asarray(x) if isinstance(x, np.ndarray) else x, module_logits_fn(model))
+
+
+def check_vocab(model: Any, max_token_id: int) -> None:
+    """ConfigError when an NNX module's vocabulary cannot hold the tokenizer's largest id."""
+    config = getattr(model, "config", None)
+    vocab_size = getattr(getattr(config, "lm", config), "vocab_size", None)
+    if vocab_size is not None and max_token_id >= vocab_size:
+        raise ConfigError(f"the tokenizer produces id {max_token_id} but the model has only "
+                          f"{vocab_size} embedding rows")
 
 
 def _apply_module(graphdef, state, input_ids, segment_ids, positions):

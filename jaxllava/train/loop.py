@@ -327,7 +327,9 @@ class _StepLoop:
         """Minimal-pair accuracies of the current model: `<workdir>/eval/<name>/`, metrics.jsonl and
         TensorBoard (eval/<task>/<setting>/accuracy). The model is only read."""
         run = self.run
-        results = run.evaluator.evaluate(run.trainer.model(run.state["params"]))
+        # Image tasks make pixels exactly as this run's data pipeline does.
+        results = run.evaluator.evaluate(run.trainer.model(run.state["params"]),
+                                         image_processing=run.pipeline.processing)
         scalars = run.evaluator.scalars(results)
         self.chances.update(run.evaluator.chances(results))
         if run.primary:
