@@ -74,3 +74,24 @@ def test_the_official_layout_is_found_by_directory_name(tmp_path):
 def test_suite_arguments_are_checked_before_loading(argv, message, tiny_checkpoint, capsys):
     assert launch.main(["eval", "--checkpoint", tiny_checkpoint, *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_run_scores_its_suite_at_the_end_in_the_results_tree(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    argv = ["train", "--config", os.path.join(ROOT, "configs", "tiny.yaml"), "--workdir", str(workdir)]
+    for value in ("train.steps=3", "eval.at_start=false", "eval.tasks={}", "eval.suite=babylm2025",
+                  f"eval.suite_root={SAMPLE}", "logging.tensorboard=false", "data.validation_fraction=0"):
+        argv += ["--set", value]
+    assert launch.main(argv) == 0
+    out = capsys.readouterr().out
+    final = [json.loads(line) for line in open(workdir / "metrics.jsonl")][-1]
+    assert final["step"] == 3
+    assert {"eval/suite/blimp/text", "eval/suite/vqa/image", "eval/suite/vqa/no_vision"} <= set(final)
+    assert f"   suite/vqa/image: {final['eval/suite/vqa/image']:.2f}" in out
+    tree = workdir / "eval" / "step_3" / "suite" / "results" / "run" / "main" / "zero_shot" / "causal"
+    assert (tree / "vqa" / "vqa_filtered" / "predictions.json").is_file()
+
+
+def test_suite_and_its_root_go_together():
+    with pytest.raises(ConfigError, match="eval.suite and eval.suite_root go together"):
+        load_config(os.path.join(ROOT, "configs", "tiny.yaml"), ["eval.suite=babylm2025"])

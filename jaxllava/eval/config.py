@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Literal
+from typing import Literal, Optional
 
 from jaxllava.errors import FieldError
+from jaxllava.eval.pipeline_layout import TASK_SETS
 from jaxllava.schema import at_least, path_field, require
 
 TASK_NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -31,6 +32,11 @@ class EvalConfig:
     # items' id fields), a features .npy (row i for item i) or a datasets `save_to_disk`
     # directory. Default: the folder `images/` beside the task's file (eval/multimodal.py).
     image_sources: dict[str, str] = path_field(default_factory=dict)
+    # A BabyLM 2025 task set scored wherever `tasks` are (milestones, every_steps, the end), from
+    # the folder `suite_root` (evaluation_data, or one with a babylm_tasks.json; eval/suite.py);
+    # AoA is left to `launch.py eval --suite` on the finished run, which has every milestone.
+    suite: Optional[Literal["babylm2025", "babylm2025_fast"]] = None
+    suite_root: Optional[str] = path_field(None)  # the folder holding eval.suite's files
     every_steps: int = 0  # 0: never on a step schedule
     at_milestones: bool = True  # evaluate at each word milestone
     at_end: bool = True  # evaluate the final model of the run
@@ -51,14 +57,18 @@ class EvalConfig:
     def __post_init__(self):
         at_least(self, 0, "every_steps", "validation_every_steps")
         at_least(self, 1, "batch_size", "image_batch_size")
+        require((self.suite is None) == (self.suite_root is None), "suite_root",
+                "eval.suite and eval.suite_root go together: the task set and the folder holding its files")
         for name, path in self.tasks.items():
             try:
                 check_task_name(name)
             except ValueError as e:
                 raise FieldError("tasks", str(e)) from None
             require(bool(path), "tasks", f"task {name!r} must name a file or directory, got an empty string")
+        suite_tasks = [spec.name for spec in TASK_SETS[self.suite]] if self.suite else []
         for name, path in self.image_sources.items():
-            require(name in self.tasks, "image_sources", f"{name!r} is not one of eval.tasks {sorted(self.tasks)}")
+            require(name in self.tasks or name in suite_tasks, "image_sources",
+                    f"{name!r} is not one of eval.tasks {sorted(self.tasks)} or the suite's {suite_tasks}")
             require(bool(path), "image_sources", f"task {name!r}: an empty path")
         for i, template in enumerate(self.image_templates):
             # Scoring puts the template's literal prefix before each sentence.

@@ -48,10 +48,16 @@ def find_suite_tasks(data_root: str, suite: str) -> tuple[list, list]:
 
 
 def run_suite(model, tokenizer, *, suite: str, data_root: str, out: str, workdir: Optional[str], revision: str,
-              image_sources: Mapping[str, str], image_processing, batch_size: int) -> dict[str, Any]:
-    """Scores every task found; returns {"scores": {task/row: number}, "skipped": {task: why}}."""
+              image_sources: Mapping[str, str], image_processing, batch_size: int, primary: bool = True,
+              skip_kinds: Mapping[str, str] = {}) -> dict[str, Any]:
+    """Scores every task found; returns {"scores": {task/row: number}, "skipped": {task: why}}.
+
+    primary: this process prints and writes (every process of a multi-host run scores).
+    skip_kinds: task kind -> why it is left out here (training leaves AoA to the finished run)."""
     found, skipped = find_suite_tasks(data_root, suite)
-    for spec, why in skipped:
+    skipped += [(spec, skip_kinds[spec.kind]) for spec, _ in found if spec.kind in skip_kinds]
+    found = [(spec, path) for spec, path in found if spec.kind not in skip_kinds]
+    for spec, why in skipped if primary else ():
         print(f"skipped {spec.name}: {why}")
     if not found:
         raise ConfigError(f"no task of {suite} under {data_root}: "
@@ -60,41 +66,50 @@ def run_suite(model, tokenizer, *, suite: str, data_root: str, out: str, workdir
     results_root = os.path.join(out, "results")
     scores: dict[str, float] = {}
     for spec, path in found:
-        result, headline = _score(spec, path, model, tokenizer, workdir=workdir, out=out, image_sources=image_sources,
-                                  image_processing=image_processing, batch_size=batch_size)
+        result, headline = _score(spec, path, model, tokenizer, workdir=workdir, out=out if primary else None,
+                                  image_sources=image_sources, image_processing=image_processing,
+                                  batch_size=batch_size)
         if result is None:
             skipped.append((spec, headline))
-            print(f"skipped {spec.name}: {headline}")
+            if primary:
+                print(f"skipped {spec.name}: {headline}")
             continue
         scores.update(headline)
-        pipeline_layout.write_pipeline_layout(results_root, model_name, spec, result, revision=revision)
-    print("\n" + format_scores(scores))
+        if primary:
+            pipeline_layout.write_pipeline_layout(results_root, model_name, spec, result, revision=revision)
+    if primary:
+        print("\n" + format_scores(scores))
     return {"scores": scores, "skipped": {spec.name: why for spec, why in skipped},
             "results_tree": os.path.join(results_root, model_name)}
 
 
 def _score(spec, path: str, model, tokenizer, *, workdir, out, image_sources, image_processing, batch_size):
-    """(result for the pipeline layout, {name: headline number}) of one task, or (None, why skipped)."""
-    directory = os.path.join(out, spec.name)
+    """(result for the pipeline layout, {name: headline number}) of one task, or (None, why skipped);
+    prints and writes under `out` unless it is None."""
+    directory = None if out is None else os.path.join(out, spec.name)
+    show = print if out is not None else (lambda *_: None)
     if spec.kind in ("blimp", "ewok", *IMAGE_KINDS):
         sources = {spec.name: image_sources[spec.name]} if spec.name in image_sources else {}
         evaluator = MinimalPairEvaluator({spec.name: path}, tokenizer, batch_size=batch_size,
                                          image_sources=sources, image_processing=image_processing)
         results = evaluator.evaluate(model)
-        print(evaluator.format(results))
-        evaluator.write(results, directory)
+        show(evaluator.format(results))
+        if directory:
+            evaluator.write(results, directory)
         rows = results[spec.name]
         main = rows["image" if spec.kind in IMAGE_KINDS else "text"]
         return main, {f"{spec.name}/{row}": r.average for row, r in rows.items()}
     if spec.kind in text_tasks.TEXT_KINDS:
         result = text_tasks.evaluate_text_task(spec.kind, model, tokenizer, path, batch_size=batch_size)
-        print(text_tasks.format_text_task(result, spec.name))
-        text_tasks.write_text_task(result, directory)
+        show(text_tasks.format_text_task(result, spec.name))
+        if directory:
+            text_tasks.write_text_task(result, directory)
         return result, {spec.name: result.average}
     if spec.kind == "reading":
         result = reading.evaluate_reading(model, tokenizer, path, batch_size=batch_size)
-        print(reading.format_reading(result))
-        reading.write_reading(result, directory)
+        show(reading.format_reading(result))
+        if directory:
+            reading.write_reading(result, directory)
         return result, {f"{spec.name}/eye_tracking": result.eye_tracking_score,
                         f"{spec.name}/self_paced": result.self_paced_score}
     if spec.kind == "aoa":
@@ -102,7 +117,7 @@ def _score(spec, path: str, model, tokenizer, *, workdir, out, image_sources, im
             return None, "AoA needs a run directory with milestone checkpoints (checkpoint.milestones)"
         cdi = os.path.join(os.path.dirname(os.path.dirname(path)), pipeline_layout.CDI_HUMAN)
         result = aoa.evaluate_aoa(workdir, path, cdi_path=cdi if os.path.isfile(cdi) else None, batch_size=batch_size)
-        print(aoa.format_aoa(result))
+        show(aoa.format_aoa(result))
         fitness = result.get("fitness", {}).get("curve_fitness")
         return result, {} if fitness is None else {f"{spec.name}/curve_fitness": fitness}
     raise ConfigError(f"task {spec.name}: unknown kind {spec.kind!r}")

@@ -64,7 +64,7 @@ def what_is_due(config: ExperimentConfig, step: int, *, total_steps: int, milest
     final = interrupted or step >= total_steps
     finished = final and not interrupted
     every_eval, every_save = config.eval.every_steps, config.checkpoint.every_steps
-    evaluate = bool(config.eval.tasks) and not interrupted and bool(
+    evaluate = bool(config.eval.tasks or config.eval.suite) and not interrupted and bool(
         (every_eval and step % every_eval == 0) or (config.eval.at_milestones and milestones_reached)
         or (config.eval.at_end and finished))
     every_validation = config.eval.validation_every_steps
@@ -327,19 +327,39 @@ class _StepLoop:
         """Minimal-pair accuracies of the current model: `<workdir>/eval/<name>/`, metrics.jsonl and
         TensorBoard (eval/<task>/<setting>/accuracy). The model is only read."""
         run = self.run
-        # Image tasks make pixels exactly as this run's data pipeline does.
-        results = run.evaluator.evaluate(run.trainer.model(run.state["params"]),
-                                         image_processing=run.pipeline.processing)
-        scalars = run.evaluator.scalars(results)
-        self.chances.update(run.evaluator.chances(results))
+        model = run.trainer.model(run.state["params"])
+        scalars = {}
+        if run.evaluator is not None:
+            # Image tasks make pixels exactly as this run's data pipeline does.
+            results = run.evaluator.evaluate(model, image_processing=run.pipeline.processing)
+            scalars.update(run.evaluator.scalars(results))
+            self.chances.update(run.evaluator.chances(results))
+            if run.primary:
+                run.evaluator.write(results, os.path.join(run.workdir, "eval", name),
+                                    extra={"step": run.step, "words_seen": run.words_seen})
+        if run.config.eval.suite:
+            scalars.update(self.evaluate_suite(model, name))
         if run.primary:
-            run.evaluator.write(results, os.path.join(run.workdir, "eval", name),
-                                extra={"step": run.step, "words_seen": run.words_seen})
             if run.logger is not None:
                 run.logger.log(run.step, scalars)
             print(json.dumps({"eval": name, "step": run.step, **scalars}), flush=True)
         self._last_time = time.monotonic()  # evaluation time is not step time
         return scalars
+
+    def evaluate_suite(self, model, name: str) -> dict[str, float]:
+        """eval.suite's tasks on the current model: `<workdir>/eval/<name>/suite/`, in the pipeline's
+        results tree under the revision `name` (a milestone's chck_<N>M, else main)."""
+        from jaxllava.eval.suite import run_suite
+
+        run, cfg = self.run, self.run.config.eval
+        result = run_suite(model, run.pipeline.tokenizer, suite=cfg.suite, data_root=cfg.suite_root,
+                           out=os.path.join(run.workdir, "eval", name, "suite"), workdir=run.workdir,
+                           revision=name if name.startswith("chck_") else "main",
+                           image_sources=cfg.image_sources, image_processing=run.pipeline.processing,
+                           batch_size=cfg.batch_size, primary=run.primary,
+                           skip_kinds={"aoa": "AoA needs every milestone: run launch.py eval --suite on the "
+                                              "finished run"})
+        return {f"eval/suite/{key}": value for key, value in result["scores"].items()}
 
     def stop_on_non_finite(self, error: TrainingError, done: _Dispatched, metrics: dict[str, float]) -> None:
         """Save what the failed step saw next to (never into) the checkpoints, then raise."""
@@ -469,5 +489,7 @@ def format_summary(result: dict, chances: dict[str, float]) -> str:
         if result["eval_at_start"] and key in result["eval_at_start"]:
             extra.insert(0, f"at start {result['eval_at_start'][key]:.1f}%")
         name = key.removeprefix("eval/").removesuffix("/accuracy")
-        lines.append(f"   {name}: {accuracy:.1f}% ({', '.join(extra)})")
+        # suite scores are the pipeline's headline numbers: accuracies, but also rho and delta R^2
+        value = f"{accuracy:.2f}" if key.startswith("eval/suite/") else f"{accuracy:.1f}%"
+        lines.append(f"   {name}: {value}" + (f" ({', '.join(extra)})" if extra else ""))
     return "\n".join(lines)
