@@ -1,10 +1,13 @@
-"""The one entry point: train, inspect-data, cache-images, cache-features, eval, sweep, plot, compare-models, convert.
+"""The one entry point: train, inspect-data, cache-images, cache-features, eval, generate, sweep, plot, compare-models,
+convert.
 
     python launch.py train --config configs/tiny.yaml [--workdir DIR] [--set a.b=value ...]
     python launch.py inspect-data --config configs/tiny.yaml [--batches N] [--set ...]
     python launch.py cache-images --config CFG --out DIR [--workers N] [--set ...]
     python launch.py cache-features --config CFG --out DIR [--select patches|cls|mean] [--dtype D] [--set ...]
     python launch.py eval --checkpoint CKPT --task NAME=PATH [...]
+    python launch.py generate --checkpoint CKPT (--prompt TEXT [--image IMG] | --inputs FILE) [--max-new-tokens N]
+        [--temperature T --top-p P --seed S]
     python launch.py sweep --config A.yaml --config B.yaml [--set ...] --seeds 3 --out DIR [--only ARM:SEED]
     python launch.py plot RUNDIR... --out DIR
     python launch.py compare-models --checkpoint A --checkpoint B --text FILE [--task NAME=PATH ...]
@@ -91,6 +94,12 @@ def cmd_eval(args) -> int:
     return run_eval(args)
 
 
+def cmd_generate(args) -> int:
+    from jaxllava.generate import run_generate
+
+    return run_generate(args)
+
+
 def cmd_sweep(args) -> int:
     from jaxllava.experiments.sweep import run_sweep
 
@@ -120,6 +129,7 @@ def cmd_convert(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from jaxllava.convert.cli import add_convert_parsers
     from jaxllava.eval.cli import add_eval_arguments
+    from jaxllava.generate import add_generate_parser
 
     parser = argparse.ArgumentParser(prog="launch.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -161,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="score minimal pairs (BLiMP format) with a checkpoint")
     add_eval_arguments(p)
     p.set_defaults(func=cmd_eval)
+
+    p = add_generate_parser(sub)
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("sweep", help="train every config (arm) x seed, then compare the arms with intervals")
     p.add_argument("--config", dest="configs", action="append", required=True,

@@ -28,6 +28,12 @@ Backends ("implementation"):
          (<= 256 on Hopper), and even T and S when a bias is trained
          (`check_is_flash_attention` in jax/_src/cudnn/fused_attention_stablehlo.py).
   auto   cudnn on a GPU when the call meets those conditions, xla otherwise.
+
+Generation (jaxllava.model.decode) attends over a static-shape key/value cache
+instead: `cached_attention` writes the new tokens' keys and values into the
+cache and attends the whole cache under an explicit mask (left padding and
+causality), always with the xla backend: a decode step has one query per row,
+which cuDNN's flash kernel neither accepts for every shape nor speeds up.
 """
 from __future__ import annotations
 
@@ -35,6 +41,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxllava.model.config import AttentionImpl
+
+# One layer's cache: (keys, values), each (B, S, K, H) with S the cache length.
+KVPair = tuple[jax.Array, jax.Array]
 
 
 def _gpu_compute_capability() -> tuple[int, ...] | None:
@@ -82,3 +91,21 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Arra
     return jax.nn.dot_product_attention(
         q, k, v, mask=segment_mask(segment_ids), is_causal=True,
         implementation=resolve_implementation(implementation, q, k))
+
+
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, keys: jax.Array, values: jax.Array, *,
+                     write_index: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Attention of T new tokens over a cache of S columns.
+
+    q: (B, T, N, H); k, v: (B, T, K, H), written into keys, values (B, S, K, H) at columns
+    write_index ... write_index + T - 1 (a scalar shared by all rows: generation pads on the
+    left, so every row's next token lands in the same column); mask: (B, 1, T, S) bool, the
+    columns each new token may attend (it must include the token's own column).
+    Returns (out (B, T, N, H), keys, values).
+    """
+    start = (0, write_index, 0, 0)
+    keys = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), start)
+    values = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), start)
+    out = jax.nn.dot_product_attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask=mask,
+                                       implementation="xla")
+    return out, keys, values

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxllava.model.attention import attention
+from jaxllava.model.attention import KVPair, attention, cached_attention
 from jaxllava.model.config import AttentionImpl, LlamaConfig, Remat, RopeScaling
 from jaxllava.model.layers import Dense, Embed, RMSNorm
 from jaxllava.model.sharding import constrain
@@ -92,7 +92,8 @@ class SelfAttention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = n, k, h
         self.attention_impl = attention_impl
 
-    def __call__(self, x, *, cos, sin, segment_ids):
+    def project_qkv(self, x, *, cos, sin) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(B, T, D) → q (B, T, N, H), k and v (B, T, K, H), with RoPE applied to q and k."""
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -100,8 +101,24 @@ class SelfAttention(nnx.Module):
         q = constrain(apply_rope(q, cos, sin), ("batch", "length", "act_heads", None))
         k = constrain(apply_rope(k, cos, sin), ("batch", "length", "act_kv_heads", None))
         v = constrain(v, ("batch", "length", "act_kv_heads", None))
-        out = attention(q, k, v, segment_ids=segment_ids, implementation=self.attention_impl)
+        return q, k, v
+
+    def project_out(self, out: jax.Array) -> jax.Array:
+        """(B, T, N, H) attention output → (B, T, D)."""
+        b, t = out.shape[:2]
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+
+    def __call__(self, x, *, cos, sin, segment_ids):
+        q, k, v = self.project_qkv(x, cos=cos, sin=sin)
+        out = attention(q, k, v, segment_ids=segment_ids, implementation=self.attention_impl)
+        return self.project_out(out)
+
+    def with_cache(self, x, *, cos, sin, cache: KVPair, write_index, mask) -> tuple[jax.Array, KVPair]:
+        """Attention of T new tokens over a key/value cache (jaxllava.model.decode): their keys and
+        values are written at `write_index` first, so each token also sees itself."""
+        q, k, v = self.project_qkv(x, cos=cos, sin=sin)
+        out, keys, values = cached_attention(q, k, v, cache[0], cache[1], write_index=write_index, mask=mask)
+        return self.project_out(out), (keys, values)
 
 
 class MLP(nnx.Module):
@@ -130,6 +147,14 @@ class DecoderLayer(nnx.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos=cos, sin=sin, segment_ids=segment_ids)
         x = x + self.mlp(self.post_attention_layernorm(x))
         return constrain(x, ("batch", "length", "act_embed"))
+
+    def with_cache(self, x, *, cos, sin, cache: KVPair, write_index, mask) -> tuple[jax.Array, KVPair]:
+        """`__call__` for generation: the same residual blocks, attention over the layer's cache."""
+        attended, cache = self.self_attn.with_cache(self.input_layernorm(x), cos=cos, sin=sin, cache=cache,
+                                                    write_index=write_index, mask=mask)
+        x = x + attended
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return constrain(x, ("batch", "length", "act_embed")), cache
 
 
 def _run_layer(layer: DecoderLayer, x, cos, sin, segment_ids):
@@ -175,6 +200,19 @@ class Llama(nnx.Module):
         for layer in self.layers:
             x = run(layer, x, cos, sin, segment_ids)
         return self.norm(x)
+
+    def decode_with_cache(self, inputs_embeds: jax.Array, *, positions: jax.Array, caches: tuple[KVPair, ...],
+                          write_index: jax.Array, mask: jax.Array) -> tuple[jax.Array, tuple[KVPair, ...]]:
+        """`decode` for generation (jaxllava.model.decode): T new embeddings (B, T, D) at cache
+        columns `write_index` ... + T - 1 → final-normed hidden states (B, T, D) and the layers'
+        updated caches. mask (B, 1, T, S): which cache columns each new token attends."""
+        cos, sin = rope_cos_sin(positions, rope_inverse_frequencies(self.config))
+        x = inputs_embeds.astype(self.dtype)
+        updated = []
+        for layer, cache in zip(self.layers, caches):
+            x, cache = layer.with_cache(x, cos=cos, sin=sin, cache=cache, write_index=write_index, mask=mask)
+            updated.append(cache)
+        return self.norm(x), tuple(updated)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """(B, T, D) hidden → (B, T, V) float32 logits."""

@@ -465,7 +465,23 @@ def train(config: ExperimentConfig, workdir: Optional[str] = None, *, hooks: Seq
     if run.primary:
         print(json.dumps({"summary": result}), flush=True)
         print(format_summary(result, loop.chances), flush=True)
+        print_caption_example(run)
     return result
+
+
+def print_caption_example(run: Run) -> None:
+    """One generated caption for the first training image, beside its reference caption: what the
+    model says about an image, not only its scores (single process; not for a features input)."""
+    vision = run.config.model.vision
+    if vision is None or vision.kind == "features" or jax.process_count() > 1:
+        return
+    from jaxllava.generate import caption_example, first_image_caption
+
+    example = first_image_caption(run.pipeline.table, run.pipeline.tokenizer)
+    if example is not None:
+        image, reference = example
+        caption = caption_example(run.trainer.model(run.state["params"]), run.pipeline.tokenizer, run.config, image)
+        print(f"   caption of {os.path.relpath(image)}: {caption!r} (reference: {reference!r})", flush=True)
 
 
 def format_summary(result: dict, chances: dict[str, float]) -> str:
