@@ -10,6 +10,15 @@ Writes, under --out:
   text.jsonl             text-only records in the CHILDES style of the reference
                          data: an empty human turn, then the sentence as the gpt turn
   minimal_pairs.jsonl    BLiMP-format pairs built from held-out grammar sentences
+  minimal_pairs_hard.jsonl  harder held-out pairs: agreement across relative clauses and
+                         across a prepositional phrase plus a relative clause
+  qa.json                LLaVA-format image records asking one question about a training
+                         image ("how many shapes are there ?" -> "two"), the VQA format's text
+  multimodal/            held-out scenes (images/N.png) with VQA-style (vqa.jsonl: count,
+                         colour, shape and position questions, 7 distractors) and
+                         Winoground-style items (winoground.jsonl: two captions that differ
+                         in colour, shape or position, one image), in the BabyLM 2025
+                         pipeline's field layout
   tokenizer/             a word-level Hugging Face tokenizer (BOS added, no EOS)
 
 The sentence grammar is small on purpose: about 150 words and short sentences,
@@ -28,7 +37,8 @@ import shutil
 
 SEED = 20240611
 NUM_IMAGES = 400
-NUM_TEXT_RECORDS = 3000
+NUM_TEXT_RECORDS = 3000  # the first release's sentences, byte-identical
+NUM_RELATIVE_RECORDS = 300  # then sentences with a relative clause, from their own generator
 PAIRS_PER_UID = 100
 ROLE_CONTENT_EVERY = 600  # a handful of records use the {"role", "content"} turn variant
 
@@ -52,11 +62,16 @@ POSITION_PHRASES = {
     "bottom": "at the bottom",
     "middle": "in the middle",
 }
-# Fraction of the free axis where each of n shapes sits; the spacing keeps
-# shapes apart so every shape is its own connected blob.
-SPREAD = {1: (0.5,), 2: (0.3, 0.7), 3: (0.2, 0.5, 0.8)}
-MIDDLE_SPREAD = {1: (0.5,), 2: (0.38, 0.62), 3: (0.3, 0.5, 0.7)}
-SIDE = 0.2  # distance of a side group's centre line from its edge, as a fraction
+# Fraction of the free axis where each of n shapes sits; with the radii below the spacing
+# keeps shapes apart (a gap of 2+ px after the +-1 px jitter), so every shape is its own blob.
+SPREAD = {1: (0.5,), 2: (0.27, 0.73), 3: (0.17, 0.5, 0.83)}
+MIDDLE_SPREAD = {1: (0.5,), 2: (0.34, 0.66), 3: (0.25, 0.5, 0.75)}
+SIDE = 0.22  # distance of a side group's centre line from its edge, as a fraction
+# Radius (px on a 64-px side) from the drawn size r in 5..7. Shapes are large on purpose: the
+# tiny tower sees the scene at 32 px in 8-px patches, and a shape must cover a few patches for
+# its colour, shape and place to reach the visual vectors (data/README.md, vision in the tiny run).
+RADIUS_ADDED = {1: 5, 2: 4, 3: 1}
+MIDDLE_RADIUS = {2: 8, 3: 6}  # a middle row is short: smaller shapes, no size draw
 
 
 def scene_file_mode(index: int) -> tuple[str, tuple[int, int], bool]:
@@ -85,7 +100,13 @@ def make_scene(rng: random.Random, index: int) -> dict:
     position = rng.choice(sorted(POSITION_PHRASES))
     shape = rng.choice(sorted(SHAPES))
     short = min(width, height)
-    radius = round((4 if position == "middle" and count > 1 else rng.randint(5, 7)) * short / 64)
+    # The draws (and their order) are those of the first release, so the sentences that follow
+    # from the same generator, and the minimal pairs, stay byte-identical.
+    if position == "middle" and count > 1:
+        radius = MIDDLE_RADIUS[count]
+    else:
+        radius = rng.randint(5, 7) + RADIUS_ADDED[count]
+    radius = round(radius * short / 64)
     spread = MIDDLE_SPREAD[count] if position == "middle" else SPREAD[count]
     centres = []
     for fraction in spread:
@@ -289,9 +310,9 @@ PHENOMENA = {
 }
 
 
-def held_out_pairs(rng: random.Random, training: set[str]) -> list[dict]:
+def held_out_pairs(rng: random.Random, training: set[str], phenomena: dict = PHENOMENA) -> list[dict]:
     pairs = []
-    for uid, (field, term, make_pair) in PHENOMENA.items():
+    for uid, (field, term, make_pair) in phenomena.items():
         seen: set[str] = set()
         while len(seen) < PAIRS_PER_UID:
             good, bad = make_pair(rng)
@@ -304,6 +325,61 @@ def held_out_pairs(rng: random.Random, training: set[str]) -> list[dict]:
         assert pair["sentence_good"] not in training and pair["sentence_bad"] not in training, pair
         assert pair["sentence_good"] != pair["sentence_bad"], pair
     return pairs
+
+
+# ---------------------------------------------------------------- relative clauses (the hard pairs)
+def relative_clause(rng: random.Random, head_number: str, kind: str, attractor_number: str) -> list[str]:
+    """'that' + a subject relative ("that chases the cats": its verb agrees with the head) or an
+    object relative ("that the cats see": its verb agrees with its own subject, the attractor)."""
+    verb = rng.choice(TRANSITIVE)
+    if kind == "subject":
+        obj = noun_phrase(rng, rng.choice((ANIMALS, THINGS)), attractor_number, adjective_p=0.1)
+        return ["that", pick_verb(verb, head_number)] + obj
+    rc_subject = noun_phrase(rng, ANIMALS, attractor_number, adjective_p=0.1)
+    return ["that"] + rc_subject + [pick_verb(verb, attractor_number)]
+
+
+def relative_sentence(rng: random.Random, kind: str, *, opposite_attractor: bool = False,
+                      with_pp: bool = False) -> tuple[list[str], int]:
+    """A declarative whose subject carries a relative clause (after a prepositional phrase with
+    `with_pp`); returns (words, index of the main verb). Every attractor has a random number,
+    or the subject's other number when `opposite_attractor`."""
+    n = random_number(rng)
+
+    def attractor_number() -> str:
+        return {"sg": "pl", "pl": "sg"}[n] if opposite_attractor else random_number(rng)
+
+    subject = noun_phrase(rng, ANIMALS, n)
+    if with_pp:
+        subject += [rng.choice(PREPOSITIONS)] + noun_phrase(rng, rng.choice((ANIMALS, THINGS)), attractor_number(),
+                                                             adjective_p=0.1)
+    subject += relative_clause(rng, n, kind, attractor_number())
+    return subject + predicate(rng, n) + ["."], len(subject)
+
+
+def relative_training_sentence(rng: random.Random) -> str:
+    # Subject and object relatives only: the pairs across a PP and a relative clause stay a
+    # combination never trained on.
+    return " ".join(relative_sentence(rng, rng.choice(("subject", "object")))[0])
+
+
+def main_verb_pair(rng: random.Random, kind: str, with_pp: bool = False) -> tuple[str, str]:
+    words, verb_at = relative_sentence(rng, kind, opposite_attractor=True, with_pp=with_pp)
+    bad = list(words)
+    bad[verb_at] = flip_number(words[verb_at], INTRANSITIVE + TRANSITIVE + [COPULA])
+    return " ".join(words), " ".join(bad)
+
+
+HARD_PHENOMENA = {
+    # Harder than PHENOMENA: the tiny run does not saturate them (data/README.md has its numbers).
+    "subject_verb_agreement_across_subject_relative": (
+        "morphology", "subject_verb_agreement", lambda rng: main_verb_pair(rng, "subject")),
+    "subject_verb_agreement_across_object_relative": (
+        "morphology", "subject_verb_agreement", lambda rng: main_verb_pair(rng, "object")),
+    # The longest dependency: the verb agrees with a head noun 7-10 words back, across two attractors.
+    "subject_verb_agreement_across_pp_and_relative": (
+        "morphology", "subject_verb_agreement", lambda rng: main_verb_pair(rng, "object", with_pp=True)),
+}
 
 
 # ---------------------------------------------------------------- records
@@ -322,8 +398,84 @@ def image_record(index: int, scene: dict) -> dict:
             "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": caption(scene)}]}
 
 
+def write_json_lines(path: pathlib.Path, records: list[dict]) -> None:
+    """A JSON list with one record per line: valid LLaVA JSON, still diffable."""
+    lines = ",\n".join(json.dumps(r, sort_keys=True) for r in records)
+    path.write_text(f"[\n{lines}\n]\n", encoding="utf-8")
+
+
 def write_jsonl(path: pathlib.Path, records: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records), encoding="utf-8")
+
+
+# ---------------------------------------------------------------- questions and the multimodal evaluation
+NUM_EVAL_IMAGES = 60
+# One question per attribute; answers are single words so the scored completion is one token.
+QUESTIONS = {
+    "count": "how many shapes are there ?",
+    "colour": "what colour are the shapes ?",
+    "shape": "what shape are they ?",
+    "position": "where are the shapes ?",
+}
+ANSWERS = {
+    "count": {1: "one", 2: "two", 3: "three"},
+    "colour": {c: c for c in COLOURS},
+    "shape": {s: s for s in SHAPES},
+    "position": {p: p for p in POSITION_PHRASES},
+}
+ATTRIBUTE = {"count": "count", "colour": "colour", "shape": "shape", "position": "position"}
+DISTRACTORS = 7  # as the pipeline's VQA items
+
+
+def answer(scene: dict, kind: str) -> str:
+    return ANSWERS[kind][scene[ATTRIBUTE[kind]]]
+
+
+def qa_record(index: int, scene: dict, rng: random.Random) -> dict:
+    """A training image's question (the kinds in turn) and its one-word answer, as VQA items read."""
+    kind = sorted(QUESTIONS)[index % len(QUESTIONS)]
+    return {"id": f"qa-{index:04d}", "image": f"images/{index:04d}.png",
+            "conversations": [{"from": "human", "value": f"<image>\n{QUESTIONS[kind]}"},
+                              {"from": "gpt", "value": answer(scene, kind)}]}
+
+
+def distractors(kind: str, target: str, rng: random.Random) -> list[str]:
+    """The other answers of the question's kind first (what vision must tell apart), then
+    answers of other kinds until there are 7."""
+    same = sorted(set(ANSWERS[kind].values()) - {target})
+    others = sorted({a for k, values in ANSWERS.items() if k != kind for a in values.values()})
+    rng.shuffle(same)
+    return same[:DISTRACTORS] + rng.sample(others, max(0, DISTRACTORS - len(same)))
+
+
+def swapped_caption(scene: dict, attribute: str, rng: random.Random) -> str:
+    """The scene's caption with one attribute changed: a Winoground-style foil."""
+    values = {"colour": sorted(COLOURS), "shape": sorted(SHAPES), "position": sorted(POSITION_PHRASES)}[attribute]
+    other = rng.choice([v for v in values if v != scene[attribute]])
+    return caption({**scene, attribute: other})
+
+
+def write_multimodal_evaluation(out: pathlib.Path, rng: random.Random) -> list[str]:
+    """Held-out scenes, their VQA-style and Winoground-style items; returns every text in them.
+    Image N is images/N.png: the folder key of VQA's image_id and Winoground's image_idx."""
+    (out / "images").mkdir(parents=True)
+    vqa, winoground = [], []
+    for index in range(NUM_EVAL_IMAGES):
+        scene = make_scene(rng, 0)  # index 0: a 64x64 RGB file
+        save_png(draw_scene(scene), out / "images" / f"{index}.png", False)
+        for k, kind in enumerate(sorted(QUESTIONS)):
+            target = answer(scene, kind)
+            vqa.append({"question": QUESTIONS[kind], "target_ans": target,
+                        "distractors": distractors(kind, target, rng), "idx_in_hf_dataset": index,
+                        "image_id": index, "question_id": index * len(QUESTIONS) + k, "question_type": kind})
+        attribute = ("colour", "shape", "position")[index % 3]
+        winoground.append({"id": index, "caption_0": caption(scene), "caption_1": swapped_caption(scene, attribute, rng),
+                           "image_idx": index, "tag": attribute, "secondary_tag": "", "collapsed_tag": attribute,
+                           "num_main_preds": 1})
+    write_jsonl(out / "vqa.jsonl", vqa)
+    write_jsonl(out / "winoground.jsonl", winoground)
+    return ([f"{v['question']} {a}" for v in vqa for a in [v["target_ans"]] + v["distractors"]]
+            + [w[k] for w in winoground for k in ("caption_0", "caption_1")])
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -360,8 +512,9 @@ def write_tokenizer(out: pathlib.Path, sentences: list[str]) -> None:
 
 
 # ---------------------------------------------------------------- main
-OUTPUTS = ("images", "tokenizer", "captions.json", "text.jsonl", "minimal_pairs.jsonl", "babylm/train",
-           "babylm/captions.json")
+OUTPUTS = ("images", "tokenizer", "captions.json", "text.jsonl", "minimal_pairs.jsonl", "minimal_pairs_hard.jsonl",
+           "babylm/train",
+           "babylm/captions.json", "qa.json", "multimodal")
 # The miniature of BabyLM's own files: the same sentences as plain-text *.train files (one sentence
 # a line, split into corpora as BabyLM's text half is) and the captions as a JSON list of strings.
 # Their features (babylm/captions_features.npy) come from the tiny tower: data/README.md.
@@ -384,21 +537,38 @@ def generate(out: pathlib.Path) -> None:
         scene = make_scene(rng, index)
         save_png(draw_scene(scene), out / "images" / f"{index:04d}.png", scene["transparent"])
         captions.append(image_record(index, scene))
-    # A JSON list with one record per line: valid LLaVA JSON, still diffable.
-    lines = ",\n".join(json.dumps(c, sort_keys=True) for c in captions)
-    (out / "captions.json").write_text(f"[\n{lines}\n]\n", encoding="utf-8")
+    write_json_lines(out / "captions.json", captions)
 
     sentences = [training_sentence(rng) for _ in range(NUM_TEXT_RECORDS)]
-    write_jsonl(out / "text.jsonl", [text_record(i, s) for i, s in enumerate(sentences, start=1)])
 
     pairs = held_out_pairs(rng, set(sentences))
     write_jsonl(out / "minimal_pairs.jsonl", pairs)
+    # Relative clauses come after, from their own generator, so that everything above stays
+    # as the first release wrote it. No relative sentence is an easy pair's either sentence.
+    relative_rng = random.Random(SEED + 2)
+    easy = {p[k] for p in pairs for k in ("sentence_good", "sentence_bad")}
+    relatives = []
+    while len(relatives) < NUM_RELATIVE_RECORDS:
+        sentence = relative_training_sentence(relative_rng)
+        if sentence not in easy:
+            relatives.append(sentence)
+    sentences += relatives
+    write_jsonl(out / "text.jsonl", [text_record(i, s) for i, s in enumerate(sentences, start=1)])
+    hard_pairs = held_out_pairs(relative_rng, set(sentences), HARD_PHENOMENA)
+    write_jsonl(out / "minimal_pairs_hard.jsonl", hard_pairs)
 
     caption_texts = [c["conversations"][1]["value"] for c in captions]
     write_babylm_miniature(out / "babylm", sentences, caption_texts)
-    write_tokenizer(out / "tokenizer", sentences + caption_texts)
+    # Its own generator, so the files above do not change with the multimodal evaluation's design.
+    qa_rng = random.Random(SEED + 1)
+    qa = [qa_record(index, c["scene"], qa_rng) for index, c in enumerate(captions, start=1)]
+    write_json_lines(out / "qa.json", qa)
+    eval_texts = write_multimodal_evaluation(out / "multimodal", qa_rng)
+    qa_texts = [" ".join(turn["value"].replace("<image>", " ") for turn in r["conversations"]) for r in qa]
+    write_tokenizer(out / "tokenizer", sentences + caption_texts + qa_texts + eval_texts)
     vocabulary = set(json.loads((out / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"])
-    unknown = {w for p in pairs for s in (p["sentence_good"], p["sentence_bad"]) for w in s.split()} - vocabulary
+    unknown = {w for p in pairs + hard_pairs for s in (p["sentence_good"], p["sentence_bad"])
+               for w in s.split()} - vocabulary
     assert not unknown, f"minimal-pair words missing from the tokenizer: {sorted(unknown)}"
 
 

@@ -200,16 +200,20 @@ def caption_example(model, tokenizer, config, image_path: str, *, max_new_tokens
 
 
 def first_image_caption(table, tokenizer) -> Optional[tuple[str, str]]:
-    """(image path, reference text) of the first image sample of a SampleTable (its target tokens,
-    decoded), or None when it has none: the example a training run captions at its end."""
+    """(image path, reference text) of the first image sample of a SampleTable with an image file
+    (its target tokens, decoded), or None when it has none: the example a training run captions at
+    its end. The black image of the `data.text_only_images` ablation is no picture to caption."""
     import numpy as np
 
-    image_rows = np.flatnonzero(table.has_image)
-    if image_rows.size == 0 or table.images[image_rows[0]] is None:
+    from jaxllava.data.images import BLACK_IMAGE
+
+    row = next((int(i) for i in np.flatnonzero(table.has_image)
+                if table.images[i] is not None and table.images[i] != BLACK_IMAGE), None)
+    if row is None:
         return None
-    tokens, is_target = table.sample(int(image_rows[0]))
+    tokens, is_target = table.sample(row)
     reference = tokenizer.decode(tokens[is_target].tolist(), skip_special_tokens=True).strip()
-    return table.images[image_rows[0]], reference
+    return table.images[row], reference
 
 
 # --- the command line ------------------------------------------------------------------------------

@@ -116,7 +116,8 @@ def test_cache_images_is_a_subcommand_that_prints_how_to_train_from_the_cache(ca
     code = launch.main(["cache-images", "--config", TINY, "--out", str(tmp_path / "cache")])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "cached 400 images" in out and "--set 'data.sources=[" in out
+    # configs/tiny.yaml's image records: 400 captions and 400 questions (qa.json) about the same files.
+    assert "cached 800 images" in out and "--set 'data.sources=[" in out
     assert (tmp_path / "cache" / "cache.json").exists()
     code, err = run_main(capsys, "cache-images", "--config", TINY, "--out", str(tmp_path / "cache"))
     assert code == 2 and "exists" in err and err.count("\n") == 1, err  # never overwritten

@@ -17,7 +17,7 @@ def test_inspect_data_reports_the_dataset_and_both_modalities(capsys):
     code, lines, _ = run(capsys, "--batches", "6", "--set", "data.validation_fraction=0")
     assert code == 0
     report = dict(line.split(": ", 1) for line in lines[1:lines.index("== microbatches ==")])
-    assert json.loads(report["text_samples"]) == 3000 and json.loads(report["image_samples"]) == 400
+    assert json.loads(report["text_samples"]) == 3300 and json.loads(report["image_samples"]) == 800
     assert json.loads(report["image_tokens_per_image"]) == 16
     batches = [json.loads(line) for line in lines[lines.index("== microbatches ==") + 1:]]
     assert len(batches) == 6 and {b["modality"] for b in batches} == {"text", "image"}

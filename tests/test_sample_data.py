@@ -17,6 +17,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample"
 GENERATOR = ROOT / "data" / "make_sample_data.py"
 FEATURES = pathlib.Path("babylm/captions_features.npy")
+# Written by hand, not by the generator: the eval suite's map of the sample's task files (jaxllava/eval/suite.py).
+SUITE_MANIFEST = pathlib.Path("babylm_tasks.json")
 IMAGE_TOKENS = ("<im_start>", "<im_patch>", "<im_end>")
 
 
@@ -48,6 +50,11 @@ def text_records() -> list[dict]:
 @pytest.fixture(scope="module")
 def pairs() -> list[dict]:
     return [json.loads(line) for line in (SAMPLE / "minimal_pairs.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def hard_pairs() -> list[dict]:
+    return [json.loads(line) for line in (SAMPLE / "minimal_pairs_hard.jsonl").read_text().splitlines()]
 
 
 def _components(mask: np.ndarray) -> tuple[np.ndarray, int]:
@@ -131,7 +138,7 @@ def test_every_bundled_image_goes_through_load_image(captions):
 
 
 def test_text_records_are_text_only_with_an_empty_prompt_turn(text_records):
-    assert len(text_records) == gen.NUM_TEXT_RECORDS
+    assert len(text_records) == gen.NUM_TEXT_RECORDS + gen.NUM_RELATIVE_RECORDS
     assert len({r["id"] for r in text_records}) == len(text_records)
     spellings = set()
     for record in text_records:
@@ -152,23 +159,65 @@ def _number_of(word: str, pairs) -> str | None:
     return None
 
 
-def test_training_sentences_obey_agreement(text_records):
-    """Every determiner agrees with its noun and every finite verb with the head noun of its subject."""
+def _relativizer(words: list[str], i: int) -> bool:
+    """'that' right after a noun opens a relative clause; elsewhere it is a determiner."""
+    return words[i] == "that" and i > 0 and _number_of(words[i - 1], gen.ANIMALS + gen.THINGS) is not None
+
+
+def _verb_agreement(words: list[str]) -> list[tuple[str, str]]:
+    """(verb number, number of its subject's head noun) for every finite verb of a declarative.
+
+    Subjects wait on a stack: the sentence's head noun, and an object relative's own subject
+    ("that the cats see"). A verb right after the relativizer ("that chases") agrees with the
+    head that waits; any other verb takes the latest waiting subject. Nouns after a verb or a
+    preposition are not subjects.
+    """
     nouns, verbs = gen.ANIMALS + gen.THINGS, gen.INTRANSITIVE + gen.TRANSITIVE + [gen.COPULA]
-    mismatched_attractors = 0
+    waiting, wants_subject, found = [], True, []
+    for i, word in enumerate(words):
+        if _relativizer(words, i):
+            wants_subject = words[i + 1] in gen.DETERMINERS
+        elif _number_of(word, nouns) and wants_subject:
+            waiting.append(_number_of(word, nouns))
+            wants_subject = False
+        elif _number_of(word, verbs) and waiting:
+            subject = waiting[-1] if _relativizer(words, i - 1) else waiting.pop()
+            found.append((_number_of(word, verbs), subject))
+        elif word in gen.PREPOSITIONS:
+            wants_subject = False
+    return found
+
+
+def test_training_sentences_obey_agreement(text_records):
+    """Every determiner agrees with its noun and every finite verb with the head noun of its
+    subject, relative clauses included."""
+    nouns, verbs = gen.ANIMALS + gen.THINGS, gen.INTRANSITIVE + gen.TRANSITIVE + [gen.COPULA]
+    mismatched_attractors = relatives = 0
     for record in text_records:
         words = _gpt_text(record).split()
         numbered = [(i, _number_of(w, nouns)) for i, w in enumerate(words) if _number_of(w, nouns)]
         for i, det in enumerate(words):
-            if gen.DETERMINERS.get(det):
+            if gen.DETERMINERS.get(det) and not _relativizer(words, i):
                 next_noun = next(n for j, n in numbered if j > i)
                 assert next_noun == gen.DETERMINERS[det], words
         if words[0] in gen.DETERMINERS and "can" not in words:  # a declarative with a finite verb
+            agreement = _verb_agreement(words)
+            assert agreement and all(verb == subject for verb, subject in agreement), words
+            relative = any(_relativizer(words, i) for i in range(len(words)))
+            relatives += relative
             verb_at = next(i for i, w in enumerate(words) if _number_of(w, verbs) and i > numbered[0][0])
-            assert _number_of(words[verb_at], verbs) == numbered[0][1], words
             before_verb = [n for j, n in numbered if j < verb_at]
-            mismatched_attractors += len(before_verb) == 2 and before_verb[0] != before_verb[1]
+            mismatched_attractors += not relative and len(before_verb) == 2 and before_verb[0] != before_verb[1]
     assert mismatched_attractors > 200  # attraction cases are well represented in training
+    assert relatives == gen.NUM_RELATIVE_RECORDS  # relative clauses are trained on, in this many sentences
+
+
+def test_agreement_reader_sees_relative_clauses():
+    """_verb_agreement itself, on hand-parsed sentences, so that the test above can fail."""
+    assert _verb_agreement("the dog that the cats see runs .".split()) == [("pl", "pl"), ("sg", "sg")]
+    assert _verb_agreement("the dog that chases the cats runs .".split()) == [("sg", "sg"), ("sg", "sg")]
+    assert _verb_agreement("the dogs near the cat sees that ball .".split()) == [("sg", "pl")]
+    assert _verb_agreement("the dog that the cats sees run .".split()) == [("sg", "pl"), ("pl", "sg")]
 
 
 def test_minimal_pairs_are_blimp_format_and_held_out_from_training(pairs, text_records):
@@ -201,6 +250,44 @@ def test_bad_sentence_differs_only_by_the_agreement_violation(pairs):
             assert len(numbered) == 2 and numbered[0] != numbered[1], pair
 
 
+HARD_UIDS = {"subject_verb_agreement_across_subject_relative", "subject_verb_agreement_across_object_relative",
+             "subject_verb_agreement_across_pp_and_relative"}
+
+
+def test_hard_minimal_pairs_are_new_uids_held_out_from_training(hard_pairs, pairs, text_records):
+    training = {_gpt_text(r) for r in text_records}
+    by_uid: dict[str, list[int]] = {}
+    for pair in hard_pairs:
+        assert set(pair) == {"sentence_good", "sentence_bad", "field", "linguistics_term", "UID", "pair_id"}
+        assert pair["sentence_good"] not in training and pair["sentence_bad"] not in training, pair
+        by_uid.setdefault(pair["UID"], []).append(pair["pair_id"])
+    assert set(by_uid) == HARD_UIDS and not HARD_UIDS & {p["UID"] for p in pairs}
+    assert all(ids == list(range(gen.PAIRS_PER_UID)) for ids in by_uid.values())
+    assert len({p["sentence_good"] for p in hard_pairs + pairs}) == len(hard_pairs) + len(pairs)
+    # What the hard pairs test is trained on only in parts: relative clauses, never after a PP.
+    with_relatives = [s.split() for s in training if " that " in s and any(
+        _relativizer(s.split(), i) for i in range(len(s.split())))]
+    assert with_relatives and not any(set(w) & set(gen.PREPOSITIONS) for w in with_relatives)
+
+
+def test_hard_bad_sentence_flips_the_main_verb_across_opposite_attractors(hard_pairs):
+    """One word differs: the main verb, whose number the good sentence shares with its head noun
+    while every noun between them (the attractors) has the other number."""
+    nouns, verbs = gen.ANIMALS + gen.THINGS, gen.INTRANSITIVE + gen.TRANSITIVE + [gen.COPULA]
+    for pair in hard_pairs:
+        good, bad = pair["sentence_good"].split(), pair["sentence_bad"].split()
+        diff = [i for i, (g, b) in enumerate(zip(good, bad)) if g != b]
+        assert len(good) == len(bad) and len(diff) == 1, pair
+        assert {good[diff[0]], bad[diff[0]]} in [set(p) for p in verbs], pair
+        agreement = _verb_agreement(good)
+        assert all(verb == subject for verb, subject in agreement), pair
+        assert [v for v, _ in _verb_agreement(bad)] != [v for v, _ in agreement], pair
+        head, *attractors = [_number_of(w, nouns) for w in good[:diff[0]] if _number_of(w, nouns)]
+        expected = 2 if pair["UID"].endswith("pp_and_relative") else 1
+        assert len(attractors) == expected and all(a != head for a in attractors), pair
+        assert any(_relativizer(good, i) for i in range(len(good))), pair
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     from transformers import AutoTokenizer
@@ -226,9 +313,9 @@ def test_tokenizer_keeps_image_placeholders_as_single_ids(tokenizer):
     assert len(ids) == 8
 
 
-def test_tokenizer_covers_every_sample_word(tokenizer, captions, text_records, pairs):
+def test_tokenizer_covers_every_sample_word(tokenizer, captions, text_records, pairs, hard_pairs):
     texts = [_gpt_text(r) for r in captions + text_records]
-    texts += [p[k] for p in pairs for k in ("sentence_good", "sentence_bad")]
+    texts += [p[k] for p in pairs + hard_pairs for k in ("sentence_good", "sentence_bad")]
     words = sorted({w for t in texts for w in t.split()})
     assert tokenizer.unk_token_id not in tokenizer.convert_tokens_to_ids(words)
 
@@ -238,8 +325,8 @@ def test_generator_rerun_reproduces_the_bundled_sample(tmp_path):
     (mode, size, palette, transparency, pixels): their compressed bytes also depend
     on the zlib that Pillow links, which is not what this test is about."""
     subprocess.run([sys.executable, str(GENERATOR), "--out", str(tmp_path)], check=True, timeout=120)
-    bundled = sorted(p.relative_to(SAMPLE) for p in SAMPLE.rglob("*") if p.is_file()
-                     and p.relative_to(SAMPLE) != FEATURES)  # data/make_sample_features.py writes that one
+    bundled = sorted(p.relative_to(SAMPLE) for p in SAMPLE.rglob("*") if p.is_file()  # features: make_sample_features.py
+                     and p.relative_to(SAMPLE) not in (FEATURES, SUITE_MANIFEST))
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()) == bundled
     for relative in bundled:
         if relative.suffix != ".png":
