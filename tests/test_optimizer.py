@@ -204,8 +204,9 @@ def test_clipping_uses_the_norm_of_trained_gradients_only():
 
 def test_each_part_has_its_own_lr_falling_back_to_lr_and_only_the_tower_starts_frozen():
     cfg = OptimConfig(lr=0.1).with_part("lm", lr=0.2)
-    assert [cfg.part_lr(p) for p in PARTS] == [0.2, 0.1, 0.1, 0.1]
-    assert [cfg.part_trainable(p) for p in PARTS] == [True, True, True, False]
+    assert PARTS == ("lm", "projector", "resampler", "vision", "lape")
+    assert [cfg.part_lr(p) for p in PARTS] == [0.2, 0.1, 0.1, 0.1, 0.1]
+    assert [cfg.part_trainable(p) for p in PARTS] == [True, True, True, False, True]
     # Changing one setting of the tower keeps its frozen default, in code as in YAML.
     assert not cfg.with_part("vision", lr=1e-3).part_trainable("vision")
     assert cfg.with_part("vision", train=True).part_trainable("vision")

@@ -62,7 +62,8 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def sample_pipeline(tiny):
-    """The bundled sample data (3000 text, 400 image records) as tiny.yaml feeds it."""
+    """The bundled sample data (3300 text records; 400 captions and 400 questions on the same images) as
+    tiny.yaml feeds it."""
     sources = tuple(dataclasses.replace(s, path=os.path.join(ROOT, s.path)) for s in tiny.data.sources)
     data = dataclasses.replace(tiny.data, tokenizer=os.path.join(ROOT, tiny.data.tokenizer), sources=sources,
                                validation_fraction=0.0)  # every record trains
@@ -180,7 +181,7 @@ def test_only_image_samples_hold_placeholders_and_image_tokens(sample_pipeline):
     ids = special_ids(sample_pipeline.tokenizer)
     placeholders = np.isin(table.tokens, [ids.im_start, ids.im_patch, ids.im_end])
     per_sample = np.add.reduceat(placeholders.astype(np.int64), table.offsets[:-1])
-    assert table.has_image.sum() == 400 and (~table.has_image).sum() == 3000
+    assert table.has_image.sum() == 800 and (~table.has_image).sum() == 3300
     np.testing.assert_array_equal(per_sample, n * table.has_image)
     assert all((image is not None) == has for image, has in zip(table.images, table.has_image))
     for stats in sample_pipeline.stats():

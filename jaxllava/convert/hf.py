@@ -200,7 +200,8 @@ def _import_vision(model, model_config, vision_dir: str, seed: int) -> dict:
     vision_source = ImportSource(CheckpointTensors(vision_dir))
     vision_unused = load_hf_vision_weights(model.vision, vision_source)
     initialised = []
-    for name, state in fresh_parts(model_config, seed, ("projector", "resampler")).items():
+    for name, state in fresh_parts(model_config, seed, ("projector", "resampler")
+                                     + (("lape",) if model_config.lape is not None else ())).items():
         if jax.tree.leaves(state):
             nnx.update(getattr(model, name), state)
             initialised.append(name)

@@ -28,9 +28,13 @@ What becomes of each part:
   identity resampler and its tensors are reported unused.
   `use_downsample_image=True` is refused.
 - LAPE (stage 2) added position terms to image features
-  (docs/reference.md#stage-2-lape-embeddings); jaxllava has no LAPE, so such a
-  checkpoint is refused unless `drop_lape` is set (text-only use, e.g. BLiMP, is
-  unaffected by dropping it).
+  (docs/reference.md#stage-2-lape-embeddings): the six tables become `model.lape`
+  (jaxllava/model/lape.py), sized from their shapes; the three `*_reparam_mat`
+  buffers are fixed (2^-|i-j|), so they are checked against that formula rather
+  than stored, and the export writes them back. `drop_lape` imports without them
+  (stage-1 behaviour: text-only rows, e.g. BLiMP, are unaffected, image rows lose
+  the position terms). The stage-2 tokens (`<TEMP-INPUT>`, `<HEIGHT-OUTPUT>`, ...)
+  are ordinary vocabulary items, kept as the tokenizer has them.
 """
 from __future__ import annotations
 
@@ -42,6 +46,8 @@ import os
 import re
 from typing import Optional
 
+import numpy as np
+
 from flax import nnx
 
 from jaxllava.checkpoint import (abstract_model, atomic_output_dir, ensure_new_output, load_checkpoint_params,
@@ -50,14 +56,17 @@ from jaxllava.convert.checkpoint_files import CheckpointTensors, read_config, sa
 from jaxllava.convert.hf import ImportSource, buckets_within, classify_unused, save_export_tokenizer, write_provenance
 from jaxllava.convert.hf_configs import llama_config_from_hf, llama_config_to_hf, vision_config_from_hf, \
     vision_hf_config
-from jaxllava.convert.weights import (PROJECTOR_PREFIX, hf_tensors, load_hf_llama_weights, load_hf_vision_weights,
-                                      load_projector_weights)
+from jaxllava.convert.weights import (PROJECTOR_PREFIX, hf_tensors, load_entries, load_hf_llama_weights,
+                                      load_hf_vision_weights, load_projector_weights)
 from jaxllava.errors import ConfigError, ConversionError
-from jaxllava.model.config import ModelConfig, ProjectorConfig, ResamplerConfig
+from jaxllava.model.config import LapeConfig, ModelConfig, ProjectorConfig, ResamplerConfig
+from jaxllava.model.hf_keys import hf_entries
+from jaxllava.model.lape import AXES as LAPE_AXES, reparam_matrix
 
 VISION_PREFIX = "model.vision_tower.vision_tower."
 RESAMPLER_PREFIX = "model.vision_resampler."
 LAPE = re.compile(r"^model\.(spatial_height|spatial_width|temporal)_")
+LAPE_PREFIX = "model."  # the reference kept the tables and buffers on its LlavaLlamaModel
 DINOV2_HEAD_DIM = 64  # every released DINOv2 (small/base/large/giant) uses 64-wide heads
 DINOV2_NAMES = {(384, 12): "facebook/dinov2-small", (768, 12): "facebook/dinov2-base",
                 (1024, 24): "facebook/dinov2-large", (1536, 40): "facebook/dinov2-giant"}
@@ -99,8 +108,8 @@ def _vision_tower_config(hf_config: dict, tensors, vision_config_dir: Optional[s
 
 
 def reference_model_config(hf_config: dict, tensors, *, vision_config_dir: Optional[str] = None,
-                           image_size: Optional[int] = None, base: ModelConfig = ModelConfig()
-                           ) -> tuple[ModelConfig, list[str]]:
+                           image_size: Optional[int] = None, base: ModelConfig = ModelConfig(),
+                           lape: Optional[LapeConfig] = None) -> tuple[ModelConfig, list[str]]:
     """jaxllava ModelConfig of a reference checkpoint, with notes on what was assumed."""
     notes = []
     saved = hf_config.get(JAXLLAVA_KEY) or {}
@@ -137,7 +146,7 @@ def reference_model_config(hf_config: dict, tensors, *, vision_config_dir: Optio
     except ConfigError as e:
         raise ConversionError(f"config.json: mm_projector_type: {e}") from None
     model = dataclasses.replace(base, lm=lm, vision=vision, resampler=ResamplerConfig(kind="identity"),
-                                projector=projector)
+                                projector=projector, lape=lape)
     return model, notes
 
 
@@ -152,12 +161,68 @@ def _reference_unused_reason(name: str, drop_lape: bool) -> Optional[str]:
     return None
 
 
+def reference_lape_config(tensors) -> LapeConfig:
+    """`model.lape` of a stage-2 checkpoint, from its tables' shapes. (config.json's num_temporal_tokens and
+    num_spatial_tokens are swapped by the reference's `init_special_embeddings` and sized nothing.)"""
+    def rows(axis: str) -> int:
+        name = f"{LAPE_PREFIX}{axis}_input_embeddings.weight"
+        if name not in tensors:
+            raise ConversionError(f"{tensors.directory}: tensor {name!r} is missing: a stage-2 checkpoint holds "
+                                  f"the input and output tables of all three LAPE axes")
+        return int(tensors[name].shape[0])
+
+    height, width, temporal = rows("spatial_height"), rows("spatial_width"), rows("temporal")
+    if height != width:
+        raise ConversionError(f"{tensors.directory}: the LAPE height table has {height} rows and the width table "
+                              f"{width}; model.lape.tokens sizes both (the reference's spatial_token_num)")
+    return LapeConfig(tokens=height, temporal_tokens=None if temporal == height else temporal)
+
+
+def lape_buffers(lape: LapeConfig) -> dict[str, np.ndarray]:
+    """The reference's three `*_reparam_mat` buffers, R[i, j] = 2^-|i-j| (never trained)."""
+    return {f"{LAPE_PREFIX}{axis}_reparam_mat": reparam_matrix(lape.temporal_count if axis == "temporal"
+                                                               else lape.tokens)
+            for axis in LAPE_AXES}
+
+
+def check_lape_buffers(source: ImportSource, lape: LapeConfig) -> list[str]:
+    """Each buffer the checkpoint holds must equal the formula (in its dtype); returns notes on absent ones."""
+    notes = []
+    for name, expected in lape_buffers(lape).items():
+        if name not in source:
+            notes.append(f"{name} is not in the checkpoint: it is 2^-|i-j| by construction, as the reference "
+                         f"rebuilt it")
+            continue
+        array = np.asarray(source[name])
+        if array.shape != expected.shape or not np.array_equal(array, expected.astype(array.dtype)):
+            raise ConversionError(f"{source.directory}: tensor {name!r} (shape {tuple(array.shape)}) is not the "
+                                  f"reference's fixed {expected.shape} matrix 2^-|i-j|; jaxllava computes it, so "
+                                  f"a checkpoint with other values cannot be reproduced")
+    return notes
+
+
+def _load_reference_weights(model, source: ImportSource) -> dict[str, set[str]]:
+    """Fill the abstract model from the checkpoint; component → checkpoint names read."""
+    read: dict[str, set[str]] = {}
+    parts = [("lm", lambda: load_hf_llama_weights(model.lm, source)),
+             ("vision", lambda: load_hf_vision_weights(model.vision, source, prefix=VISION_PREFIX)),
+             ("projector", lambda: load_projector_weights(model.projector, source, prefix=PROJECTOR_PREFIX))]
+    if model.lape is not None:
+        parts.append(("lape", lambda: load_entries(hf_entries(model.lape), source, prefix=LAPE_PREFIX)))
+    for component, load in parts:
+        before = set(source.read)
+        load()
+        read[component] = set(source.read) - before
+    return read
+
+
 def import_reference(ref_dir: str, out: str, *, config=None, vision_config_dir: Optional[str] = None,
                      image_size: Optional[int] = None, drop_lape: bool = False) -> dict:
     """Write a jaxllava checkpoint at `out` from a reference checkpoint directory; returns the report.
 
     `config`: an ExperimentConfig for everything the checkpoint does not say (data,
     optimisation; default: the schema defaults); its model section is replaced.
+    A stage-2 checkpoint imports whole, LAPE included, unless `drop_lape`.
     """
     from jaxllava.config import ExperimentConfig, config_to_dict
     from jaxllava.data.tokenizer import load_tokenizer
@@ -166,17 +231,41 @@ def import_reference(ref_dir: str, out: str, *, config=None, vision_config_dir: 
     config = config or ExperimentConfig()
     hf_config = read_config(ref_dir)
     tensors = CheckpointTensors(ref_dir)
-    lape = sorted(k for k in tensors.keys() if LAPE.match(k))
-    if lape and not drop_lape:
-        raise ConversionError(f"{ref_dir}: stage-2 LAPE tensors ({', '.join(lape[:3])}, ...) added position "
-                              f"terms to the reference's image features, which jaxllava does not implement; "
-                              f"pass --drop-lape to import anyway (text-only behaviour is unaffected)")
+    stage2 = any(LAPE.match(k) for k in tensors.keys())
+    lape = reference_lape_config(tensors) if stage2 and not drop_lape else None
     model_config, notes = reference_model_config(hf_config, tensors, vision_config_dir=vision_config_dir,
-                                                 image_size=image_size, base=config.model)
+                                                 image_size=image_size, base=config.model, lape=lape)
     tokenizer = load_tokenizer(ref_dir)
     if len(tokenizer) > model_config.lm.vocab_size:
         raise ConversionError(f"{ref_dir}: the tokenizer has {len(tokenizer)} tokens but config.json vocab_size "
                               f"is {model_config.lm.vocab_size} (vocabulary sizes disagree)")
+    config = dataclasses.replace(config, model=model_config, data=_reference_data_config(config, hf_config,
+                                                                                          model_config, notes))
+    model = abstract_model(model_config)
+    source = ImportSource(tensors)
+    read = _load_reference_weights(model, source)
+    if lape is not None:
+        before = set(source.read)
+        notes += check_lape_buffers(source, lape)
+        read["lape"] |= set(source.read) - before
+    unused = classify_unused(set(tensors.keys()) - set(source.read), ref_dir,
+                             lambda n: _reference_unused_reason(n, drop_lape))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    mapped = {n: {**source.read[n], "component": component} for component, names in read.items()
+              for n in sorted(names)}
+    meta = {"imported_from": {"format": "reference", "directory": os.path.abspath(ref_dir)},
+            "reference": {"mm_vision_tower": hf_config.get("mm_vision_tower"), "stage": 2 if stage2 else 1,
+                          "vocab_size": model_config.lm.vocab_size, "tokenizer_size": len(tokenizer),
+                          "lape_dropped": stage2 and drop_lape}}
+    report = {"what": "import-reference", "directory": os.path.abspath(ref_dir), "mapped": mapped,
+              "unused": unused, "missing": [], "model": config_to_dict(model_config), "notes": notes,
+              "meta": meta}
+    write_params_checkpoint(out, config, params, ref_dir, meta, report=report)
+    return report
+
+
+def _reference_data_config(config, hf_config: dict, model_config: ModelConfig, notes: list[str]):
+    """The data section: the reference's image aspect handling, buckets within the LM's positions."""
     aspect = hf_config.get("image_aspect_ratio", "pad")
     if aspect != "pad":
         notes.append(f"image_aspect_ratio {aspect!r}: images will be resized to a square without padding")
@@ -184,35 +273,7 @@ def import_reference(ref_dir: str, out: str, *, config=None, vision_config_dir: 
         config.data.image, aspect="pad" if aspect == "pad" else "resize"))
     data, note = buckets_within(data, model_config.lm.max_position_embeddings)
     notes += [note] if note else []
-    config = dataclasses.replace(config, model=model_config, data=data)
-
-    model = abstract_model(model_config)
-    source = ImportSource(tensors)
-    load_hf_llama_weights(model.lm, source)
-    lm_mapped = set(source.read)
-    load_hf_vision_weights(model.vision, source, prefix=VISION_PREFIX)
-    vision_mapped = set(source.read) - lm_mapped
-    load_projector_weights(model.projector, source, prefix=PROJECTOR_PREFIX)
-    projector_mapped = set(source.read) - lm_mapped - vision_mapped
-    unused = classify_unused(set(tensors.keys()) - set(source.read), ref_dir,
-                             lambda n: _reference_unused_reason(n, drop_lape))
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-
-    def mapped(names, component):
-        return {n: {**source.read[n], "component": component} for n in sorted(names)}
-
-    stage = 2 if lape else 1
-    meta = {"imported_from": {"format": "reference", "directory": os.path.abspath(ref_dir)},
-            "reference": {"mm_vision_tower": hf_config.get("mm_vision_tower"), "stage": stage,
-                          "vocab_size": model_config.lm.vocab_size, "tokenizer_size": len(tokenizer),
-                          "lape_dropped": bool(lape)}}
-    report = {"what": "import-reference", "directory": os.path.abspath(ref_dir),
-              "mapped": {**mapped(lm_mapped, "lm"), **mapped(vision_mapped, "vision"),
-                         **mapped(projector_mapped, "projector")},
-              "unused": unused, "missing": [], "model": config_to_dict(model_config), "notes": notes,
-              "meta": meta}
-    write_params_checkpoint(out, config, params, ref_dir, meta, report=report)
-    return report
+    return data
 
 
 def reference_hf_config(config, mm_vision_tower: Optional[str]) -> dict:
@@ -236,11 +297,17 @@ def reference_hf_config(config, mm_vision_tower: Optional[str]) -> dict:
         "vision_tower_config": vision_hf_config(vision),
         JAXLLAVA_KEY: {"image_size": vision.image_size, "pos_interpolation": vision.pos_interpolation},
     })
+    if model.lape is not None:
+        # Their presence makes the reference build its LAPE modules on load. It wrote them swapped
+        # (num_temporal_tokens = its spatial count and the reverse, docs/reference.md#stage-2-lape-embeddings);
+        # kept so, as the reference reads them.
+        hf.update({"num_temporal_tokens": model.lape.tokens, "num_spatial_tokens": model.lape.temporal_count})
     return hf
 
 
 def export_reference(checkpoint: str, out: str) -> dict:
-    """The full model in the reference's layout: LlavaLlamaForCausalLM names, mm_* config fields."""
+    """The full model in the reference's layout: LlavaLlamaForCausalLM names, mm_* config fields, and with
+    `model.lape` the stage-2 tables and buffers."""
     ensure_new_output(out)
     config, params, run = load_checkpoint_params(checkpoint)
     model_config = config.model
@@ -273,9 +340,11 @@ def export_reference(checkpoint: str, out: str) -> dict:
     del params
     with atomic_output_dir(out) as tmp:
         # Streamed shard by shard, as export_lm: one shard beside the model, not a second copy.
+        lape = (() if model.lape is None else itertools.chain(
+            hf_tensors(model.lape, prefix=LAPE_PREFIX), lape_buffers(model_config.lape).items()))
         tensors = save_sharded_safetensors(itertools.chain(
             hf_tensors(model.lm), hf_tensors(model.vision, prefix=VISION_PREFIX),
-            hf_tensors(model.projector, prefix=PROJECTOR_PREFIX)), tmp)
+            hf_tensors(model.projector, prefix=PROJECTOR_PREFIX), lape), tmp)
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(reference_hf_config(config, reference_meta.get("mm_vision_tower")), f, indent=2)
         save_export_tokenizer(config, tmp)

@@ -2,7 +2,8 @@
 
 `ModelConfig.image_tokens` is the one place where the image-token count I is
 derived (tower grid or feature count → resampler output → × projector.expand;
-axis letters: see jaxllava/__init__.py).
+with `lape` the projector comes before the resampler and expand is 1, which gives
+the same count; axis letters: see jaxllava/__init__.py).
 The data pipeline expands `<image>` to exactly I placeholders from this number, and
 the model overwrites exactly those I positions; the reference never saved this
 number and changed its default three times (README pitfall 29).
@@ -187,6 +188,24 @@ class ProjectorConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LapeConfig:
+    """The reference's stage-2 spatial/temporal embeddings added to image features (jaxllava/model/lape.py)."""
+
+    tokens: int = 100  # rows of the height and width tables (the reference's spatial_token_num)
+    # Rows of the temporal tables; null: `tokens`. The reference sized them by its frame count
+    # (--num_frames, 100 by default), and frame t of a video reads row t.
+    temporal_tokens: Optional[int] = None
+
+    def __post_init__(self):
+        at_least(self, 1, "tokens")
+        at_least(self, 1, "temporal_tokens", null_ok=True)
+
+    @property
+    def temporal_count(self) -> int:
+        return self.tokens if self.temporal_tokens is None else self.temporal_tokens
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     lm: LlamaConfig = dataclasses.field(default_factory=LlamaConfig)
     vision: Optional[VisionConfig] = None  # None: a text-only model with no vision parameters
@@ -197,11 +216,18 @@ class ModelConfig:
     # Rematerialisation of decoder layers: "none", "full" (recompute everything), or
     # "save_dots" (keep matmul outputs without batch dims, recompute the rest).
     remat: Remat = "none"
+    # null: no LAPE (stage 1). A mapping: the reference's stage-2 spatial/temporal embeddings,
+    # added to the projected image grid, and the image path becomes tower → projector → LAPE →
+    # resampler, with the resampler in the LM's width (docs/reference.md#stage-2-lape-embeddings).
+    # Like resampler and projector, ignored by a text-only model (model.vision null).
+    lape: Optional[LapeConfig] = None
 
     def __post_init__(self):
         vision, resampler = self.vision, self.resampler
-        if vision is None:  # a text-only model builds no resampler
+        if vision is None:  # a text-only model builds no resampler, projector or LAPE
             return
+        if self.lape is not None:
+            self._check_lape()
         if vision.kind == "features":
             grid = f"the {vision.grid}×{vision.grid} feature grid (vision.tokens {vision.tokens})"
             if resampler.kind in ("token_packer", "avg_pool"):
@@ -213,9 +239,12 @@ class ModelConfig:
             grid = f"the {vision.grid}×{vision.grid} vision grid (image_size {vision.image_size} // patch_size " \
                    f"{vision.patch_size})"
         if resampler.kind in ("perceiver", "token_packer"):
-            require(vision.hidden_size % resampler.num_heads == 0, "resampler.num_heads",
-                    f"the {resampler.kind} resampler attends over the vision width, so num_heads must divide "
-                    f"vision.hidden_size ({vision.hidden_size}), got {resampler.num_heads}")
+            width, name = ((vision.hidden_size, "vision.hidden_size") if self.lape is None
+                           else (self.lm.hidden_size, "lm.hidden_size, the width it works in after the projector "
+                                                      "when model.lape is set"))
+            require(width % resampler.num_heads == 0, "resampler.num_heads",
+                    f"the {resampler.kind} resampler attends over its input width, so num_heads must divide "
+                    f"{name} ({width}), got {resampler.num_heads}")
         if resampler.kind == "token_packer":
             side = math.isqrt(resampler.num_latents)
             require(side * side == resampler.num_latents, "resampler.num_latents",
@@ -228,10 +257,33 @@ class ModelConfig:
                     f"avg_pool's window must fit in {grid}: pool_stride must lie in [1, {vision.grid}], "
                     f"got {resampler.pool_stride}")
 
+    def _check_lape(self) -> None:
+        vision = self.vision
+        grid = vision.grid
+        if vision.kind == "features":
+            require(grid * grid == vision.tokens, "vision.tokens",
+                    f"LAPE adds height and width terms to a square grid, so vision.tokens (P feature vectors "
+                    f"per image) must be a square number (e.g. {grid * grid}), got {vision.tokens}")
+        else:
+            require(vision.feature_select == "patch", "vision.feature_select",
+                    "LAPE adds height and width terms to the patch grid, which a CLS token is not part of: "
+                    "use 'patch' (the reference's setting) with model.lape")
+        require(self.projector.expand == 1, "projector.expand",
+                f"LAPE adds its terms to the projected g×g grid, one vector per patch; expand must be 1 with "
+                f"model.lape, got {self.projector.expand}")
+
+    @property
+    def resampler_input(self) -> Optional[VisionConfig]:
+        """What the resampler reads, as a VisionConfig: the tower's (or the features') output, or with LAPE
+        the projected g×g grid in the LM's width, which it reads like a features grid."""
+        if self.vision is None or self.lape is None:
+            return self.vision
+        return VisionConfig(kind="features", hidden_size=self.lm.hidden_size, tokens=self.vision.grid ** 2)
+
     @property
     def image_tokens(self) -> int:
         """I: how many placeholder positions one image occupies in the sequence."""
-        return 0 if self.vision is None else image_token_count(self.vision, self.resampler, self.projector)
+        return 0 if self.vision is None else image_token_count(self.resampler_input, self.resampler, self.projector)
 
 
 def image_token_count(vision: VisionConfig, resampler: ResamplerConfig, projector: ProjectorConfig) -> int:

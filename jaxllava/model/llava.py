@@ -1,5 +1,9 @@
 """LLaVA composition: vision tower → resampler → projector, spliced into the Llama decoder.
 
+With `config.lape` (the reference's stage 2) the image path is instead tower →
+projector → LAPE add → resampler, the reference's own order, with the resampler in
+the LM's width (jaxllava/model/lape.py, `ModelConfig.resampler_input`).
+
 An image row carries I placeholder tokens (I = `ModelConfig.image_tokens`, the one
 place it is derived); the model overwrites exactly those I embeddings with the I
 visual vectors, in order, keeping the sequence length (the reference's in-place
@@ -38,6 +42,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxllava.model.config import ModelConfig
+from jaxllava.model.lape import Lape
 from jaxllava.model.llama import Llama
 from jaxllava.model.projectors import Projector
 from jaxllava.model.resamplers import make_resampler
@@ -47,7 +52,7 @@ from jaxllava.model.vision import VisionTower
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Fixed per-part constants folded into the seed's key; never renumber one, or every
 # run's initial values for that part change.
-PART_STREAMS = {"lm": 0, "vision": 1, "resampler": 2, "projector": 3}
+PART_STREAMS = {"lm": 0, "vision": 1, "resampler": 2, "projector": 3, "lape": 4}
 
 
 def part_rngs(rngs: nnx.Rngs) -> dict[str, nnx.Rngs]:
@@ -72,8 +77,8 @@ def merge_image_features(embeds: jax.Array, features: jax.Array, image_mask: jax
 
 
 class LlavaModel(nnx.Module):
-    """`lm` (Llama) plus, when `config.vision` is set, `resampler`, `projector` and (unless
-    `vision.kind` is features) the tower `vision`."""
+    """`lm` (Llama) plus, when `config.vision` is set, `resampler`, `projector`, (unless
+    `vision.kind` is features) the tower `vision`, and (when `config.lape` is set) `lape`."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         dtype = DTYPES[config.dtype]
@@ -83,13 +88,16 @@ class LlavaModel(nnx.Module):
                         rngs=streams["lm"])
         vision = config.vision
         if vision is None:
-            self.vision = self.resampler = self.projector = None
+            self.vision = self.resampler = self.projector = self.lape = None
             return
         self.vision = (None if vision.kind == "features"
                        else VisionTower(vision, dtype=dtype, rngs=streams["vision"]))
-        self.resampler = make_resampler(config.resampler, vision, dtype=dtype, rngs=streams["resampler"])
+        self.resampler = make_resampler(config.resampler, config.resampler_input, dtype=dtype,
+                                        rngs=streams["resampler"])
         self.projector = Projector(config.projector, vision.hidden_size, config.lm.hidden_size,
                                    dtype=dtype, rngs=streams["projector"])
+        self.lape = (None if config.lape is None
+                     else Lape(config.lape, config.lm.hidden_size, rngs=streams["lape"]))
 
     def encode_images(self, pixels: jax.Array) -> jax.Array:
         """pixels (B, H, W, 3) → (B, I, D) visual vectors in the LM's width."""
@@ -97,7 +105,11 @@ class LlavaModel(nnx.Module):
 
     def encode_features(self, features: jax.Array) -> jax.Array:
         """Tower outputs or precomputed features (B, P, E) → (B, I, D) visual vectors in the LM's width."""
-        return constrain(self.projector(self.resampler(features)), ("batch", "length", "act_embed"))
+        if self.lape is None:
+            visual = self.projector(self.resampler(features))
+        else:  # the reference's stage-2 order (module docstring)
+            visual = self.resampler(self.lape(self.projector(features)))
+        return constrain(visual, ("batch", "length", "act_embed"))
 
     def _visual_vectors(self, pixels: jax.Array | None, features: jax.Array | None) -> jax.Array:
         vision = self.config.vision

@@ -45,6 +45,8 @@ class PartsConfig:
     resampler: PartConfig = dataclasses.field(default_factory=PartConfig)
     # The reference kept its DINOv2 tower frozen.
     vision: FrozenPartConfig = dataclasses.field(default_factory=FrozenPartConfig)
+    # Stage-2 LAPE tables (model.lape); the reference trained them with its LM (mm_language_model).
+    lape: PartConfig = dataclasses.field(default_factory=PartConfig)
 
 
 PARTS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(PartsConfig))
