@@ -39,7 +39,7 @@ def test_the_bundled_sample_is_scored_through_its_manifest_with_and_without_visi
     assert set(suite["scores"]) == {"blimp/text", "vqa/image", "vqa/no_vision", "winoground/image",
                                     "winoground/no_vision"}
     assert set(suite["skipped"]) == {"supplement", "ewok", "entity_tracking", "wug_adj", "wug_past", "comps",
-                                     "reading", "aoa"}
+                                     "reading", "aoa", "devbench"}
     assert f"skipped reading: not in {os.path.join(SAMPLE, 'babylm_tasks.json')}" in printed
     tree = out / "results" / "tiny" / "main" / "zero_shot" / "causal"
     for task, folder in (("blimp", "blimp_filtered"), ("vqa", "vqa_filtered"), ("winoground", "winoground_filtered")):

@@ -59,19 +59,26 @@ def encode_image_candidates(tokenizer: Any, items: Sequence[MinimalPairItem], im
     if len(image_keys) != len(items):
         raise ValueError(f"{len(image_keys)} image keys for {len(items)} items")
     text = encode_candidates(tokenizer, items)
+    key_of_row = [key for i, key in enumerate(image_keys) for _ in range(text.row_start[i], text.row_start[i + 1])]
+    return splice_image_spans(tokenizer, text, key_of_row, image_tokens)
+
+
+def splice_image_spans(tokenizer: Any, text: EncodedSet, key_of_row: Sequence[Hashable],
+                       image_tokens: int) -> ImageCandidates:
+    """Put the image span of row r's image (`key_of_row[r]`) after BOS in every encoded row; for
+    tasks whose candidates differ by image rather than by text (eval/devbench.py)."""
+    if len(key_of_row) != text.num_rows:
+        raise ValueError(f"{len(key_of_row)} image keys for {text.num_rows} rows")
     ids = special_ids(tokenizer)
     span = np.asarray(ids.image_span(image_tokens), np.int32)
     unique: dict[Hashable, int] = {}
     token_ids, target_mask, starts, image_of_row = [], [], [], []
-    for i, key in enumerate(image_keys):
-        image = unique.setdefault(key, len(unique))
-        for row in range(text.row_start[i], text.row_start[i + 1]):
-            row_ids, row_mask = text.token_ids[row], text.target_mask[row]
-            at = 1 if ids.bos is not None and row_ids[0] == ids.bos else 0  # record_pieces: BOS, image, text
-            token_ids.append(np.concatenate([row_ids[:at], span, row_ids[at:]]))
-            target_mask.append(np.concatenate([row_mask[:at], np.zeros(len(span), bool), row_mask[at:]]))
-            starts.append(at)
-            image_of_row.append(image)
+    for row_ids, row_mask, key in zip(text.token_ids, text.target_mask, key_of_row):
+        at = 1 if ids.bos is not None and row_ids[0] == ids.bos else 0  # record_pieces: BOS, image, text
+        token_ids.append(np.concatenate([row_ids[:at], span, row_ids[at:]]))
+        target_mask.append(np.concatenate([row_mask[:at], np.zeros(len(span), bool), row_mask[at:]]))
+        starts.append(at)
+        image_of_row.append(unique.setdefault(key, len(unique)))
     encoded = dataclasses.replace(text, token_ids=tuple(token_ids), target_mask=tuple(target_mask))
     return ImageCandidates(encoded, np.asarray(starts), np.asarray(image_of_row), tuple(unique), image_tokens)
 

@@ -8,7 +8,8 @@ Task sets (`TASK_SETS`), directory names as the official scripts use them
   babylm2025       blimp_filtered, supplement_filtered, ewok_filtered, entity_tracking,
                    wug_adj_nominalization, wug_past_tense, comps, reading/reading_data.csv,
                    aoa/cdi_childes.json (+ aoa/cdi_human.csv for the fit), and for the
-                   multimodal track vqa_filtered, winoground_filtered.
+                   multimodal track vqa_filtered, winoground_filtered and devbench/ (TROG,
+                   Visual Vocabulary, THINGS; eval/devbench.py).
   babylm2025_fast  blimp_fast (200 pairs per paradigm), supplement_fast (50 per file),
                    ewok_fast (100 per domain), entity_tracking_fast (the `regular` split),
                    wug_adj_nominalization, wug_past_tense, reading/reading_data.csv.
@@ -61,6 +62,7 @@ FULL = (
     TaskSpec("aoa", "aoa", "aoa/cdi_childes.json", "AoA_word", ""),
     TaskSpec("vqa", "vqa", "vqa_filtered", "vqa", "vqa_filtered"),
     TaskSpec("winoground", "winoground", "winoground_filtered", "winoground", "winoground_filtered"),
+    TaskSpec("devbench", "devbench", "devbench", "devbench", ""),
 )
 FAST = (
     TaskSpec("blimp_fast", "blimp", "blimp_fast", "blimp", "blimp_fast"),
@@ -109,6 +111,8 @@ def find_tasks(data_root: str, task_set: str) -> tuple[list[tuple[TaskSpec, str]
 def pipeline_dir(results_root: str, model_name: str, spec: TaskSpec, *, revision: str = MAIN,
                  backend: str = BACKEND) -> str:
     """Where the pipeline (and so collate_preds.py) keeps this task's files."""
+    if spec.kind == "devbench":  # devbench/eval.py: zero_shot/devbench, no backend level
+        return os.path.join(results_root, model_name, revision, "zero_shot", "devbench")
     zero_shot = os.path.join(results_root, model_name, MAIN if spec.kind == "aoa" else revision, "zero_shot",
                              backend, spec.pipeline_task)
     return os.path.join(zero_shot, spec.data_dir) if spec.data_dir else zero_shot
@@ -120,7 +124,7 @@ def write_pipeline_layout(results_root: str, model_name: str, spec: TaskSpec, re
 
     result: scoring.Results (blimp/ewok), text_tasks.TextTaskResults, reading.ReadingResults, or
     the dict aoa.evaluate_aoa returns."""
-    from jaxllava.eval import aoa, reading, report, scoring, text_tasks
+    from jaxllava.eval import aoa, devbench, reading, report, scoring, text_tasks
 
     directory = pipeline_dir(results_root, model_name, spec, revision=revision, backend=backend)
     if isinstance(result, scoring.Results):
@@ -129,6 +133,8 @@ def write_pipeline_layout(results_root: str, model_name: str, spec: TaskSpec, re
         text_tasks.write_pipeline_files(result, directory)
     elif isinstance(result, reading.ReadingResults):
         reading.write_pipeline_files(result, directory)
+    elif isinstance(result, devbench.DevbenchResults):
+        devbench.write_pipeline_files(result, directory, model_name)
     elif spec.kind == "aoa" and isinstance(result, Mapping):
         aoa.write_surprisal_json(dict(result), directory)
     else:

@@ -17,7 +17,7 @@ import os
 from typing import Any, Mapping, Optional
 
 from jaxllava.errors import ConfigError
-from jaxllava.eval import aoa, pipeline_layout, reading, text_tasks
+from jaxllava.eval import aoa, devbench, pipeline_layout, reading, text_tasks
 from jaxllava.eval.evaluator import MinimalPairEvaluator
 
 MANIFEST = "babylm_tasks.json"
@@ -120,6 +120,14 @@ def _score(spec, path: str, model, tokenizer, *, workdir, out, image_sources, im
         show(aoa.format_aoa(result))
         fitness = result.get("fitness", {}).get("curve_fitness")
         return result, {} if fitness is None else {f"{spec.name}/curve_fitness": fitness}
+    if spec.kind == "devbench":
+        if image_processing is None:
+            return None, "DevBench needs a model with a pixel vision tower"
+        result = devbench.evaluate_devbench(model, tokenizer, path, image_processing, batch_size)
+        show(devbench.format_devbench(result))
+        if directory:
+            devbench.write_devbench(result, directory)
+        return result, result.headline()
     raise ConfigError(f"task {spec.name}: unknown kind {spec.kind!r}")
 
 
