@@ -10,7 +10,6 @@ import torch
 import transformers
 from flax import nnx
 
-from jaxllava.errors import ConfigError
 from jaxllava.model.config import LlamaConfig, ModelConfig, ProjectorConfig, ResamplerConfig, VisionConfig
 from jaxllava.convert.checkpoint_files import CheckpointTensors, read_config
 from jaxllava.convert.hf_configs import llama_config_from_hf, vision_config_from_hf

@@ -31,8 +31,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import os
 import pathlib
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 from jaxllava.errors import DataError
 
@@ -67,44 +68,45 @@ def read_minimal_pairs(path: str | pathlib.Path, task: Task, *,
     """Items of one `*.jsonl` file, or of every `*.jsonl` file in a directory (pipeline order)."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    items: list[MinimalPairItem] = []
+    per_uid: collections.Counter = collections.Counter()
+    for file, line_number, record in iter_jsonl(path):
+        where = dict(file=str(file), record=f"line {line_number}")
+        if task == "blimp":
+            fields = _decode_blimp(record, file, where)
+        else:
+            fields = _decode_ewok(record, full_sentence_scores, where)
+        uid = fields["metadata"]["UID"]
+        items.append(MinimalPairItem(id=f"{uid}_{per_uid[uid]}", uid=uid, source=f"{file}:{line_number}", **fields))
+        per_uid[uid] += 1
+    return items
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[pathlib.Path, int, dict[str, Any]]]:
+    """(file, 1-based line, record) of a `*.jsonl` file or of every one in a directory, in the
+    pipeline's order (read_files.py: `iterdir`, suffix filter, `json.loads(line.strip())`): the one
+    reader of every zero-shot task file, so a bad line is named the same way everywhere."""
     path = pathlib.Path(path)
     if path.is_dir():
-        files = [p for p in path.iterdir() if p.suffix == ".jsonl"]  # read_files.py: iterdir, suffix filter
+        files = [p for p in path.iterdir() if p.suffix == ".jsonl"]
         if not files:
             raise DataError("no *.jsonl files in directory", file=str(path))
     elif path.is_file():
         files = [path]
     else:
         raise DataError("no such file or directory", file=str(path))
-
-    items: list[MinimalPairItem] = []
-    per_uid: collections.Counter = collections.Counter()
     for file in files:
         with file.open("r", encoding="utf-8") as f:
             for line_number, line in enumerate(f, start=1):
-                record = _parse_line(line, file, line_number)
-                where = dict(file=str(file), record=f"line {line_number}")
-                if task == "blimp":
-                    fields = _decode_blimp(record, file, where)
-                else:
-                    fields = _decode_ewok(record, full_sentence_scores, where)
-                uid = fields["metadata"]["UID"]
-                items.append(MinimalPairItem(id=f"{uid}_{per_uid[uid]}", uid=uid,
-                                             source=f"{file}:{line_number}", **fields))
-                per_uid[uid] += 1
-    return items
-
-
-def _parse_line(line: str, file: pathlib.Path, line_number: int) -> dict[str, Any]:
-    try:
-        record = json.loads(line.strip())
-    except json.JSONDecodeError as e:
-        raise DataError(f"invalid JSON ({e.msg} at column {e.colno})", file=str(file),
-                        record=f"line {line_number}") from None
-    if not isinstance(record, dict):
-        raise DataError(f"expected a JSON object, got {type(record).__name__}", file=str(file),
-                        record=f"line {line_number}")
-    return record
+                try:
+                    record = json.loads(line.strip())
+                except json.JSONDecodeError as e:
+                    raise DataError(f"invalid JSON ({e.msg} at column {e.colno})", file=str(file),
+                                    record=f"line {line_number}") from None
+                if not isinstance(record, dict):
+                    raise DataError(f"expected a JSON object, got {type(record).__name__}", file=str(file),
+                                    record=f"line {line_number}")
+                yield file, line_number, record
 
 
 def _text(record: dict[str, Any], key: str, where: dict[str, str]) -> str:

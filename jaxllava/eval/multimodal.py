@@ -37,14 +37,14 @@ import json
 import os
 import pathlib
 import tempfile
-from typing import Any, Hashable, Literal, Sequence
+from typing import Hashable, Literal, Sequence
 
 import numpy as np
 
 from jaxllava.data.images import ImageProcessing, load_image
 from jaxllava.data.sources import FeatureStore
 from jaxllava.errors import ConfigError, DataError
-from jaxllava.eval.minimal_pairs import MinimalPairItem
+from jaxllava.eval.minimal_pairs import MinimalPairItem, iter_jsonl
 
 ImageTaskKind = Literal["vqa", "winoground"]
 IMAGE_TASKS = ("vqa", "winoground")
@@ -99,40 +99,16 @@ def read_image_task(path: str | os.PathLike, kind: ImageTaskKind | None = None) 
     if kind not in IMAGE_TASKS:
         raise DataError(f"not a VQA or Winoground task: the first record has neither {VQA_KEYS} nor "
                         f"{WINOGROUND_KEYS}", file=str(path))
-    path = pathlib.Path(path)
-    if path.is_dir():
-        files = [p for p in path.iterdir() if p.suffix == ".jsonl"]  # read_files.py: iterdir, suffix filter
-        if not files:
-            raise DataError("no *.jsonl files in directory", file=str(path))
-    elif path.is_file():
-        files = [path]
-    else:
-        raise DataError("no such file or directory", file=str(path))
     decode = _decode_vqa if kind == "vqa" else _decode_winoground
     items, images = [], []
-    for file in files:
-        with file.open("r", encoding="utf-8") as f:
-            for line_number, line in enumerate(f, start=1):
-                where = dict(file=str(file), record=f"line {line_number}")
-                record = _parse_line(line, where)
-                fields, ref = decode(record, where, len(items))
-                uid = fields["metadata"]["UID"]
-                items.append(MinimalPairItem(id=f"{uid}_{len(items)}", uid=uid, source=f"{file}:{line_number}",
-                                             **fields))
-                images.append(ref)
+    for file, line_number, record in iter_jsonl(path):
+        fields, ref = decode(record, dict(file=str(file), record=f"line {line_number}"), len(items))
+        uid = fields["metadata"]["UID"]
+        items.append(MinimalPairItem(id=f"{uid}_{len(items)}", uid=uid, source=f"{file}:{line_number}", **fields))
+        images.append(ref)
     if not items:
         raise DataError("no items in the task", file=str(path))
     return ImageTask(kind, str(path), items, images)
-
-
-def _parse_line(line: str, where: dict) -> dict[str, Any]:
-    try:
-        record = json.loads(line.strip())
-    except json.JSONDecodeError as e:
-        raise DataError(f"invalid JSON ({e.msg} at column {e.colno})", **where) from None
-    if not isinstance(record, dict):
-        raise DataError(f"expected a JSON object, got {type(record).__name__}", **where)
-    return record
 
 
 def _text(record: dict, key: str, where: dict) -> str:

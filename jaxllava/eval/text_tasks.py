@@ -45,14 +45,14 @@ import json
 import math
 import os
 import pathlib
-from typing import Any, Iterator, Literal, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import numpy as np
 from scipy import stats
 
 from jaxllava.errors import ConfigError, DataError
 from jaxllava.eval import report
-from jaxllava.eval.minimal_pairs import MinimalPairItem
+from jaxllava.eval.minimal_pairs import MinimalPairItem, iter_jsonl
 from jaxllava.eval.scoring import (DEFAULT_BUCKETS, EncodedSet, Results, as_logits_fn, check_vocab, compile_count,
                                    decide, encode_candidates, score_encoded)
 
@@ -70,32 +70,6 @@ BUCKETS = DEFAULT_BUCKETS + (1024,)
 
 
 # ---------------------------------------------------------------------------- reading
-
-
-def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[pathlib.Path, int, dict[str, Any]]]:
-    """(file, 1-based line, record) of a `*.jsonl` file or of every one in a directory, in the
-    pipeline's order (read_files.py: `iterdir`, suffix filter, `json.loads(line.strip())`)."""
-    path = pathlib.Path(path)
-    if path.is_dir():
-        files = [p for p in path.iterdir() if p.suffix == ".jsonl"]
-        if not files:
-            raise DataError("no *.jsonl files in directory", file=str(path))
-    elif path.is_file():
-        files = [path]
-    else:
-        raise DataError("no such file or directory", file=str(path))
-    for file in files:
-        with file.open("r", encoding="utf-8") as f:
-            for line_number, line in enumerate(f, start=1):
-                try:
-                    record = json.loads(line.strip())
-                except json.JSONDecodeError as e:
-                    raise DataError(f"invalid JSON ({e.msg} at column {e.colno})", file=str(file),
-                                    record=f"line {line_number}") from None
-                if not isinstance(record, dict):
-                    raise DataError(f"expected a JSON object, got {type(record).__name__}", file=str(file),
-                                    record=f"line {line_number}")
-                yield file, line_number, record
 
 
 @dataclasses.dataclass(frozen=True)

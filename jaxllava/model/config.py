@@ -15,7 +15,6 @@ import math
 import re
 from typing import Literal, Optional
 
-from jaxllava.errors import ConfigError
 from jaxllava.schema import at_least, positive, require
 
 ComputeDtype = Literal["float32", "bfloat16"]

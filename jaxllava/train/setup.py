@@ -33,9 +33,8 @@ from jaxllava.data.tokenizer import (TokenizerCoverage, check_vocabulary, copy_t
                                      table_coverage, vocabulary_difference)
 from jaxllava.errors import ConfigError, ConversionError, TrainingError
 from jaxllava.eval.evaluator import MinimalPairEvaluator
-from jaxllava.model.config import ModelConfig
 from jaxllava.model.llava import create_model
-from jaxllava.model.sharding import batch_shards, make_mesh, tree_shardings
+from jaxllava.model.sharding import batch_shards, make_mesh
 from jaxllava.provenance import data_fingerprint, run_record, write_run_json
 from jaxllava.train.config import MeshConfig, TrainConfig
 from jaxllava.train.metrics import MetricsLogger, StepProfiler
