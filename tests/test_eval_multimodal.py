@@ -20,7 +20,8 @@ from jaxllava.data.tokenizer import load_tokenizer, special_ids
 from jaxllava.errors import ConfigError, DataError
 from jaxllava.eval import image_scoring
 from jaxllava.eval.evaluator import MinimalPairEvaluator
-from jaxllava.eval.multimodal import (FeatureRows, ImageFolder, SavedImageDataset, read_image_task, task_kind)
+from jaxllava.eval.multimodal import (FeatureRows, ImageFolder, SavedImageDataset, open_image_source, read_image_task,
+                                      task_kind)
 from jaxllava.model.config import LlamaConfig, ModelConfig, ProjectorConfig, ResamplerConfig, VisionConfig
 from jaxllava.model.llava import LlavaModel
 from jaxllava.model.vision import VisionTower
@@ -128,24 +129,29 @@ def test_feature_rows_are_keyed_by_item_order(tmp_path):
         rows.key(too_many.images[3])
 
 
-def test_saved_dataset_needs_pyarrow_or_reads_the_arrow_stream(tmp_path):
-    root = tmp_path / "saved"
-    root.mkdir()
-    (root / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
-    try:
-        import pyarrow as pa
-    except ImportError:
-        with pytest.raises(ConfigError, match="pip install pyarrow"):
-            SavedImageDataset(root)
-        return
-    png = (write_images(tmp_path / "images", 1) / "0.png").read_bytes()
-    table = pa.table({"image": [{"bytes": png, "path": None}]})
-    with pa.OSFile(str(root / "data-00000-of-00001.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
-        w.write_table(table)
-    source = SavedImageDataset(root)
-    key = source.key(read_image_task(write_jsonl(tmp_path / "v.jsonl", [vqa_record()])).images[0])
-    np.testing.assert_array_equal(source.load([key], ImageProcessing(size=16))[0],
-                                  load_image(tmp_path / "images" / "0.png", ImageProcessing(size=16)))
+def test_a_dataset_saved_with_save_to_disk_gives_the_pixels_of_its_image_files(tmp_path):
+    """A real `datasets` split (Image feature, written by save_to_disk, two arrow shards) read with
+    pyarrow alone: row idx_in_hf_dataset of its image column, pixels as from the file itself."""
+    import datasets
+
+    folder = write_images(tmp_path / "images", 3)
+    data = datasets.Dataset.from_dict({"image": [str(folder / f"{k}.png") for k in range(3)],
+                                       "question": ["q0", "q1", "q2"]}).cast_column("image", datasets.Image())
+    data.save_to_disk(str(tmp_path / "saved"), num_shards=2)
+    source = open_image_source(tmp_path / "saved")
+    assert isinstance(source, SavedImageDataset)
+    task = read_image_task(write_jsonl(tmp_path / "v.jsonl", [vqa_record(image=2), vqa_record(image=0)]))
+    keys = [source.key(ref) for ref in task.images]
+    processing = ImageProcessing(size=16)
+    pixels = source.load(keys, processing)
+    for row, k in zip(pixels, (2, 0)):  # vqa_record(image=k) sets idx_in_hf_dataset = k
+        np.testing.assert_array_equal(row, load_image(folder / f"{k}.png", processing))
+    past = read_image_task(write_jsonl(tmp_path / "w.jsonl", [vqa_record(image=5)]))
+    with pytest.raises(DataError, match="row 5 is past the dataset's 3 rows"):
+        source.key(past.images[0])
+    (tmp_path / "broken").mkdir()
+    with pytest.raises(DataError, match="no state.json"):
+        SavedImageDataset(tmp_path / "broken")
 
 
 # ---------------------------------------------------------------------------- scoring vs PyTorch
