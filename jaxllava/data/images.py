@@ -250,8 +250,12 @@ def load_image(path: str | os.PathLike, processing: ImageProcessing, *, record: 
                record_id: str | None = None) -> np.ndarray:
     """Decode the image at `path` into normalised float32 pixels of shape (size, size, 3)
     (errors as `square_image`)."""
-    rgb = square_image(path, processing, record=record, record_id=record_id)
-    # (x · rescale − mean) / std as one multiply-add per value (a hot loop of the loader).
+    return normalise(square_image(path, processing, record=record, record_id=record_id), processing)
+
+
+def normalise(rgb: Image.Image, processing: ImageProcessing) -> np.ndarray:
+    """Step 6: (x · rescale − mean) / std as one float32 multiply-add per value (a hot loop of the
+    loader), the one place pixels are normalised (still images and video frames)."""
     scale = np.float32(processing.rescale) / np.asarray(processing.std, np.float32)
     shift = -np.asarray(processing.mean, np.float32) / np.asarray(processing.std, np.float32)
     pixels = np.asarray(rgb, dtype=np.float32)

@@ -22,7 +22,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from jaxllava.data.images import ImageProcessing, _decoded_rgb, pad_to_square
+from jaxllava.data.images import ImageProcessing, _decoded_rgb, normalise, pad_to_square
 from jaxllava.errors import ConfigError, DataError
 
 
@@ -76,7 +76,7 @@ def read_video_frames(path: str | os.PathLike, processing: ImageProcessing, *, n
         frames = _video_file_frames(os.fspath(path), processing, rule, location)
     else:
         raise DataError("video file or frame folder not found", reason="missing_video", **location)
-    return np.stack([_normalised(_square(frame, processing), processing) for frame in frames])
+    return np.stack([normalise(_square(frame, processing), processing) for frame in frames])
 
 
 def _square(rgb: Image.Image, processing: ImageProcessing) -> Image.Image:
@@ -86,16 +86,6 @@ def _square(rgb: Image.Image, processing: ImageProcessing) -> Image.Image:
     if rgb.size != (processing.size, processing.size):
         rgb = rgb.resize((processing.size, processing.size), Image.Resampling.BICUBIC)
     return rgb
-
-
-def _normalised(rgb: Image.Image, processing: ImageProcessing) -> np.ndarray:
-    """Step 6 with the same float32 multiply-add as `load_image`, so the values are bit-identical."""
-    scale = np.float32(processing.rescale) / np.asarray(processing.std, np.float32)
-    shift = -np.asarray(processing.mean, np.float32) / np.asarray(processing.std, np.float32)
-    pixels = np.asarray(rgb, dtype=np.float32)
-    pixels *= scale
-    pixels += shift
-    return pixels
 
 
 def _folder_frames(folder: str, processing: ImageProcessing, rule: dict, location: dict) -> list[Image.Image]:
