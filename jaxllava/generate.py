@@ -78,7 +78,7 @@ def _error(item: GenerationInput, message: str, field: str) -> DataError:
 def prompt_ids(item: GenerationInput, tokenizer, config) -> tuple[list[int], int]:
     """(ids, index of the image span or -1) of one prompt, built as training builds a sample."""
     from jaxllava.data.records import Record, Turn
-    from jaxllava.data.samples import _assemble, record_pieces
+    from jaxllava.data.samples import assemble_pieces, record_pieces
     from jaxllava.data.templates import get_template
     from jaxllava.data.tokenizer import IMAGE_TOKEN, PLACEHOLDER_TOKENS, VIDEO_TOKEN, special_ids
 
@@ -101,7 +101,7 @@ def prompt_ids(item: GenerationInput, tokenizer, config) -> tuple[list[int], int
     texts = [p[1] for p in pieces if p[0] == "text"]
     encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
     span = ids.image_span(config.model.image_tokens) if item.image is not None else []
-    tokens, _, start = _assemble(pieces, encoded, ids, span)
+    tokens, _, start = assemble_pieces(pieces, encoded, ids, span)
     if not tokens:
         raise _error(item, "is empty and the tokenizer has no BOS: there is nothing to continue", "prompt")
     return tokens, start

@@ -177,7 +177,7 @@ class _TooManyPixels(Exception):
     """The picture is larger than the pixel budget; raised before it is decoded."""
 
 
-def _decoded_rgb(path: str | os.PathLike, processing: ImageProcessing, location: dict) -> Image.Image:
+def decoded_rgb(path: str | os.PathLike, processing: ImageProcessing, location: dict) -> Image.Image:
     """Steps 1-3: the upright RGB picture at full size; errors as `square_image`."""
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise ConfigError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True (set by some import); truncated images "
@@ -219,7 +219,7 @@ def check_image(path: str | os.PathLike, processing: ImageProcessing, *, record:
     """Raise what `load_image` would raise for this file, without the padding and resizing."""
     if path == BLACK_IMAGE:
         return
-    _decoded_rgb(path, processing, dict(file=os.fspath(path), record=record, record_id=record_id, field="image"))
+    decoded_rgb(path, processing, dict(file=os.fspath(path), record=record, record_id=record_id, field="image"))
 
 
 def square_image(path: str | os.PathLike, processing: ImageProcessing, *, record: str | int | None = None,
@@ -237,7 +237,7 @@ def square_image(path: str | os.PathLike, processing: ImageProcessing, *, record
     """
     if path == BLACK_IMAGE:
         return Image.new("RGB", (processing.size, processing.size))
-    rgb = _decoded_rgb(path, processing, dict(file=os.fspath(path), record=record, record_id=record_id,
+    rgb = decoded_rgb(path, processing, dict(file=os.fspath(path), record=record, record_id=record_id,
                                               field="image"))
     if processing.aspect == "pad":
         rgb = pad_to_square(rgb, processing.background)

@@ -162,7 +162,7 @@ def build_sample_table(records_by_source: Sequence[Sequence[Record]], tokenizer,
         texts = [p[1] for ps in pieces for p in ps if p[0] == "text"]
         encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
         for (s, record), record_pieces_ in zip(batch, pieces):
-            seq, target, start = _assemble(record_pieces_, encoded, ids, span)
+            seq, target, start = assemble_pieces(record_pieces_, encoded, ids, span)
             try:
                 seq, target, cut = _check_sample(record, seq, target, start, max_len, cfg)
             except DataError as error:
@@ -199,7 +199,7 @@ def build_sample_table(records_by_source: Sequence[Sequence[Record]], tokenizer,
     )
 
 
-def _assemble(pieces: list[Piece], encoded: Iterator[list[int]], ids, span: list[int]
+def assemble_pieces(pieces: list[Piece], encoded: Iterator[list[int]], ids, span: list[int]
               ) -> tuple[list[int], list[bool], int]:
     """(ids, is-target per id, index of the image span or -1) of one record's pieces; text pieces
     take their ids, in order, from `encoded` (the batch's texts tokenized together)."""

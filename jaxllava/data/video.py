@@ -22,7 +22,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from jaxllava.data.images import ImageProcessing, _decoded_rgb, normalise, pad_to_square
+from jaxllava.data.images import ImageProcessing, decoded_rgb, normalise, pad_to_square
 from jaxllava.errors import ConfigError, DataError
 
 
@@ -98,7 +98,7 @@ def _folder_frames(folder: str, processing: ImageProcessing, rule: dict, locatio
     if not names:
         raise DataError("frame folder holds no frame files", reason="empty_video", **location)
     wanted = frame_indices(len(names), **rule)
-    decoded = {index: _decoded_rgb(os.path.join(folder, names[index]), processing,
+    decoded = {index: decoded_rgb(os.path.join(folder, names[index]), processing,
                                    {**location, "file": os.path.join(folder, names[index])})
                for index in sorted(set(wanted))}
     return [decoded[index] for index in wanted]

@@ -71,7 +71,7 @@ from jaxllava.data.tokenizer import special_ids
 from jaxllava.errors import ConfigError, DataError
 from jaxllava.eval import image_scoring
 from jaxllava.eval.minimal_pairs import MinimalPairItem
-from jaxllava.eval.scoring import _on_mesh, encode_candidates
+from jaxllava.eval.scoring import on_mesh, encode_candidates
 from jaxllava.model.llava import merge_image_features
 from jaxllava.model.sharding import activation_sharding
 
@@ -355,9 +355,9 @@ def image_embeddings(model: Any, tokenizer: Any, image_paths: Sequence[str], pro
     row = np.asarray(text[:at] + span + text[at:], np.int32)
     image_mask_row = np.zeros(len(row), bool)
     image_mask_row[at:at + len(span)] = True  # the I visual vectors overwrite the whole span (image_scoring._pack)
-    graphdef, state, mesh = image_scoring._split(model)
+    graphdef, state, mesh = image_scoring.split_model(model)
     run = _jitted_mean_hidden(mesh)
-    step = image_scoring._rows_per_batch(batch_size, len(image_paths), mesh)
+    step = image_scoring.rows_per_batch(batch_size, len(image_paths), mesh)
     load = _loader(list(image_paths), processing)
     out = []
     for lo in range(0, len(image_paths), IMAGES_PER_GROUP):
@@ -370,8 +370,8 @@ def image_embeddings(model: Any, tokenizer: Any, image_paths: Sequence[str], pro
                 chunk = jnp.concatenate([chunk, jnp.zeros((step - rows, *chunk.shape[1:]), chunk.dtype)])
             batch = [np.broadcast_to(row, (step, len(row))).copy(),
                      np.broadcast_to(image_mask_row, (step, len(row))).copy()]
-            out.append(np.asarray(run(graphdef, state, _on_mesh(batch[0], mesh), chunk,
-                                      _on_mesh(batch[1], mesh)))[:rows])
+            out.append(np.asarray(run(graphdef, state, on_mesh(batch[0], mesh), chunk,
+                                      on_mesh(batch[1], mesh)))[:rows])
     return np.concatenate(out).astype(np.float32)
 
 

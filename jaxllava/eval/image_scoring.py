@@ -37,7 +37,7 @@ from flax import nnx
 from jaxllava.data.tokenizer import special_ids
 from jaxllava.errors import ConfigError
 from jaxllava.eval.minimal_pairs import MinimalPairItem
-from jaxllava.eval.scoring import DEFAULT_BUCKETS, EncodedSet, _on_mesh, encode_candidates
+from jaxllava.eval.scoring import DEFAULT_BUCKETS, EncodedSet, on_mesh, encode_candidates
 from jaxllava.model.llava import merge_image_features
 from jaxllava.model.sharding import activation_sharding, batch_shards, mesh_of
 
@@ -119,14 +119,14 @@ def _jitted(mesh, features: bool | None):
     return jax.jit(functools.partial(_encode, features=features, mesh=mesh), static_argnums=0)
 
 
-def _split(model: nnx.Module):
+def split_model(model: nnx.Module):
     graphdef, state = nnx.split(model)
     # Host (numpy) parameters would be copied to the device on every batch.
     state = jax.tree.map(lambda x: jnp.asarray(x) if isinstance(x, np.ndarray) else x, state)
     return graphdef, state, mesh_of(state)
 
 
-def _rows_per_batch(batch_size: int, rows: int, mesh) -> int:
+def rows_per_batch(batch_size: int, rows: int, mesh) -> int:
     shards = 1 if mesh is None else batch_shards(mesh)
     return -(-min(batch_size, max(rows, 1)) // shards) * shards  # rows split evenly over the mesh
 
@@ -142,14 +142,14 @@ def encode_images(model: nnx.Module, visual: np.ndarray, *, batch_size: int = 32
     if tuple(visual.shape[1:]) != expected:
         raise ConfigError(f"images of shape {tuple(visual.shape[1:])}, the model's vision input expects "
                           f"{expected} ({'features' if features else 'pixels'})")
-    graphdef, state, mesh = _split(model)
+    graphdef, state, mesh = split_model(model)
     encode = _jitted(mesh, features)
-    step = _rows_per_batch(batch_size, len(visual), mesh)
+    step = rows_per_batch(batch_size, len(visual), mesh)
     chunks = []
     for lo in range(0, len(visual), step):
         chunk = np.zeros((step, *visual.shape[1:]), np.float32)
         chunk[: min(step, len(visual) - lo)] = visual[lo:lo + step]
-        chunks.append(encode(graphdef, state, _on_mesh(chunk, mesh)))
+        chunks.append(encode(graphdef, state, on_mesh(chunk, mesh)))
     _counts["images_encoded"] += len(visual)
     return jnp.concatenate(chunks)[: len(visual)]
 
@@ -171,9 +171,9 @@ def score_with_images(model: nnx.Module, candidates: ImageCandidates,
     if lengths.max() > buckets[-1]:
         raise ConfigError(f"a candidate with its image needs {lengths.max()} input positions, more than the "
                           f"largest bucket {buckets[-1]} (row {int(lengths.argmax())}); pass larger buckets")
-    graphdef, state, mesh = _split(model)
+    graphdef, state, mesh = split_model(model)
     score = _jitted(mesh, None)
-    step = _rows_per_batch(batch_size, encoded.num_rows, mesh)
+    step = rows_per_batch(batch_size, encoded.num_rows, mesh)
     bucket_of_row = np.asarray(buckets)[np.searchsorted(buckets, lengths)]
     order = np.argsort(lengths, kind="stable")
     scores = np.empty(encoded.num_rows, np.float64)
@@ -188,8 +188,8 @@ def score_with_images(model: nnx.Module, candidates: ImageCandidates,
                 chunk = rows[start:start + step]
                 arrays, image_index = _pack(candidates, chunk, step, bucket, first_image=lo)
                 rows_visual = jnp.take(visual, jnp.asarray(image_index), axis=0)  # stays on the device
-                pending.append((chunk, score(graphdef, state, *[_on_mesh(a, mesh) for a in arrays[:-1]],
-                                             rows_visual, _on_mesh(arrays[-1], mesh))))
+                pending.append((chunk, score(graphdef, state, *[on_mesh(a, mesh) for a in arrays[:-1]],
+                                             rows_visual, on_mesh(arrays[-1], mesh))))
         for chunk, sums in pending:
             scores[chunk] = np.asarray(sums, np.float64)[: len(chunk)]
     return scores

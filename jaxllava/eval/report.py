@@ -79,11 +79,16 @@ def pipeline_predictions(results: Results) -> dict[str, dict[str, list[dict[str,
 
 
 def write_pipeline_files(results: Results, directory: str) -> None:
+    write_pipeline_texts(directory, pipeline_report(results), pipeline_predictions(results))
+
+
+def write_pipeline_texts(directory: str, report: str, predictions: dict) -> None:
+    """The two files the pipeline writes per task and its collation reads."""
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "best_temperature_report.txt"), "w", encoding="utf-8") as f:
-        f.write(pipeline_report(results))
+        f.write(report)
     with open(os.path.join(directory, "predictions.json"), "w", encoding="utf-8") as f:
-        json.dump(pipeline_predictions(results), f)
+        json.dump(predictions, f)
 
 
 def format_table(results: Results, keys: tuple[str, ...] = ("UID", "field")) -> str:

@@ -296,7 +296,7 @@ def _scorer(mesh: Mesh | None) -> Callable:
     return _SCORERS[mesh]
 
 
-def _on_mesh(host: np.ndarray, mesh: Mesh | None):
+def on_mesh(host: np.ndarray, mesh: Mesh | None):
     """A host batch array as a global array with rows over the batch axes. Each process
     supplies only its own devices' slices of the (identical) host array."""
     if mesh is None:
@@ -335,7 +335,7 @@ def score_encoded(logits_fn: LogitsFn, encoded: EncodedSet, *, batch_size: int =
         rows = order[bucket_of_row[order] == bucket]
         for start in range(0, len(rows), rows_per_batch):
             chunk = rows[start:start + rows_per_batch]
-            arrays = [_on_mesh(a, mesh) for a in _pack(encoded, chunk, rows_per_batch, bucket)]
+            arrays = [on_mesh(a, mesh) for a in _pack(encoded, chunk, rows_per_batch, bucket)]
             pending.append((chunk, score_batch(fn, *arrays)))
     scores = np.empty(encoded.num_rows, np.float64)
     for chunk, sums in pending:

@@ -294,11 +294,7 @@ def pipeline_predictions(r: TextTaskResults) -> dict[str, dict[str, list[dict[st
 
 
 def write_pipeline_files(r: TextTaskResults, directory: str) -> None:
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, "best_temperature_report.txt"), "w", encoding="utf-8") as f:
-        f.write(pipeline_report(r))
-    with open(os.path.join(directory, "predictions.json"), "w", encoding="utf-8") as f:
-        json.dump(pipeline_predictions(r), f)
+    report.write_pipeline_texts(directory, pipeline_report(r), pipeline_predictions(r))
 
 
 def write_text_task(r: TextTaskResults, directory: str) -> None:
