@@ -15,7 +15,8 @@ PRESETS = sorted(glob.glob("configs/presets/*/*.yaml"))
 
 def test_the_shipped_configs_are_the_documented_ones():
     assert {"configs/tiny.yaml", "configs/babylm_reference.yaml", "configs/llama_1b_multigpu.yaml",
-            "configs/babylm_2025_multimodal.yaml", "configs/tiny_features.yaml"} <= set(EXPERIMENTS)
+            "configs/babylm_2025_multimodal.yaml", "configs/tiny_features.yaml",
+            "configs/tiny_video.yaml"} <= set(EXPERIMENTS)
 
 
 def test_babylm_2025_config_reads_the_files_as_distributed():

@@ -192,13 +192,14 @@ def test_with_lape_the_image_path_is_tower_projector_lape_resampler():
     assert np.abs(expected - without).max() > 1e-3  # LAPE reaches the resampler's output
 
 
-def _reads_params(model: LlavaModel, parts, arrays) -> bool:
-    """Whether the forward's jaxpr reads any parameter of the named parts."""
+def reads_params(model: LlavaModel, parts, arrays) -> bool:
+    """Whether the forward's jaxpr reads any parameter of the named parts (arrays: input_ids,
+    segment_ids, positions and any visual inputs, by the model's keyword names)."""
     selected = lambda path, node: isinstance(node, nnx.Param) and path[0] in parts
     graphdef, chosen, rest = nnx.split(model, selected, ...)
+    visual = {k: v for k, v in arrays.items() if k not in ("input_ids", "segment_ids", "positions")}
     closed = jax.make_jaxpr(lambda p: nnx.merge(graphdef, p, rest)(
-        arrays["input_ids"], segment_ids=arrays["segment_ids"], positions=arrays["positions"],
-        pixels=arrays.get("pixels"), image_mask=arrays.get("image_mask")))(chosen)
+        arrays["input_ids"], segment_ids=arrays["segment_ids"], positions=arrays["positions"], **visual))(chosen)
     inputs = {id(v) for v in closed.jaxpr.invars}
     assert len(inputs) == len(jax.tree.leaves(chosen)) > 0
     read = [v for eqn in closed.jaxpr.eqns for v in eqn.invars] + list(closed.jaxpr.outvars)
@@ -221,8 +222,8 @@ def test_text_only_call_with_lape_reads_no_vision_or_lape_parameter():
     batch = _batch()
     text = {k: batch[k] for k in ("input_ids", "segment_ids", "positions")}
     vision_parts = ("vision", "resampler", "projector", "lape")
-    assert not _reads_params(model, vision_parts, text)
-    assert _reads_params(model, ("lape",), batch)  # the check sees LAPE when an image is there
+    assert not reads_params(model, vision_parts, text)
+    assert reads_params(model, ("lape",), batch)  # the check sees LAPE when an image is there
 
 
 def test_lape_changes_only_the_image_placeholders():

@@ -290,7 +290,8 @@ def test_epoch_stats_equal_the_builders_stats_of_each_plan():
     table = SampleTable(tokens=np.zeros(offsets[-1], np.int32), is_target=rng.random(offsets[-1]) < 0.7,
                         offsets=offsets, image_start=np.where(arrays["has_image"], 1, -1).astype(np.int32),
                         words=arrays["words"], source=arrays["source"], truncated=np.zeros(n, bool),
-                        images=[None] * n, feature_rows=np.full(n, -1), ids=[str(i) for i in range(n)],
+                        images=[None] * n, is_video=np.zeros(n, bool), videos=[None] * n,
+                        feature_rows=np.full(n, -1), ids=[str(i) for i in range(n)],
                         origins=[""] * n)
     builder = MicrobatchBuilder(table, None, image_tokens=6, processing=None)
     plans = lazy(arrays, 2)
@@ -309,3 +310,26 @@ def test_counting_microbatches_plans_each_epoch_once(monkeypatch):
     plans = lazy(data(), 4)
     len(plans), plans.epoch_starts, plans.step_words(2)
     assert sorted(made) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("with_images", [True, False])
+def test_video_microbatches_hold_only_videos_in_their_buckets(with_images):
+    rng = np.random.default_rng(5)
+    n = 120
+    lengths = rng.integers(3, 30, n)
+    kind = rng.choice(3, n, p=[0.5, 0.3 if with_images else 0.0, 0.5 if not with_images else 0.2])
+    plans = plan_epoch(lengths=lengths, has_image=kind == 1, has_video=kind == 2, video_rows=3,
+                       source=np.zeros(n, np.int32), weights=(1.0,), buckets=(16, 32), text_rows=4, image_rows=2,
+                       pack_text=True, seed=1, epoch=0)
+    videos = [p for p in plans if p.modality == "video"]
+    assert all(len(p.rows) == 3 and all(len(r) <= 1 for r in p.rows) for p in videos)
+    for plan in plans:
+        members = [i for row in plan.rows for i in row]
+        assert {int(kind[i]) for i in members} <= {{"text": 0, "image": 1, "video": 2}[plan.modality]}
+        assert all(lengths[i] <= plan.seq_len for i in members)
+    assert sorted(i for p in plans for row in p.rows for i in row) == list(range(n))  # each sample once
+    per_bucket = [int(((kind == 2) & (lengths <= 16)).sum()), int(((kind == 2) & (lengths > 16)).sum())]
+    assert len(videos) == sum(-(-count // 3) for count in per_bucket)
+    # spread through the epoch, not bunched at one end
+    where = [k for k, p in enumerate(plans) if p.modality == "video"]
+    assert where[0] < len(plans) // 4 and where[-1] > 3 * len(plans) // 4

@@ -92,13 +92,13 @@ def test_a_span_that_disagrees_with_the_image_token_count_is_refused_where_the_m
     text_plan = next(plan for plan in p.plans if plan.modality == "text")
     p.builder(image_plan), p.builder(text_plan)  # consistent: no error
     wrong_count = MicrobatchBuilder(p.table, p.ids, image_tokens=N + 1, processing=p.processing)
-    with pytest.raises(DataError, match=rf"microbatch row 0 holds {N} image placeholder ids.*span of {N + 1}"):
+    with pytest.raises(DataError, match=rf"microbatch row 0 holds {N} placeholder ids.*span of {N + 1}"):
         wrong_count(image_plan)
     # a placeholder id inside a text sample (say, a tokenizer that produces one from text)
     (first,) = text_plan.rows[0][:1]
     start = int(p.table.offsets[first]) + 1
     p.table.tokens[start] = p.ids.im_patch  # this test's own pipeline
-    with pytest.raises(DataError, match=r"row 0 holds 1 image placeholder ids, 0 of them where an image goes"):
+    with pytest.raises(DataError, match=r"row 0 holds 1 placeholder ids, 0 of them where an image or video goes"):
         p.builder(text_plan)
 
 

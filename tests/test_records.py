@@ -151,9 +151,28 @@ BAD_RECORDS = [
     ("im_start_literal", text_record("a <im_start> b", "bad"), "conversations[1].value", "placeholder"),
     ("im_patch_literal", {**image_record("x<im_patch>"), "id": "bad"}, "conversations[1].value", "placeholder"),
     ("im_end_literal", text_record("<im_end>", "bad"), "conversations[1].value", "placeholder"),
-    ("video_key", {**text_record("a", "bad"), "video": "clip.mp4"}, "video", "video"),
-    ("video_token_literal", {"id": "bad", "conversations": turns(("human", "<video>"), ("gpt", "a"))},
-     "conversations[0].value", "video"),
+    ("video_record_without_video_token", {**text_record("a", "bad"), "video": "clip.mp4"}, "conversations",
+     "video_token"),
+    ("video_token_in_text_only", {"id": "bad", "conversations": turns(("human", "<video>"), ("gpt", "a"))},
+     "conversations[0].value", "video_token"),
+    ("image_and_video", {**image_record(), "id": "bad", "video": "clip.mp4"}, "video", "image_and_video"),
+    ("image_token_in_video_record", {"id": "bad", "video": "clip.mp4",
+                                     "conversations": turns(("human", "<video> <image>"), ("gpt", "a"))},
+     "conversations[0].value", "image_token"),
+    ("two_video_tokens", {"id": "bad", "video": "clip.mp4",
+                          "conversations": turns(("human", "<video>"), ("gpt", "a <video>"))},
+     "conversations[1].value", "video_token"),
+    ("video_list_of_two", {"id": "bad", "video": ["a.mp4", "b.mp4"],
+                           "conversations": turns(("human", "<video>"), ("gpt", "a"))}, "video", "video_field"),
+    ("video_not_string", {"id": "bad", "video": 3, "conversations": turns(("human", "<video>"), ("gpt", "a"))},
+     "video", "video_field"),
+    ("missing_video", {"id": "bad", "video": "absent.mp4",
+                       "conversations": turns(("human", "<video>"), ("gpt", "a"))}, "video", "missing_video"),
+    ("video_path_leaving_the_folder", {"id": "bad", "video": "../clip.mp4",
+                                       "conversations": turns(("human", "<video>"), ("gpt", "a"))}, "video",
+     "video_outside"),
+    ("vid_patch_literal", text_record("a <vid_patch>", "bad"), "conversations[1].value", "placeholder"),
+    ("slow_vid_end_literal", text_record("<slow_vid_end>", "bad"), "conversations[1].value", "placeholder"),
     ("multi_image", {**image_record(), "id": "bad", "image": [IMAGE_NAME, IMAGE_NAME]}, "image", "multi_image"),
     ("empty_image_list", {**image_record(), "id": "bad", "image": []}, "image", "image_field"),
     ("image_not_string", {**image_record(), "id": "bad", "image": 3}, "image", "image_field"),
@@ -190,10 +209,18 @@ def test_multi_image_error_says_not_supported(tmp_path):
         read_records(path)
 
 
-def test_video_error_says_not_supported(tmp_path):
-    path = write_records(tmp_path, "data", [{**text_record("a"), "video": "v.mp4"}], jsonl=False)
-    with pytest.raises(DataError, match="video records are not supported"):
-        read_records(path)
+def test_video_record_is_a_video_sample_with_its_path_joined_to_the_video_folder(tmp_path):
+    videos = tmp_path / "clips"
+    (videos / "frames").mkdir(parents=True)
+    (videos / "a.mp4").write_bytes(b"")
+    records = [{"id": "v1", "video": "a.mp4", "conversations": turns(("human", "<video>"), ("gpt", "a"))},
+               {"id": "v2", "video": ["frames"], "conversations": turns(("human", "see <video>"), ("gpt", "b"))},
+               text_record("c", "t")]
+    path = write_records(tmp_path, "data", records, jsonl=True)
+    first, second, text = read_records(path, video_folder=str(videos))
+    assert (first.modality, first.video, first.image) == ("video", str(videos / "a.mp4"), None)
+    assert (second.modality, second.video) == ("video", str(videos / "frames"))
+    assert (text.modality, text.video) == ("text", None)
 
 
 def test_placeholder_literal_error_says_generated_by_pipeline(tmp_path):

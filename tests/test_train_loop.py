@@ -173,7 +173,8 @@ def test_run_writes_provenance_config_manifest_and_metrics(budget_config, uninte
     workdir, summary, _ = uninterrupted
     run = json.load(open(os.path.join(workdir, "run.json")))
     assert run["config"] == config_to_dict(cfg)
-    assert run["data"]["counts"] == {"text": 40, "image": 8, "held_out": 0} and len(run["data"]["sha256"]) == 64
+    assert run["data"]["counts"] == {"text": 40, "image": 8, "video": 0, "held_out": 0}
+    assert len(run["data"]["sha256"]) == 64
     assert set(run["code"]) >= {"commit", "dirty", "diff_sha256"} and run["devices"]["mesh"]["data"] == 1
     assert load_config(os.path.join(workdir, "config.yaml")) == cfg
     checkpoint_run = json.load(open(os.path.join(workdir, "checkpoints", "5", "run", "metadata")))

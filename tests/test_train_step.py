@@ -1,6 +1,7 @@
 """The train step: token-weighted loss over accumulated microbatches, frozen parts, sharding, compiles."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import subprocess
@@ -13,9 +14,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxllava.data.batch import IGNORE, BatchStats, ImageBatch, TextBatch
+from jaxllava.data.batch import IGNORE, BatchStats, ImageBatch, TextBatch, VideoBatch
 from jaxllava.errors import TrainingError
-from jaxllava.model.config import LlamaConfig, ModelConfig, VisionConfig
+from jaxllava.model.config import LlamaConfig, ModelConfig, VideoConfig, VisionConfig
 from jaxllava.model.llava import create_model
 from jaxllava.model.sharding import make_mesh
 from jaxllava.train.config import OptimConfig
@@ -61,6 +62,23 @@ def image_batch(seed: int, rows: int = 2, length: int = 16) -> ImageBatch:
                       np.ones((rows,), bool), stats)
 
 
+VIDEO_MODEL = dataclasses.replace(MODEL, video=VideoConfig(frames=2, fast_tokens=1, slow_frames=1))
+VIDEO_TOKENS = sum(VIDEO_MODEL.video_spans)  # fast 2 · 1 + slow 1 · 4
+
+
+def video_batch(seed: int, rows: int = 2, length: int = 16) -> VideoBatch:
+    base = text_batch(seed, rows, length)
+    video_mask = np.zeros((rows, length), bool)
+    video_mask[:, 1:1 + VIDEO_TOKENS] = True
+    targets = base.targets.copy()
+    targets[:, :VIDEO_TOKENS] = IGNORE  # nothing predicted onto the placeholders
+    frames = np.random.default_rng(seed + 200).normal(size=(rows, 2, 16, 16, 3)).astype(np.float32)
+    stats = BatchStats("video", rows, length, rows, 0, int((targets != IGNORE).sum()), 0, 0,
+                       video_tokens=rows * VIDEO_TOKENS)
+    return VideoBatch(base.input_ids, targets, base.segment_ids, base.positions, frames, video_mask,
+                      np.ones((rows,), bool), stats)
+
+
 _TRAINERS: dict = {}
 
 
@@ -89,6 +107,8 @@ def reference_token_mean(trainer: TrainStep, params, batches) -> float:
         kwargs = {"segment_ids": b.segment_ids, "positions": b.positions}
         if isinstance(b, ImageBatch):
             kwargs.update(pixels=b.pixels, image_mask=b.image_mask)
+        if isinstance(b, VideoBatch):
+            kwargs.update(frames=b.frames, video_mask=b.video_mask)
         logits = np.asarray(forward(params, b.input_ids, kwargs), np.float64)
         logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
             - logits.max(-1, keepdims=True)
@@ -280,6 +300,25 @@ def test_compiles_once_per_modality_and_bucket_then_never_again():
     for batches in mixes * 2:
         state, _ = trainer(state, batches)
     assert trainer.compile_count() == start + 2
+
+
+def test_a_video_step_trains_the_video_loss_apart_and_compiles_once_per_shape():
+    trainer, state = make_trainer(model_config=VIDEO_MODEL)
+    batches = [text_batch(0), video_batch(1), image_batch(2)]
+    expected = reference_token_mean(trainer, state["params"], batches)
+    tower = flat(state["params"]["vision"])
+    state, metrics = trainer(state, batches)
+    metrics = host_metrics(metrics)
+    np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-5)
+    assert metrics["video_target_tokens"] == int((batches[1].targets != IGNORE).sum()) > 0
+    for name in ("text", "image"):
+        assert metrics[f"{name}_target_tokens"] == int((batches[0 if name == "text" else 2].targets != IGNORE).sum())
+    after = flat(state["params"]["vision"])
+    assert all(np.array_equal(after[k], tower[k]) for k in tower)  # the frozen tower, frames and all
+    start = trainer.compile_count()
+    for seed in range(3):
+        state, _ = trainer(state, [video_batch(seed), text_batch(seed)])
+    assert trainer.compile_count() == start
 
 
 SHARDED_SCRIPT = textwrap.dedent("""

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from jaxllava.data.config import VideoFramesConfig
 from jaxllava.data.images import ImageProcessing, load_image
 from jaxllava.data.video import frame_indices, read_video_frames
 from jaxllava.errors import ConfigError, DataError
@@ -36,6 +37,8 @@ def test_frame_indices_follow_the_reference_formula(total, num_frames, frames_up
     assert got == reference_frame_indices(total, num_frames, frames_upbound, force_sample)
     assert len(got) == (frames_upbound if frames_upbound and (num_frames > frames_upbound or force_sample)
                         else num_frames)
+    # data.video's static frame count (checked against model.video.frames at start) is the rule's
+    assert VideoFramesConfig(num_frames, frames_upbound, force_sample).count == len(got)
     assert all(0 <= i < total for i in got) and got == sorted(got)
 
 

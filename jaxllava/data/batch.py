@@ -2,7 +2,7 @@
 
 Modality is a type, from the loader to the jitted step. A `TextBatch` has no
 pixel field at all, so code that needs pixels cannot be handed a text-only batch;
-an `ImageBatch` carries exactly one image per row. Both are pytrees of their
+an `ImageBatch` carries exactly one image per row, a `VideoBatch` one video per row. Both are pytrees of their
 arrays: the step receives the same type with the arrays on the devices. Shapes
 are static per bucket: B rows × T tokens (axis letters: see jaxllava/__init__.py).
 
@@ -17,11 +17,15 @@ Array conventions (numpy on the host, int32 unless noted):
                       Attention never crosses segments.
   positions   (B, T)  position within the segment (restarts at 0 per segment).
   pixels      (B, side, side, 3) float32, normalised (image batches only).
+  frames      (B, F, side, side, 3) float32, normalised: F frames per video (video batches only).
   features    (B, P, E) float32 precomputed vision features (feature batches only).
   image_mask  (B, T) bool: the I placeholder positions the model overwrites with
                       the I visual vectors (image batches only).
   image_rows  (B,) bool: the row holds a real image (False only for the empty
                       rows that fill the last microbatch of an epoch).
+  video_mask  (B, T) bool: the fast then slow placeholder positions of the row's
+                      video, overwritten by its fast then slow vectors (video batches).
+  video_rows  (B,) bool: the row holds a real video.
 """
 from __future__ import annotations
 
@@ -32,20 +36,22 @@ import jax
 import numpy as np
 
 IGNORE = -100
+MODALITIES = ("text", "image", "video")  # every kind of microbatch, in this order everywhere
 
 
 @dataclasses.dataclass(frozen=True)
 class BatchStats:
     """What a microbatch feeds, for logging and the word budget (host-side only)."""
 
-    modality: Literal["text", "image"]
+    modality: Literal["text", "image", "video"]
     rows: int
     seq_len: int
     samples: int  # records in this microbatch (a packed row holds several)
     words: int  # BabyLM words of the samples (see jaxllava.data.words)
     target_tokens: int
-    image_tokens: int  # placeholder positions overwritten by visual vectors
+    image_tokens: int  # image placeholder positions overwritten by visual vectors
     padding_tokens: int
+    video_tokens: int = 0  # video placeholder positions (fast and slow spans)
 
     @property
     def padding_fraction(self) -> float:
@@ -95,7 +101,24 @@ class FeatureBatch:
     modality = "image"
 
 
-Microbatch = Union[TextBatch, ImageBatch, FeatureBatch]
+@dataclasses.dataclass(frozen=True)
+class VideoBatch:
+    """Rows of one video each: its frames go through the tower frame by frame and fill the row's
+    fast and slow spans (jaxllava/model/llava.py `encode_video`)."""
+
+    input_ids: np.ndarray
+    targets: np.ndarray
+    segment_ids: np.ndarray
+    positions: np.ndarray
+    frames: np.ndarray  # (B, F, side, side, 3) float32 (zeros on filler rows)
+    video_mask: np.ndarray
+    video_rows: np.ndarray
+    stats: BatchStats | None  # host metadata; None on the device copy
+
+    modality = "video"
+
+
+Microbatch = Union[TextBatch, ImageBatch, FeatureBatch, VideoBatch]
 
 
 def batch_arrays(batch: Microbatch) -> dict[str, np.ndarray]:
@@ -122,3 +145,4 @@ def _register_as_pytree(cls) -> None:
 _register_as_pytree(TextBatch)
 _register_as_pytree(ImageBatch)
 _register_as_pytree(FeatureBatch)
+_register_as_pytree(VideoBatch)

@@ -23,8 +23,10 @@ class SourceConfig:
     path: str = path_field()
     weight: float = 1.0  # copies per epoch: 2.0 repeats every record, 0.5 takes a seeded half
     image_folder: Optional[str] = path_field(None)  # image paths are relative to this (default: the file's folder)
-    # Image paths must resolve inside image_folder (no "..", absolute paths or symlinks
-    # leading out) unless this is true.
+    # video paths (a video file or a folder of frames) are relative to this (default: the file's folder)
+    video_folder: Optional[str] = path_field(None)
+    # Image and video paths must resolve inside image_folder / video_folder (no "..", absolute
+    # paths or symlinks leading out) unless this is true.
     allow_outside: bool = False
     format: Literal["llava", "text", "captions"] = "llava"  # how `path` is read (see path)
     # Precomputed vision features instead of image files: one .npy, or a list concatenated in
@@ -71,6 +73,34 @@ class ImageConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class VideoFramesConfig:
+    """Which frames of a video record are kept: the reference's rule (jaxllava/data/video.py
+    `frame_indices`). It must give exactly model.video.frames frames (checked at start)."""
+
+    num_frames: int = 4  # evenly spaced frames: i / (num_frames − 1) of the way through, rounded
+    # > 0: linspace(0, total − 1, frames_upbound) instead, when num_frames exceeds it or force_sample
+    frames_upbound: int = 0
+    force_sample: bool = False  # use frames_upbound's linspace even when num_frames does not exceed it
+
+    def __post_init__(self):
+        at_least(self, 2, "num_frames")
+        at_least(self, 0, "frames_upbound")
+        require(not self.force_sample or self.frames_upbound > 0, "force_sample",
+                "force_sample picks frames_upbound frames by linspace; set frames_upbound > 0")
+
+    def rule(self) -> dict:
+        """The rule as `jaxllava.data.video.read_video_frames` (and `frame_indices`) take it."""
+        return {"num_frames": self.num_frames, "frames_upbound": self.frames_upbound,
+                "force_sample": self.force_sample}
+
+    @property
+    def count(self) -> int:
+        """Frames the rule keeps per video."""
+        upbound = self.frames_upbound > 0 and (self.num_frames > self.frames_upbound or self.force_sample)
+        return self.frames_upbound if upbound else self.num_frames
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
     sources: tuple[SourceConfig, ...] = ()  # the record files, mixed by weight
     tokenizer: str = path_field("")  # a local Hugging Face tokenizer directory
@@ -80,7 +110,7 @@ class DataConfig:
     objective: Literal["plain_lm", "captions", "chat"] = "plain_lm"
     chat_template: str = "llama_2"  # the chat objective's template, a name in data/templates.py
     add_eos: bool = False  # the reference's plain LM appended no EOS (README pitfall 10)
-    use_images: bool = True  # False: image records are trained as text-only records
+    use_images: bool = True  # False: image and video records are trained as text-only records
     # An ablation, never a default: "black" gives every text-only record a black image and a full
     # image-placeholder span, the reference's behaviour that cost it 14 BLiMP points (README
     # pitfall 1). Such samples are then image samples everywhere: counted, batched and logged as
@@ -96,12 +126,14 @@ class DataConfig:
     # is trained on; "reference" = the reference's rule (assistant turns, alnum split).
     word_rule: Literal["trained", "reference"] = "trained"
     image: ImageConfig = dataclasses.field(default_factory=ImageConfig)
+    video: VideoFramesConfig = dataclasses.field(default_factory=VideoFramesConfig)
     # Static sequence lengths; every microbatch has one of these lengths.
     buckets: tuple[int, ...] = (128, 256, 512, 1024, 2048)
     pack_text: bool = True  # several text-only samples per row
     truncate_text: bool = True  # over-long text-only samples are cut to the largest bucket (else error/skip)
     text_rows: int = 8  # rows per text-only microbatch (global, across processes)
     image_rows: int = 8  # rows per image microbatch (global)
+    video_rows: int = 4  # rows per video microbatch (global): one video, frames × the tower's work, per row
     epochs: int = 1  # passes over the data, each in its own seeded order
     seed: int = 0  # the order of each epoch and the records a fractional source weight takes
     # A folder for tokenized sample tables, keyed by the data fingerprint: a restart, and every
@@ -125,7 +157,7 @@ class DataConfig:
                 f"it has no training target), got {buckets}")
         require(all(a < b for a, b in zip(buckets, buckets[1:])), "buckets",
                 f"must be strictly increasing (a sample goes to the first bucket it fits), got {buckets}")
-        at_least(self, 1, "text_rows", "image_rows", "epochs", "prefetch")
+        at_least(self, 1, "text_rows", "image_rows", "video_rows", "epochs", "prefetch")
         require(math.isfinite(self.validation_fraction) and 0.0 <= self.validation_fraction < 1.0,
                 "validation_fraction", f"must be in [0, 1), got {self.validation_fraction!r}")
         at_least(self, 0, "num_workers")

@@ -4,16 +4,18 @@ Planning works on sample lengths only (no tokens, no pixels), so it is cheap,
 deterministic from (seed, epoch), and identical in every JAX process: each
 process then loads only its own rows of every global microbatch.
 
-- Modality grouping: a microbatch is all text-only or all image (README pitfalls 3-4:
-  the reference's runs mixed modalities in every microbatch, and its grouped
-  sampler appended one mixed tail batch).
+- Modality grouping: a microbatch is all text-only, all image or all video (README
+  pitfalls 3-4: the reference's runs mixed modalities in every microbatch, and its
+  grouped sampler appended one mixed tail batch).
 - Static shapes: every microbatch has one of the configured bucket lengths and a
   fixed number of rows; the last microbatch of a bucket is filled with empty rows
   (segment id 0, no targets) rather than dropping samples.
 - Packing: text-only samples are packed into rows of the largest bucket (`pack_rows`:
   next fit, then the gaps are filled from the last rows; numpy throughout).
 - Interleaving: text and image microbatches are spread evenly through the epoch in
-  the data's proportion, so an optimizer step never sees a long run of one modality.
+  the data's proportion, so an optimizer step never sees a long run of one modality;
+  video microbatches are then spread evenly through those (with no video, the plans
+  are exactly the two-modality ones).
 
 An epoch is planned as arrays (`EpochLayout`); `EpochPlans` is the sequence of every
 epoch's `MicrobatchPlan`s that the loader indexes, planning an epoch when one of its
@@ -30,7 +32,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from jaxllava.data.batch import BatchStats
+from jaxllava.data.batch import MODALITIES, BatchStats
 
 # Next fit runs in independent blocks of about this many rows' worth of tokens, all blocks
 # stepping together, so its Python loop runs about this many times whatever the sample count.
@@ -45,7 +47,7 @@ _MAX_DEPTH = 8  # what the fill leaves is packed the same way, at most this deep
 
 @dataclasses.dataclass(frozen=True)
 class MicrobatchPlan:
-    modality: str  # "text" | "image"
+    modality: str  # "text" | "image" | "video"
     seq_len: int
     rows: tuple[tuple[int, ...], ...]  # sample indices per row (empty tuple: a filler row)
 
@@ -187,15 +189,21 @@ class EpochLayout:
 
     members: np.ndarray  # sample indices, row after row
     row_offsets: np.ndarray  # (rows + 1,): row r holds members[row_offsets[r]:row_offsets[r + 1]]
-    image: np.ndarray  # (microbatches,) bool: an image microbatch
+    kind: np.ndarray  # (microbatches,) int8: index into MODALITIES (0 text, 1 image, 2 video)
     seq_len: np.ndarray  # (microbatches,)
     first_row: np.ndarray  # (microbatches,) its first row
-    rows_used: np.ndarray  # (microbatches,) rows holding samples; the rest up to text_rows / image_rows are empty
+    rows_used: np.ndarray  # (microbatches,) rows holding samples; the rest up to the modality's rows are empty
     text_rows: int
     image_rows: int
+    video_rows: int
 
     def __len__(self) -> int:
-        return len(self.image)
+        return len(self.kind)
+
+    @property
+    def image(self) -> np.ndarray:
+        """(microbatches,) bool: an image microbatch."""
+        return self.kind == 1
 
     def plan(self, j: int) -> MicrobatchPlan:
         lo = int(self.first_row[j])
@@ -203,9 +211,9 @@ class EpochLayout:
         flat = self.members[bounds[0]:bounds[-1]].tolist()
         cuts = (bounds - bounds[0]).tolist()
         rows = tuple(tuple(flat[a:b]) for a, b in zip(cuts, cuts[1:]))
-        image = bool(self.image[j])
-        n_rows = self.image_rows if image else self.text_rows
-        return MicrobatchPlan("image" if image else "text", int(self.seq_len[j]), rows + ((),) * (n_rows - len(rows)))
+        kind = int(self.kind[j])
+        n_rows = (self.text_rows, self.image_rows, self.video_rows)[kind]
+        return MicrobatchPlan(MODALITIES[kind], int(self.seq_len[j]), rows + ((),) * (n_rows - len(rows)))
 
     def plans(self) -> list[MicrobatchPlan]:
         return [self.plan(j) for j in range(len(self))]
@@ -224,7 +232,7 @@ class EpochLayout:
 
     def rows(self) -> np.ndarray:
         """Rows of each microbatch, filler rows included."""
-        return np.where(self.image, self.image_rows, self.text_rows)
+        return np.asarray([self.text_rows, self.image_rows, self.video_rows])[self.kind]
 
     def _member_bounds(self) -> tuple[np.ndarray, np.ndarray]:
         return self.row_offsets[self.first_row], self.row_offsets[self.first_row + self.rows_used]
@@ -232,44 +240,54 @@ class EpochLayout:
 
 def layout_epoch(*, lengths: np.ndarray, has_image: np.ndarray, source: np.ndarray, weights: Sequence[float],
                  buckets: Sequence[int], text_rows: int, image_rows: int, pack_text: bool, seed: int,
-                 epoch: int) -> EpochLayout:
+                 epoch: int, has_video: Optional[np.ndarray] = None, video_rows: int = 1) -> EpochLayout:
     """Epoch `epoch`'s microbatches: the samples the source weights give, shuffled, split by
     modality, packed or bucketed, each modality's microbatches shuffled, then interleaved."""
     rng = np.random.default_rng([seed, epoch])
     order = epoch_samples(source, weights, rng)
     image_of = np.asarray(has_image)[order]
-    text_order, image_order = order[~image_of], order[image_of]
+    video_of = np.zeros(len(order), bool) if has_video is None else np.asarray(has_video, bool)[order]
+    text_order, image_order, video_order = order[~image_of & ~video_of], order[image_of], order[video_of]
     if pack_text:
         members, offsets = pack_rows(text_order, lengths, max(buckets))
         first, used = _chunks(len(offsets) - 1, text_rows)
         text = (members, offsets, first, used, np.full(len(first), max(buckets), np.int64))
     else:
         text = _bucketed(text_order, lengths, buckets, text_rows)
-    image = _bucketed(image_order, lengths, buckets, image_rows)
+    groups = [text, _bucketed(image_order, lengths, buckets, image_rows)]
     # Shuffle microbatch order within each modality so buckets interleave too.
-    text_perm = rng.permutation(len(text[2]))
-    image_perm = rng.permutation(len(image[2]))
-    slots = _image_slots(len(text_perm), len(image_perm))
-    text_rows_total = len(text[1]) - 1  # image rows follow the text rows
-    first_row = np.empty(len(slots), np.int64)
-    rows_used = np.empty(len(slots), np.int64)
-    seq_len = np.empty(len(slots), np.int64)
-    for mask, (_, _, first, used, length), perm, shift in ((~slots, text, text_perm, 0),
-                                                           (slots, image, image_perm, text_rows_total)):
+    perms = [rng.permutation(len(groups[0][2])), rng.permutation(len(groups[1][2]))]
+    kind = _image_slots(len(perms[0]), len(perms[1])).astype(np.int8)
+    if len(video_order):  # drawn only when there are videos: the text and image plans stay as they were
+        groups.append(_bucketed(video_order, lengths, buckets, video_rows))
+        perms.append(rng.permutation(len(groups[2][2])))
+        video_slots = _image_slots(len(kind), len(perms[2]))
+        merged = np.full(len(video_slots), 2, np.int8)
+        merged[~video_slots] = kind
+        kind = merged
+    first_row = np.empty(len(kind), np.int64)
+    rows_used = np.empty(len(kind), np.int64)
+    seq_len = np.empty(len(kind), np.int64)
+    shift = 0  # each modality's rows follow the previous one's
+    for index, ((_, offsets, first, used, length), perm) in enumerate(zip(groups, perms)):
+        mask = kind == index
         first_row[mask], rows_used[mask], seq_len[mask] = first[perm] + shift, used[perm], length[perm]
+        shift += len(offsets) - 1
+    # Each modality's members follow the previous ones', so its row offsets continue from theirs.
+    before = np.cumsum([0] + [len(group[0]) for group in groups])
+    row_offsets = [groups[0][1]] + [before[k] + group[1][1:] for k, group in enumerate(groups) if k]
     return EpochLayout(
-        members=np.concatenate([text[0], image[0]]),
-        row_offsets=np.concatenate([text[1], text[1][-1] + image[1][1:]]),
-        image=slots, seq_len=seq_len, first_row=first_row, rows_used=rows_used,
-        text_rows=text_rows, image_rows=image_rows)
+        members=np.concatenate([group[0] for group in groups]), row_offsets=np.concatenate(row_offsets),
+        kind=kind, seq_len=seq_len, first_row=first_row, rows_used=rows_used,
+        text_rows=text_rows, image_rows=image_rows, video_rows=video_rows)
 
 
 def plan_epoch(*, lengths: np.ndarray, has_image: np.ndarray, source: np.ndarray, weights: Sequence[float],
                buckets: Sequence[int], text_rows: int, image_rows: int, pack_text: bool, seed: int,
-               epoch: int) -> list[MicrobatchPlan]:
+               epoch: int, has_video: Optional[np.ndarray] = None, video_rows: int = 1) -> list[MicrobatchPlan]:
     return layout_epoch(lengths=lengths, has_image=has_image, source=source, weights=weights, buckets=buckets,
                         text_rows=text_rows, image_rows=image_rows, pack_text=pack_text, seed=seed,
-                        epoch=epoch).plans()
+                        epoch=epoch, has_video=has_video, video_rows=video_rows).plans()
 
 
 def _chunks(rows: int, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -339,16 +357,18 @@ class EpochPlans(collections.abc.Sequence):
 
     def __init__(self, *, lengths: np.ndarray, has_image: np.ndarray, source: np.ndarray, weights: Sequence[float],
                  buckets: Sequence[int], text_rows: int, image_rows: int, pack_text: bool, seed: int, epochs: int,
-                 words: Optional[np.ndarray] = None, keep: int = 2):
+                 words: Optional[np.ndarray] = None, keep: int = 2, has_video: Optional[np.ndarray] = None,
+                 video_rows: int = 1):
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         # Narrowed: this object is pickled to every loader worker.
         self.lengths = _narrow(lengths)
         self.has_image = np.asarray(has_image, bool)
+        self.has_video = None if has_video is None else np.asarray(has_video, bool)
         self.source = _narrow(source)
         self.words = None if words is None else _narrow(words)
         self.settings = dict(weights=tuple(weights), buckets=tuple(buckets), text_rows=text_rows,
-                             image_rows=image_rows, pack_text=pack_text, seed=seed)
+                             image_rows=image_rows, pack_text=pack_text, seed=seed, video_rows=video_rows)
         self.epochs = epochs
         self.keep = keep
         self._sizes: list[Optional[int]] = [None] * epochs
@@ -368,7 +388,7 @@ class EpochPlans(collections.abc.Sequence):
                 self._planned.move_to_end(e)
                 return layout
             layout = layout_epoch(lengths=self.lengths, has_image=self.has_image, source=self.source, epoch=e,
-                                  **self.settings)
+                                  has_video=self.has_video, **self.settings)
             self._sizes[e] = len(layout)
             if self.words is not None and self._words[e] is None:
                 self._words[e] = layout.totals(self.words)
@@ -436,18 +456,20 @@ class EpochPlans(collections.abc.Sequence):
             self.epoch(e)
         return self._words[e]
 
-    def epoch_stats(self, e: int, *, target_counts: np.ndarray, image_tokens: int) -> list[BatchStats]:
+    def epoch_stats(self, e: int, *, target_counts: np.ndarray, image_tokens: int,
+                    video_tokens: int = 0) -> list[BatchStats]:
         """What each microbatch of epoch e feeds (MicrobatchBuilder.stats of each plan), from the
-        per-sample arrays: `target_counts` as MicrobatchBuilder.target_counts, `image_tokens` N."""
+        per-sample arrays: `target_counts` as MicrobatchBuilder.target_counts, `image_tokens` N,
+        `video_tokens` the fast + slow placeholders of one video."""
         layout = self.epoch(e)
         rows, samples = layout.rows(), layout.samples()
         padding = rows * layout.seq_len - layout.totals(self.lengths)
         words = self.microbatch_words(e)
         targets = layout.totals(target_counts)
-        return [BatchStats(modality="image" if image else "text", rows=int(r), seq_len=int(t), samples=int(s),
-                           words=int(w), target_tokens=int(g), image_tokens=int(s) * image_tokens if image else 0,
-                           padding_tokens=int(p))
-                for image, r, t, s, w, g, p in zip(layout.image, rows, layout.seq_len, samples, words, targets, padding)]
+        return [BatchStats(modality=MODALITIES[k], rows=int(r), seq_len=int(t), samples=int(s),
+                           words=int(w), target_tokens=int(g), image_tokens=int(s) * image_tokens if k == 1 else 0,
+                           padding_tokens=int(p), video_tokens=int(s) * video_tokens if k == 2 else 0)
+                for k, r, t, s, w, g, p in zip(layout.kind, rows, layout.seq_len, samples, words, targets, padding)]
 
     def step_words(self, grad_accum: int, *, until_words: Optional[int] = None,
                    until_steps: Optional[int] = None) -> np.ndarray:

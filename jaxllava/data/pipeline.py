@@ -4,7 +4,7 @@
     →  epoch plans (packing.py, lengths only, same in every process)
     →  grain.MapDataset over the plans  .map(MicrobatchBuilder)  (tokens are sliced,
        images decoded; in worker processes when num_workers > 0)
-    →  TextBatch / ImageBatch (batch.py)
+    →  TextBatch / ImageBatch / FeatureBatch / VideoBatch (batch.py)
 
 Because the plans are fixed and the map is stateless, the iterator's state is
 just a position: it can be saved mid-epoch and restored to yield exactly the
@@ -23,8 +23,8 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from jaxllava.data.batch import IGNORE, BatchStats, FeatureBatch, ImageBatch, Microbatch, TextBatch
-from jaxllava.data.config import DataConfig
+from jaxllava.data.batch import IGNORE, BatchStats, FeatureBatch, ImageBatch, Microbatch, TextBatch, VideoBatch
+from jaxllava.data.config import DataConfig, VideoFramesConfig
 from jaxllava.data.images import BLACK_IMAGE, ImageProcessing, check_image, load_image
 from jaxllava.data.loader import LoaderIterator, WorkerGuard
 from jaxllava.data.packing import EpochPlans, MicrobatchPlan, plan_epoch
@@ -33,6 +33,7 @@ from jaxllava.data.sources import FeatureStore, features_identity, read_source, 
 from jaxllava.data.samples import SampleTable, build_sample_table
 from jaxllava.data.table_cache import entry_directory, load_tables, save_tables
 from jaxllava.data.tokenizer import TOKENIZER_FILES, SpecialIds, load_tokenizer, special_ids
+from jaxllava.data.video import read_video_frames
 from jaxllava.errors import DataError
 
 
@@ -65,12 +66,16 @@ class MicrobatchBuilder:
 
     def __init__(self, table: SampleTable, ids: SpecialIds, *, image_tokens: int,
                  processing: ImageProcessing | None, features: Sequence[Optional[FeatureStore]] = (),
-                 features_shape: Optional[tuple[int, int]] = None, process_index: int = 0, process_count: int = 1):
+                 features_shape: Optional[tuple[int, int]] = None, process_index: int = 0, process_count: int = 1,
+                 video_spans: tuple[int, int] = (0, 0), video_frames: Optional[VideoFramesConfig] = None):
         """`features`: each source's FeatureStore (None for a source without); with `features_shape`
-        (P, E) set, image rows are FeatureBatches read from them, else ImageBatches of decoded pixels."""
+        (P, E) set, image rows are FeatureBatches read from them, else ImageBatches of decoded pixels.
+        `video_spans`: (fast, slow) placeholders of a video; `video_frames`: which frames are read."""
         self.table = table
         self.ids = ids
         self.image_tokens = image_tokens
+        self.video_spans = tuple(video_spans)
+        self.video_frames = video_frames
         self.processing = processing
         self.features = tuple(features)
         self.features_shape = features_shape
@@ -82,6 +87,7 @@ class MicrobatchBuilder:
         members = [i for row in plan.rows for i in row]
         lengths = self.table.lengths
         n_images = len(members) if plan.modality == "image" else 0
+        n_videos = len(members) if plan.modality == "video" else 0
         used = int(sum(int(lengths[i]) for i in members))
         return BatchStats(
             modality=plan.modality,
@@ -92,6 +98,7 @@ class MicrobatchBuilder:
             target_tokens=int(sum(int(self.target_counts[i]) for i in members)),
             image_tokens=n_images * self.image_tokens,
             padding_tokens=len(plan.rows) * plan.seq_len - used,
+            video_tokens=n_videos * sum(self.video_spans),
         )
 
     def local_rows(self, plan: MicrobatchPlan) -> tuple[tuple[int, ...], ...]:
@@ -121,26 +128,47 @@ class MicrobatchBuilder:
                 cursor += n
         stats = self.stats(plan)
         if plan.modality == "text":
-            self._check_placeholders(rows, input_ids, np.zeros(input_ids.shape, bool))
+            self._check_placeholders(rows, input_ids, np.zeros(input_ids.shape, bool), None)
             return TextBatch(input_ids, targets, segment_ids, positions, stats)
+        if plan.modality == "video":
+            return self._video_batch(rows, input_ids, targets, segment_ids, positions, stats)
         return self._image_batch(plan, rows, input_ids, targets, segment_ids, positions, stats)
 
-    def _check_placeholders(self, rows, input_ids: np.ndarray, image_mask: np.ndarray) -> None:
-        """The model overwrites exactly the masked positions with the I visual vectors, so they
-        must hold one whole image span each, and no placeholder id may appear anywhere else
-        (a text row with one would train on an image token that no image fills)."""
-        placeholder = np.isin(input_ids, (self.ids.im_start, self.ids.im_patch, self.ids.im_end))
-        span = np.asarray(self.ids.image_span(self.image_tokens)) if self.image_tokens >= 1 else None
+    def _check_placeholders(self, rows, input_ids: np.ndarray, mask: np.ndarray, span: Optional[list[int]]
+                            ) -> None:
+        """The model overwrites exactly the masked positions with visual vectors, so they must hold
+        one whole `span` (an image's or a video's placeholder ids) each, and no placeholder id may
+        appear anywhere else (a text row with one would train on a token that nothing fills)."""
+        ids = (self.ids.im_start, self.ids.im_patch, self.ids.im_end) + (self.ids.video or ())
+        placeholder = np.isin(input_ids, ids)
         for r, members in enumerate(rows):
-            masked = input_ids[r, image_mask[r]]
-            good = (np.array_equal(placeholder[r], image_mask[r])
+            masked = input_ids[r, mask[r]]
+            good = (np.array_equal(placeholder[r], mask[r])
                     and (masked.size == 0 or span is not None and np.array_equal(masked, span)))
             if not good:
                 origins = ", ".join(f"{self.table.origins[i]} (id {self.table.ids[i]!r})" for i in members)
-                raise DataError(f"microbatch row {r} holds {int(placeholder[r].sum())} image placeholder ids, "
-                                f"{int(image_mask[r].sum())} of them where an image goes (expected 0, or one whole "
-                                f"span of {self.image_tokens}); samples: {origins}", field="image span",
-                                reason="image_span")
+                raise DataError(f"microbatch row {r} holds {int(placeholder[r].sum())} placeholder ids, "
+                                f"{int(mask[r].sum())} of them where an image or video goes (expected 0, or one "
+                                f"whole span of {0 if span is None else len(span)}); samples: {origins}",
+                                field="image span", reason="image_span")
+
+    def _video_batch(self, rows, input_ids, targets, segment_ids, positions, stats) -> VideoBatch:
+        count, side = self.video_frames.count, self.processing.size
+        frames = np.zeros((len(rows), count, side, side, 3), np.float32)
+        video_mask = np.zeros(input_ids.shape, bool)
+        video_rows = np.zeros((len(rows),), bool)
+        span = self.ids.video_span(*self.video_spans)
+        for r, members in enumerate(rows):
+            if not members:
+                continue
+            (i,) = members  # one video per row by construction
+            start = int(self.table.image_start[i])
+            video_mask[r, start:start + len(span)] = True
+            video_rows[r] = True
+            frames[r] = read_video_frames(self.table.videos[i], self.processing, **self.video_frames.rule(),
+                                          record=self.table.origins[i], record_id=self.table.ids[i])
+        self._check_placeholders(rows, input_ids, video_mask, span)
+        return VideoBatch(input_ids, targets, segment_ids, positions, frames, video_mask, video_rows, stats)
 
     def _image_batch(self, plan, rows, input_ids, targets, segment_ids, positions, stats
                      ) -> ImageBatch | FeatureBatch:
@@ -162,7 +190,8 @@ class MicrobatchBuilder:
             else:
                 visual[r] = load_image(self.table.images[i], self.processing, record=self.table.origins[i],
                                        record_id=self.table.ids[i])
-        self._check_placeholders(rows, input_ids, image_mask)
+        self._check_placeholders(rows, input_ids, image_mask,
+                                 self.ids.image_span(self.image_tokens) if self.image_tokens >= 1 else None)
         kind = ImageBatch if self.features_shape is None else FeatureBatch
         return kind(input_ids, targets, segment_ids, positions, visual, image_mask, image_rows, stats)
 
@@ -172,6 +201,7 @@ class DatasetSummary:
     records_per_file: dict[str, int]
     text_samples: int  # distinct samples trained on (held-out ones excluded)
     image_samples: int
+    video_samples: int
     words: int  # words of the distinct samples
     words_per_epoch: int  # what one epoch feeds: source weights repeat or subsample records
     held_out_samples: int  # data.validation_fraction of the records, never trained on
@@ -185,16 +215,23 @@ _SPEED_ONLY = ("num_workers", "prefetch", "check_images", "table_cache")
 
 
 def data_fingerprint_sha256(files_sha256: str, cfg: DataConfig, image_tokens: int,
-                            processing: ImageProcessing | None, features: str = "") -> str:
+                            processing: ImageProcessing | None, features: str = "",
+                            video_spans: tuple[int, int] = (0, 0)) -> str:
     """sha256 of everything that decides the batches: the record files' bytes, the tokenizer's
-    files' bytes, every data setting but the speed-only ones, the image-token count and the
-    resolved pixel settings (a preprocessor_config.json is read at run time; README pitfall 12).
-    Paths are left out (moving the data changes nothing), their contents are in."""
+    files' bytes, every data setting but the speed-only ones, the image-token count, the video
+    spans and the resolved pixel settings (a preprocessor_config.json is read at run time; README
+    pitfall 12). Paths are left out (moving the data changes nothing), their contents are in.
+    The video settings count only for a model that reads video, so fingerprints made before
+    video existed still match."""
     settings = dataclasses.asdict(cfg)
     for key in _SPEED_ONLY:
         settings.pop(key)
+    if tuple(video_spans) == (0, 0):
+        settings.pop("video"), settings.pop("video_rows")
+    else:
+        settings["video_spans"] = tuple(video_spans)
     for source in settings["sources"]:
-        for key in ("path", "image_folder", "features"):  # contents count, not where they lie
+        for key in ("path", "image_folder", "video_folder", "features"):  # contents count, not where they lie
             source.pop(key)
     settings.pop("tokenizer")
     settings["image"].pop("preprocessor_config")
@@ -242,17 +279,27 @@ class DataPipeline:
 
     def __init__(self, cfg: DataConfig, *, image_tokens: int, image_size: int | None = None,
                  features_shape: Optional[tuple[int, int]] = None, process_index: int = 0, process_count: int = 1,
-                 tokenizer=None):
+                 tokenizer=None, video_spans: tuple[int, int] = (0, 0), video_frames: int = 0):
+        """`video_spans` (fast, slow) and `video_frames` (frames per video) come from model.video
+        (`for_model`); (0, 0): the model reads no video, and video records are refused."""
         if not cfg.sources:
             raise DataError("data.sources is empty: give at least one record file", field="data.sources")
-        for rows, name in ((cfg.text_rows, "data.text_rows"), (cfg.image_rows, "data.image_rows")):
+        for rows, name in ((cfg.text_rows, "data.text_rows"), (cfg.image_rows, "data.image_rows"),
+                           (cfg.video_rows, "data.video_rows")):
             if rows % process_count:
                 raise DataError(f"{name}={rows} is not divisible by the {process_count} processes", field=name)
+        self.video_spans = tuple(video_spans)
+        if self.video_spans != (0, 0) and cfg.video.count != video_frames:
+            raise DataError(f"data.video keeps {cfg.video.count} frames per video (num_frames {cfg.video.num_frames}, "
+                            f"frames_upbound {cfg.video.frames_upbound}, force_sample {cfg.video.force_sample}) but "
+                            f"model.video.frames is {video_frames}: the model's input shape needs exactly that many",
+                            field="data.video")
         self.cfg = cfg
         self.image_tokens = image_tokens
         self.features_shape = features_shape
         self.process_index, self.process_count = process_index, process_count
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(
+            cfg.tokenizer, video=self.video_spans != (0, 0))
         self.ids = special_ids(self.tokenizer)
         self.features = [FeatureStore(s.features) if s.features else None for s in cfg.sources]
         self.record_files = [f for s in cfg.sources for f in (text_files(s.path) if s.format == "text" else [s.path])]
@@ -260,7 +307,8 @@ class DataPipeline:
         files_sha256 = fingerprint_files(self.record_files)
         fingerprint = data_fingerprint_sha256(
             files_sha256, cfg, image_tokens, self.processing,
-            features=features_identity([p for store in self.features if store for p in store.paths]))
+            features=features_identity([p for store in self.features if store for p in store.paths]),
+            video_spans=self.video_spans)
         tables, meta = self._tables(fingerprint, image_size)
         self.table = tables["train"]
         self.skips = SkipReport(collections.Counter(meta["skips"]["counts"]), meta["skips"]["examples"])
@@ -268,17 +316,19 @@ class DataPipeline:
         self.plans = EpochPlans(lengths=self.table.lengths, has_image=self.table.has_image, source=self.table.source,
                                 words=self.table.words, weights=[s.weight for s in cfg.sources], buckets=cfg.buckets,
                                 text_rows=cfg.text_rows, image_rows=cfg.image_rows, pack_text=cfg.pack_text,
-                                seed=cfg.seed, epochs=cfg.epochs)
+                                seed=cfg.seed, epochs=cfg.epochs, has_video=self.table.has_video,
+                                video_rows=cfg.video_rows)
         held = tables.get("held_out")
         self.validation = None if held is None else HeldOut(held, self._builder(held), plan_epoch(
             lengths=held.lengths, has_image=held.has_image, source=held.source, weights=[1.0] * len(cfg.sources),
             buckets=cfg.buckets, text_rows=cfg.text_rows, image_rows=cfg.image_rows, pack_text=cfg.pack_text,
-            seed=cfg.seed, epoch=0))
-        has_image = self.table.has_image
+            seed=cfg.seed, epoch=0, has_video=held.has_video, video_rows=cfg.video_rows))
+        has_image, has_video = self.table.has_image, self.table.has_video
         self.summary = DatasetSummary(
             records_per_file=meta["records_per_file"],
-            text_samples=int((~has_image).sum()),
+            text_samples=int((~has_image & ~has_video).sum()),
             image_samples=int(has_image.sum()),
+            video_samples=int(has_video.sum()),
             words=int(self.table.words.sum()),
             words_per_epoch=int(self.plans.microbatch_words(0).sum()),
             held_out_samples=0 if held is None else len(held),
@@ -325,6 +375,8 @@ class DataPipeline:
             kwargs["features_shape"] = (vision.tokens, vision.hidden_size)
         elif vision is not None:
             kwargs["image_size"] = vision.image_size
+        if model.video is not None:
+            kwargs.update(video_spans=model.video_spans, video_frames=model.video.frames)
         return cls(cfg, image_tokens=model.image_tokens, **kwargs)
 
     def _read_sources(self, image_size: int | None) -> list[list[Record]]:
@@ -359,19 +411,19 @@ class DataPipeline:
                             file=store.describe(), field="features")
 
     def _check_image_files(self, index: int, records: list[Record], image_size: int | None) -> None:
-        """Image files need a vision tower."""
+        """Image files and videos need a vision tower."""
         source = f"data.sources.{index}"
-        images = sum(r.image is not None for r in records)
+        images = sum(r.image is not None or r.video is not None for r in records)
         if images and not image_size:
             what = ("reads features: give the source features:" if self.features_shape is not None
                     else "has no vision tower: configure model.vision, or set data.use_images=false")
-            raise DataError(f"{source} has {images} records with image files, but the model {what}",
+            raise DataError(f"{source} has {images} records with image files or videos, but the model {what}",
                             file=self.cfg.sources[index].path, field="image")
 
     def _drop_undecodable(self, records: list[Record], processing: ImageProcessing | None,
                           store: Optional[FeatureStore]) -> list[Record]:
-        """Decode every image and read every feature row once: the first bad one raises its
-        DataError, or under `on_bad_record: skip` its record is dropped and counted."""
+        """Decode every image and video and read every feature row once: the first bad one raises
+        its DataError, or under `on_bad_record: skip` its record is dropped and counted."""
         bad_rows = set(store.bad_rows()) if store is not None else set()
         kept = []
         for record in records:
@@ -379,6 +431,9 @@ class DataPipeline:
                 if record.image is not None and processing is not None:
                     check_image(record.image, processing, record=f"{record.file} {record.where}",
                                 record_id=record.id)
+                if record.video is not None and processing is not None and self.video_spans != (0, 0):
+                    read_video_frames(record.video, processing, **self.cfg.video.rule(),
+                                      record=f"{record.file} {record.where}", record_id=record.id)
                 if record.features_row in bad_rows:
                     raise DataError(f"its features ({store.where(record.features_row)}) hold NaN or inf",
                                     file=record.file, record=record.where, record_id=record.id, field="features",
@@ -394,11 +449,12 @@ class DataPipeline:
     def _builder(self, table: SampleTable) -> MicrobatchBuilder:
         return MicrobatchBuilder(table, self.ids, image_tokens=self.image_tokens, processing=self.processing,
                                  features=self.features, features_shape=self.features_shape,
-                                 process_index=self.process_index, process_count=self.process_count)
+                                 process_index=self.process_index, process_count=self.process_count,
+                                 video_spans=self.video_spans, video_frames=self.cfg.video)
 
     def _table(self, records: list[list[Record]]) -> SampleTable:
         return build_sample_table(records, self.tokenizer, self.cfg, image_tokens=self.image_tokens,
-                                  max_len=max(self.cfg.buckets), skips=self.skips)
+                                  max_len=max(self.cfg.buckets), skips=self.skips, video_spans=self.video_spans)
 
     def __len__(self) -> int:
         return len(self.plans)
@@ -433,7 +489,7 @@ class DataPipeline:
         """Every microbatch's stats, epoch by epoch (each epoch planned once, then let go)."""
         for epoch in range(self.cfg.epochs):
             yield from self.plans.epoch_stats(epoch, target_counts=self.builder.target_counts,
-                                              image_tokens=self.image_tokens)
+                                              image_tokens=self.image_tokens, video_tokens=sum(self.video_spans))
 
 
 def _mark_absl_flags_parsed() -> None:

@@ -228,5 +228,6 @@ def read_source(source: SourceConfig, *, features: Optional[FeatureStore], on_ba
         entry = functools.partial(caption_record, with_features=features is not None)
     pairs = read_records_with_raw(source.path, image_folder=source.image_folder, on_bad_record=on_bad_record,
                                   skips=skips, allow_outside=source.allow_outside,
-                                  check_image_files=use_images, entry=entry, features=features)
+                                  check_image_files=use_images, entry=entry, features=features,
+                                  video_folder=source.video_folder)
     return [record for record, _ in pairs]

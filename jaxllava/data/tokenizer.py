@@ -1,10 +1,13 @@
 """The tokenizer: loading it from a local directory, its special ids, and copying it into a run.
 
-The image markup strings live here, once: `<image>` is what records write where
+The markup strings live here, once: `<image>` is what records write where
 their image goes; `<im_start>`, `<im_patch>`, `<im_end>` are the placeholder
-tokens the pipeline expands it to (never accepted from data); `<video>` is
-refused. `load_tokenizer` adds the placeholder tokens when a tokenizer lacks
-them, so the model's vocabulary must cover them (`check_vocabulary`).
+tokens the pipeline expands it to. `<video>` marks a video record's place, expanded
+to a fast span `<vid_start> <vid_patch>… <vid_end>` then a slow span
+`<slow_vid_start> <vid_patch>… <slow_vid_end>` (the reference's names). No
+placeholder is ever accepted from data. `load_tokenizer` adds the image placeholders
+when a tokenizer lacks them, and the video ones only for a model that reads video
+(`video=True`), so the model's vocabulary must cover them (`check_vocabulary`).
 
 Two checks of a tokenizer against what it is used with: `table_coverage` /
 `tokenizer_coverage` (how much of the training text is the unknown token, how many
@@ -27,6 +30,7 @@ from jaxllava.errors import ConfigError, DataError
 IMAGE_TOKEN = "<image>"
 PLACEHOLDER_TOKENS = ("<im_start>", "<im_patch>", "<im_end>")
 VIDEO_TOKEN = "<video>"
+VIDEO_PLACEHOLDER_TOKENS = ("<vid_start>", "<vid_patch>", "<vid_end>", "<slow_vid_start>", "<slow_vid_end>")
 
 # Files a transformers tokenizer directory may hold (copied verbatim when nothing is added).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -45,6 +49,19 @@ class SpecialIds:
     im_start: int
     im_patch: int
     im_end: int
+    # The video placeholders' ids, in VIDEO_PLACEHOLDER_TOKENS order; None: the tokenizer has none
+    # (loaded without video=True).
+    video: tuple[int, int, int, int, int] | None = None
+
+    def video_span(self, fast: int, slow: int) -> list[int]:
+        """The fast + slow ids one video occupies: `<vid_start> + (fast-2)×<vid_patch> + <vid_end>`
+        then `<slow_vid_start> + (slow-2)×<vid_patch> + <slow_vid_end>` (each span ≥ 2)."""
+        if self.video is None:
+            raise ValueError("the tokenizer has no video placeholder tokens (load it with video=True)")
+        if fast < 2 or slow < 2:
+            raise ValueError(f"each video span needs at least 2 tokens, got fast {fast}, slow {slow}")
+        start, patch, end, slow_start, slow_end = self.video
+        return [start] + [patch] * (fast - 2) + [end] + [slow_start] + [patch] * (slow - 2) + [slow_end]
 
     def image_span(self, n: int) -> list[int]:
         """The I ids one image occupies: `<im_start> + (I-2)×<im_patch> + <im_end>`, or a lone
@@ -56,9 +73,9 @@ class SpecialIds:
         return [self.im_start] + [self.im_patch] * (n - 2) + [self.im_end]
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, *, video: bool = False):
     """A Hugging Face tokenizer from a local directory (never the hub), with the image
-    placeholder tokens added as special tokens when missing."""
+    placeholder tokens (and with `video`, the video ones) added as special tokens when missing."""
     from transformers import AutoTokenizer
 
     if not path:
@@ -67,7 +84,8 @@ def load_tokenizer(path: str):
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
         raise DataError(f"cannot load a tokenizer from {path!r}: {e}", file=path, field="data.tokenizer") from e
-    missing = [t for t in PLACEHOLDER_TOKENS if t not in tokenizer.get_vocab()]
+    wanted = PLACEHOLDER_TOKENS + (VIDEO_PLACEHOLDER_TOKENS if video else ())
+    missing = [t for t in wanted if t not in tokenizer.get_vocab()]
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
     return tokenizer
@@ -78,8 +96,11 @@ def special_ids(tokenizer) -> SpecialIds:
     pad = tokenizer.pad_token_id
     if pad is None:
         pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    video = (tuple(vocab[t] for t in VIDEO_PLACEHOLDER_TOKENS)
+             if all(t in vocab for t in VIDEO_PLACEHOLDER_TOKENS) else None)
     return SpecialIds(bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id, pad=pad,
-                      im_start=vocab["<im_start>"], im_patch=vocab["<im_patch>"], im_end=vocab["<im_end>"])
+                      im_start=vocab["<im_start>"], im_patch=vocab["<im_patch>"], im_end=vocab["<im_end>"],
+                      video=video)
 
 
 def check_vocabulary(tokenizer, vocab_size: int, source: str) -> None:
@@ -91,22 +112,24 @@ def check_vocabulary(tokenizer, vocab_size: int, source: str) -> None:
                           f"no embedding row; raise model.lm.vocab_size to at least {len(tokenizer)}")
 
 
-def copy_tokenizer(source: str, directory: str, vocab_size: int, *, portable: bool = False) -> int:
+def copy_tokenizer(source: str, directory: str, vocab_size: int, *, portable: bool = False,
+                   video: bool = False) -> int:
     """Put the tokenizer of `source` into `directory`; returns its size.
 
-    When `source` already has the image placeholders, its files are copied verbatim
-    (a slow SentencePiece model survives); otherwise the placeholders are added as in
-    training (`load_tokenizer`) and the tokenizer is saved. A tokenizer with more
+    When `source` already has the image placeholders (and with `video`, the video ones), its
+    files are copied verbatim (a slow SentencePiece model survives); otherwise the placeholders
+    are added as in training (`load_tokenizer`) and the tokenizer is saved. A tokenizer with more
     tokens than `vocab_size` is a ConfigError. `portable`: rewrite the
     transformers-5-only fields of tokenizer_config.json so transformers 4.x loads it.
     """
     from transformers import AutoTokenizer
 
-    tokenizer = load_tokenizer(source)
+    tokenizer = load_tokenizer(source, video=video)
     check_vocabulary(tokenizer, vocab_size, source)
     os.makedirs(directory, exist_ok=True)
     original = AutoTokenizer.from_pretrained(source, local_files_only=True)
-    if all(token in original.get_vocab() for token in PLACEHOLDER_TOKENS):
+    wanted = PLACEHOLDER_TOKENS + (VIDEO_PLACEHOLDER_TOKENS if video else ())
+    if all(token in original.get_vocab() for token in wanted):
         for name in TOKENIZER_FILES:
             if os.path.exists(os.path.join(source, name)):
                 shutil.copy(os.path.join(source, name), directory)

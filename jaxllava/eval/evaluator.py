@@ -48,16 +48,17 @@ import numpy as np
 from flax import nnx
 
 from jaxllava.data.images import ImageProcessing
+from jaxllava.data.tokenizer import special_ids
 from jaxllava.errors import ConfigError, DataError
 from jaxllava.eval import image_scoring, report
 from jaxllava.eval.minimal_pairs import MinimalPairItem, Task, read_minimal_pairs
-from jaxllava.eval.multimodal import (IMAGE_TASKS, ImageSource, default_image_source, open_image_source,
+from jaxllava.eval.multimodal import (IMAGE_TASKS, ImageSource, VideoFiles, default_image_source, open_image_source,
                                       read_image_task, task_kind)
 from jaxllava.eval.scoring import (DEFAULT_BUCKETS, EncodedSet, Results, compile_count, decide, encode_candidates,
                                    module_logits_fn, score_encoded)
 
 TEXT = "text"
-IMAGE, NO_VISION = "image", "no_vision"
+IMAGE, VIDEO, NO_VISION = "image", "video", "no_vision"
 VISUAL_CACHE_BYTES = 256 << 20  # an image task's loaded pixels are kept between evaluations up to this size
 EWOK_KEYS = ("Context1", "Target1")
 # BLiMP candidates are mostly under 16 tokens (word-level: about 10 with BOS): a
@@ -101,7 +102,7 @@ def setting_names(image_templates: Sequence[str], bare_text: bool) -> dict[str, 
 
 @dataclasses.dataclass
 class PreparedTask:
-    kind: str  # "blimp", "ewok" (text) or "vqa", "winoground" (image)
+    kind: str  # "blimp", "ewok" (text) or "vqa", "winoground", "video" (image tasks)
     path: str
     items: list[MinimalPairItem]
     encoded: dict[str, EncodedSet]  # text setting → every candidate's token ids and target mask
@@ -175,11 +176,15 @@ class MinimalPairEvaluator:
             raise ConfigError(f"task {name!r} ({kind}) exists only in the 2025 pipeline, but protocol is "
                               f"{self.protocol!r}")
         task = read_image_task(path, kind)
-        source = open_image_source(source_path or default_image_source(path))
+        if kind == "video":  # videos lie beside the task file unless a folder is named
+            source = VideoFiles(source_path or pathlib.Path(path).parent)
+        else:
+            source = open_image_source(source_path or default_image_source(path))
         keys = [source.key(ref) for ref in task.images]  # fails now, not hours into training
         encoded = {NO_VISION: encode_candidates(self.tokenizer, task.items)}
         self._check_length(name, NO_VISION, task.items, encoded[NO_VISION])
-        return PreparedTask(kind, str(path), task.items, encoded, {IMAGE: None, NO_VISION: None}, source, keys)
+        visual = VIDEO if kind == "video" else IMAGE
+        return PreparedTask(kind, str(path), task.items, encoded, {visual: None, NO_VISION: None}, source, keys)
 
     @classmethod
     def from_config(cls, eval_config: Any, tokenizer: Any, *,
@@ -222,7 +227,8 @@ class MinimalPairEvaluator:
         for name, task in self.tasks.items():
             out[name] = {}
             if task.is_image_task:
-                out[name][IMAGE] = self._score_with_images(name, task, model, image_processing or self.image_processing)
+                out[name][VIDEO if task.kind == "video" else IMAGE] = self._score_with_images(
+                    name, task, model, image_processing or self.image_processing)
             for setting, encoded in task.encoded.items():
                 before = compile_count()
                 flat = score_encoded(logits_fn, encoded, batch_size=self.batch_size, buckets=self.buckets)
@@ -235,29 +241,44 @@ class MinimalPairEvaluator:
         if not isinstance(model, nnx.Module) or vision is None:
             raise ConfigError(f"task {name!r} ({task.kind}) is scored with images: it needs a LlavaModel with "
                               f"model.vision configured")
-        image_tokens = model.config.image_tokens
+        image_tokens, span = model.config.image_tokens, None
+        if task.kind == "video":
+            span = self._video_span(name, model)
+            image_tokens = len(span)
         if image_tokens not in task.with_images:
             candidates = image_scoring.encode_image_candidates(self.tokenizer, task.items, task.image_keys,
-                                                               image_tokens)
+                                                               image_tokens, span)
             self._check_length(name, IMAGE, task.items, candidates.encoded)
             task.with_images[image_tokens] = candidates
         candidates = task.with_images[image_tokens]
-        if task.source.kind == "pixels" and processing is None:
+        if task.source.kind in ("pixels", "video") and processing is None:
             raise ConfigError(f"task {name!r} reads pixels from {task.source.describe()}: pass image_processing "
                               f"(the run's, data.pipeline.image_processing_for(config.data, image_size))")
         before = image_scoring.counts()["scorer_traces"]
-        flat = image_scoring.score_with_images(model, candidates, self._image_loader(task, candidates, processing),
+        frames = model.config.video.frames if task.kind == "video" else None
+        flat = image_scoring.score_with_images(model, candidates,
+                                               self._image_loader(task, candidates, processing, frames),
                                                batch_size=self.batch_size, image_batch_size=self.image_batch_size,
                                                buckets=self.buckets)
         return decide(task.items, candidates.encoded, flat,
                       compiles=image_scoring.counts()["scorer_traces"] - before)
 
+    def _video_span(self, name: str, model: Any) -> list[int]:
+        """The placeholder ids of one video for `model`: its fast then slow span."""
+        if model.config.video is None:
+            raise ConfigError(f"task {name!r} (video) is scored with videos: it needs model.video configured")
+        ids = special_ids(self.tokenizer)
+        if ids.video is None:
+            raise ConfigError(f"task {name!r} (video): the tokenizer has no video placeholder tokens; use the "
+                              f"run's own tokenizer (the one in its work directory)")
+        return ids.video_span(*model.config.video_spans)
+
     @staticmethod
-    def _image_loader(task: PreparedTask, candidates, processing):
-        """load(lo, hi) for image_scoring: the source's pixels or features of unique images lo..hi-1,
-        kept between evaluations while they are small (they depend on the processing, never on
-        the weights)."""
-        cache_key = processing if task.source.kind == "pixels" else "features"
+    def _image_loader(task: PreparedTask, candidates, processing, frames: Optional[int] = None):
+        """load(lo, hi) for image_scoring: the source's pixels, features or video frames of unique
+        images lo..hi-1, kept between evaluations while they are small (they depend on the
+        processing, never on the weights)."""
+        cache_key = {"pixels": processing, "video": (processing, frames)}.get(task.source.kind, "features")
         if cache_key not in task.visual:
             task.visual = {cache_key: {}}
         cache = task.visual[cache_key]
@@ -265,7 +286,9 @@ class MinimalPairEvaluator:
         def load(lo: int, hi: int) -> np.ndarray:
             if (lo, hi) in cache:
                 return cache[(lo, hi)]
-            visual = task.source.load(candidates.image_keys[lo:hi], processing)
+            keys = candidates.image_keys[lo:hi]
+            visual = (task.source.load(keys, processing, frames) if task.source.kind == "video"
+                      else task.source.load(keys, processing))
             if visual.nbytes * len(candidates.image_keys) / max(hi - lo, 1) <= VISUAL_CACHE_BYTES:
                 cache[(lo, hi)] = visual
             return visual
@@ -291,7 +314,7 @@ class MinimalPairEvaluator:
         prepared = self.tasks[task]
         template = prepared.settings[setting]
         sentence = prepared.items[0].sentences[0]
-        if setting == IMAGE and prepared.is_image_task:
+        if setting in (IMAGE, VIDEO) and prepared.is_image_task:
             encoded = next(iter(prepared.with_images.values())).encoded  # the model's span, once evaluated
         else:
             encoded = prepared.encoded[setting]

@@ -54,23 +54,26 @@ class ImageCandidates:
 
 
 def encode_image_candidates(tokenizer: Any, items: Sequence[MinimalPairItem], image_keys: Sequence[Hashable],
-                            image_tokens: int) -> ImageCandidates:
-    """Tokenise every candidate (2025 rule) and splice the item's image span after BOS."""
+                            image_tokens: int, span: Sequence[int] | None = None) -> ImageCandidates:
+    """Tokenise every candidate (2025 rule) and splice the item's image span after BOS (`span`: other
+    placeholder ids of that length, a video's fast and slow spans)."""
     if len(image_keys) != len(items):
         raise ValueError(f"{len(image_keys)} image keys for {len(items)} items")
     text = encode_candidates(tokenizer, items)
     key_of_row = [key for i, key in enumerate(image_keys) for _ in range(text.row_start[i], text.row_start[i + 1])]
-    return splice_image_spans(tokenizer, text, key_of_row, image_tokens)
+    return splice_image_spans(tokenizer, text, key_of_row, image_tokens, span)
 
 
 def splice_image_spans(tokenizer: Any, text: EncodedSet, key_of_row: Sequence[Hashable],
-                       image_tokens: int) -> ImageCandidates:
+                       image_tokens: int, span: Sequence[int] | None = None) -> ImageCandidates:
     """Put the image span of row r's image (`key_of_row[r]`) after BOS in every encoded row; for
     tasks whose candidates differ by image rather than by text (eval/devbench.py)."""
     if len(key_of_row) != text.num_rows:
         raise ValueError(f"{len(key_of_row)} image keys for {text.num_rows} rows")
     ids = special_ids(tokenizer)
-    span = np.asarray(ids.image_span(image_tokens), np.int32)
+    span = np.asarray(ids.image_span(image_tokens) if span is None else span, np.int32)
+    if len(span) != image_tokens:
+        raise ValueError(f"a span of {len(span)} ids for {image_tokens} visual vectors")
     unique: dict[Hashable, int] = {}
     token_ids, target_mask, starts, image_of_row = [], [], [], []
     for row_ids, row_mask, key in zip(text.token_ids, text.target_mask, key_of_row):
@@ -93,10 +96,12 @@ def counts() -> dict[str, int]:
     return dict(_counts)
 
 
-def _encode(graphdef, state, visual, *, features: bool, mesh):
+def _encode(graphdef, state, visual, *, features: bool | str, mesh):
     _counts["encoder_traces"] += 1  # trace time only
     model = nnx.merge(graphdef, state)
     with contextlib.nullcontext() if mesh is None else activation_sharding(mesh):
+        if features == "video":
+            return model.encode_video(visual)
         return model.encode_features(visual) if features else model.encode_images(visual)
 
 
@@ -112,8 +117,9 @@ def _score(graphdef, state, input_ids, segment_ids, positions, targets, mask, vi
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted(mesh, features: bool | None):
-    """The encoder (features: bool) or the scorer (None) for parameters on `mesh`."""
+def _jitted(mesh, features: bool | str | None):
+    """The encoder (features: True, False, or "video" for frames) or the scorer (None) for
+    parameters on `mesh`."""
     if features is None:
         return jax.jit(functools.partial(_score, mesh=mesh), static_argnums=0)
     return jax.jit(functools.partial(_encode, features=features, mesh=mesh), static_argnums=0)
@@ -132,16 +138,19 @@ def rows_per_batch(batch_size: int, rows: int, mesh) -> int:
 
 
 def encode_images(model: nnx.Module, visual: np.ndarray, *, batch_size: int = 32) -> jax.Array:
-    """(U, H, W, 3) pixels or (U, P, E) features → (U, I, D) visual vectors on the device, each
-    image through the encoder once, in batches of one static shape."""
+    """(U, H, W, 3) pixels, (U, P, E) features or (U, F, H, W, 3) video frames → (U, I, D) visual
+    vectors on the device (for videos I is both spans), each image (video) through the encoder
+    once, in batches of one static shape."""
     vision = model.config.vision
     if vision is None:
         raise ConfigError("image tasks need a model with a vision input (model.vision is not configured)")
     features = vision.kind == "features"
     expected = (vision.output_tokens, vision.hidden_size) if features else (vision.image_size,) * 2 + (3,)
+    if visual.ndim == 5 and model.config.video is not None:
+        features, expected = "video", (model.config.video.frames,) + expected
     if tuple(visual.shape[1:]) != expected:
         raise ConfigError(f"images of shape {tuple(visual.shape[1:])}, the model's vision input expects "
-                          f"{expected} ({'features' if features else 'pixels'})")
+                          f"{expected} ({'features' if features is True else 'pixels'})")
     graphdef, state, mesh = split_model(model)
     encode = _jitted(mesh, features)
     step = rows_per_batch(batch_size, len(visual), mesh)

@@ -1,4 +1,5 @@
-"""Image-conditioned zero-shot tasks (VQA, Winoground): their items and where their images come from.
+"""Image-conditioned zero-shot tasks (VQA, Winoground, and video choice): their items and where
+their images (videos) come from.
 
 Read as the BabyLM 2025 pipeline reads them (`babylm/evaluation-pipeline-2025`,
 `evaluation_pipeline/sentence_zero_shot/read_files.py`: `read_files`, `decode_vqa`,
@@ -11,6 +12,11 @@ Read as the BabyLM 2025 pipeline reads them (`babylm/evaluation-pipeline-2025`,
                (image_key optional). Candidates = scored parts = the two captions, with
                the row's image (the "unpaired text score"); UID "winoground"; metadata
                Type, Linguistic Feature, Linguistic Sub-Feature as the pipeline names them.
+
+  video        jaxllava's own (not BabyLM's): fields video (a file or frame folder, relative
+               to the task file's folder), candidates (≥ 2 captions), label (the right
+               one's index). Candidates = scored parts = the captions, right one first;
+               UID "video". Scored with the model's video spans (data/sample/videos_eval.jsonl).
 
 The correct candidate is first (label 0). The kind comes from the first record (`task_kind`);
 every line is then checked against it, and a malformed line is a DataError naming file
@@ -43,13 +49,15 @@ import numpy as np
 
 from jaxllava.data.images import ImageProcessing, load_image
 from jaxllava.data.sources import FeatureStore
+from jaxllava.data.video import read_video_frames
 from jaxllava.errors import ConfigError, DataError
 from jaxllava.eval.minimal_pairs import MinimalPairItem, iter_jsonl
 
-ImageTaskKind = Literal["vqa", "winoground"]
-IMAGE_TASKS = ("vqa", "winoground")
+ImageTaskKind = Literal["vqa", "winoground", "video"]
+IMAGE_TASKS = ("vqa", "winoground", "video")
 VQA_KEYS = ("question", "target_ans", "distractors")
 WINOGROUND_KEYS = ("caption_0", "caption_1", "image_idx")
+VIDEO_KEYS = ("video", "candidates", "label")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 
 
@@ -90,6 +98,8 @@ def task_kind(path: str | os.PathLike) -> ImageTaskKind | None:
         return "vqa"
     if all(k in record for k in WINOGROUND_KEYS):
         return "winoground"
+    if all(k in record for k in VIDEO_KEYS):
+        return "video"
     return None
 
 
@@ -97,9 +107,9 @@ def read_image_task(path: str | os.PathLike, kind: ImageTaskKind | None = None) 
     """Every item of a VQA or Winoground file, or of every `*.jsonl` in a directory (pipeline order)."""
     kind = kind or task_kind(path)
     if kind not in IMAGE_TASKS:
-        raise DataError(f"not a VQA or Winoground task: the first record has neither {VQA_KEYS} nor "
-                        f"{WINOGROUND_KEYS}", file=str(path))
-    decode = _decode_vqa if kind == "vqa" else _decode_winoground
+        raise DataError(f"not a VQA, Winoground or video task: the first record has none of {VQA_KEYS}, "
+                        f"{WINOGROUND_KEYS}, {VIDEO_KEYS}", file=str(path))
+    decode = {"vqa": _decode_vqa, "winoground": _decode_winoground, "video": _decode_video}[kind]
     items, images = [], []
     for file, line_number, record in iter_jsonl(path):
         fields, ref = decode(record, dict(file=str(file), record=f"line {line_number}"), len(items))
@@ -168,6 +178,22 @@ def _decode_winoground(record: dict, where: dict, item_index: int) -> tuple[dict
     folder_key = f"{image_idx}_{image_key}" if image_key else str(image_idx)
     ref = ImageRef(folder_key, image_idx, image_key or "image", item_index)
     return {"sentences": captions, "completions": captions, "metadata": metadata}, ref
+
+
+def _decode_video(record: dict, where: dict, item_index: int) -> tuple[dict, ImageRef]:
+    video = _nonempty(record, "video", where)
+    candidates = record.get("candidates")
+    if not isinstance(candidates, list) or len(candidates) < 2:
+        raise DataError(f"expected a list of at least 2 captions, got {candidates!r}", field="candidates", **where)
+    for k, caption in enumerate(candidates):
+        if not isinstance(caption, str) or not caption.strip():
+            raise DataError(f"candidate {k} must be a non-empty string, got {caption!r}", field="candidates", **where)
+    label = _index(record, "label", where)
+    if label >= len(candidates):
+        raise DataError(f"label {label} is not an index of the {len(candidates)} candidates", field="label", **where)
+    ordered = (candidates[label],) + tuple(c for k, c in enumerate(candidates) if k != label)
+    return ({"sentences": ordered, "completions": ordered, "metadata": {"UID": "video"}},
+            ImageRef(video, item_index, "video", item_index))
 
 
 # ---------------------------------------------------------------------------- image sources
@@ -299,6 +325,30 @@ def open_image_source(path: str | os.PathLike) -> ImageSource:
     if (path / "state.json").is_file():
         return SavedImageDataset(path)
     return ImageFolder(path)
+
+
+class VideoFiles:
+    """The videos of a video task: files or frame folders at paths relative to `root` (the task
+    file's folder), each read with `model.video.frames` evenly spaced frames."""
+
+    kind = "video"
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = pathlib.Path(root)
+
+    def key(self, ref: ImageRef) -> Hashable:
+        path = self.root / ref.folder_key
+        if not path.exists():
+            raise DataError("video file or frame folder not found", file=str(path), record=f"item {ref.item_index}",
+                            field="video", reason="missing_video")
+        return str(path)
+
+    def describe(self) -> str:
+        return f"videos under {self.root}"
+
+    def load(self, keys: Sequence[Hashable], processing: ImageProcessing, frames: int) -> np.ndarray:
+        """(U, frames, size, size, 3) normalised frames of the videos `keys`."""
+        return np.stack([read_video_frames(key, processing, num_frames=frames, record=key) for key in keys])
 
 
 def default_image_source(task_path: str | os.PathLike) -> pathlib.Path:

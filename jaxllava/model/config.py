@@ -205,6 +205,33 @@ class LapeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class VideoConfig:
+    """How a video becomes visual vectors (jaxllava/model/llava.py `encode_video`). Each of `frames`
+    frames goes through the image path (I vectors, a g×g grid); then two spans are made, the
+    reference's fast and slow ones (docs/reference.md#video).
+
+      fast  every frame, its grid resized to √fast_tokens a side: frames · fast_tokens vectors
+      slow  the frames resampled in time to slow_frames (linear, like the reference's temporal
+            packer), each keeping its whole grid: slow_frames · I vectors
+
+    Both are parameter-free; the reference's learned fast/slow token packers are not ported."""
+
+    frames: int = 4  # T, frames per video; the data pipeline's frame rule must give exactly this many
+    fast_tokens: int = 4  # vectors per frame in the fast span, a square number
+    slow_frames: int = 2  # frames of the slow span (≤ frames)
+
+    def __post_init__(self):
+        at_least(self, 2, "frames")  # the reference's even spacing divides by frames − 1
+        at_least(self, 1, "fast_tokens", "slow_frames")
+        side = math.isqrt(self.fast_tokens)
+        require(side * side == self.fast_tokens, "fast_tokens",
+                f"each frame's grid is resized to a square, so fast_tokens must be a square number (e.g. "
+                f"{side * side} or {(side + 1) ** 2}), got {self.fast_tokens}")
+        require(self.slow_frames <= self.frames, "slow_frames",
+                f"the slow span resamples the {self.frames} frames to fewer, got {self.slow_frames}")
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     lm: LlamaConfig = dataclasses.field(default_factory=LlamaConfig)
     vision: Optional[VisionConfig] = None  # None: a text-only model with no vision parameters
@@ -220,13 +247,19 @@ class ModelConfig:
     # resampler, with the resampler in the LM's width (docs/reference.md#stage-2-lape-embeddings).
     # Like resampler and projector, ignored by a text-only model (model.vision null).
     lape: Optional[LapeConfig] = None
+    # null: video records are refused. A mapping: the model reads videos (frames, fast and slow
+    # spans; VideoConfig). Needs a vision tower.
+    video: Optional[VideoConfig] = None
 
     def __post_init__(self):
         vision, resampler = self.vision, self.resampler
         if vision is None:  # a text-only model builds no resampler, projector or LAPE
+            require(self.video is None, "video", "a video is read by the vision tower: configure model.vision")
             return
         if self.lape is not None:
             self._check_lape()
+        if self.video is not None:
+            self._check_video()
         if vision.kind == "features":
             grid = f"the {vision.grid}×{vision.grid} feature grid (vision.tokens {vision.tokens})"
             if resampler.kind in ("token_packer", "avg_pool"):
@@ -270,6 +303,32 @@ class ModelConfig:
         require(self.projector.expand == 1, "projector.expand",
                 f"LAPE adds its terms to the projected g×g grid, one vector per patch; expand must be 1 with "
                 f"model.lape, got {self.projector.expand}")
+
+    def _check_video(self) -> None:
+        video, vision = self.video, self.vision
+        require(vision.kind != "features", "video",
+                "videos are decoded to frames for a vision tower; vision.kind features has none")
+        tokens = self.image_tokens
+        side = math.isqrt(tokens)
+        require(side * side == tokens, "video",
+                f"a frame's {tokens} image tokens must form a square grid for the fast span's resize "
+                f"(use feature_select: patch and projector.expand 1)")
+        require(math.isqrt(video.fast_tokens) <= side, "video.fast_tokens",
+                f"the fast span shrinks each frame's {side}×{side} grid; fast_tokens must be ≤ {tokens}, got "
+                f"{video.fast_tokens}")
+        require(video.slow_frames * tokens >= 2, "video.slow_frames",
+                f"the slow span holds a start and an end token: slow_frames × {tokens} image tokens must be ≥ 2")
+        if self.lape is not None:
+            require(video.frames <= self.lape.temporal_count, "video.frames",
+                    f"LAPE has {self.lape.temporal_count} temporal embeddings, one per frame; got {video.frames} "
+                    f"frames")
+
+    @property
+    def video_spans(self) -> tuple[int, int]:
+        """(fast, slow) placeholder lengths of one video; (0, 0) without `video`."""
+        if self.video is None:
+            return 0, 0
+        return self.video.frames * self.video.fast_tokens, self.video.slow_frames * self.image_tokens
 
     @property
     def resampler_input(self) -> Optional[VisionConfig]:

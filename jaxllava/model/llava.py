@@ -15,7 +15,11 @@ The visual input is `pixels` (B, H, W, 3) for a model with a tower, or `features
 DINOv2 states), which builds no tower and sends the features down exactly the path
 a tower's output takes: resampler → projector → splice.
 
-A text-only call (neither given) embeds tokens and nothing else: the vision tower,
+A video row carries instead a fast then a slow span (`ModelConfig.video_spans`),
+filled by `encode_video` from its frames (B, F, H, W, 3) through the same tower,
+resampler and projector, frame by frame (docs/reference.md#video).
+
+A text-only call (none given) embeds tokens and nothing else: the vision tower,
 resampler and projector are not traced, so a text-only step cannot run them
 (README pitfall 1). A model built with `config.vision = None` has no vision
 parameters at all.
@@ -35,6 +39,7 @@ Axis letters: see jaxllava/__init__.py.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import jax
@@ -42,10 +47,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxllava.model.config import ModelConfig
-from jaxllava.model.lape import Lape
+from jaxllava.model.lape import Lape, linear_resize_matrix
 from jaxllava.model.llama import Llama
 from jaxllava.model.projectors import Projector
-from jaxllava.model.resamplers import make_resampler
+from jaxllava.model.resamplers import make_resampler, resize_bilinear
 from jaxllava.model.sharding import constrain, tree_shardings
 from jaxllava.model.vision import VisionTower
 
@@ -111,6 +116,33 @@ class LlavaModel(nnx.Module):
             visual = self.resampler(self.lape(self.projector(features)))
         return constrain(visual, ("batch", "length", "act_embed"))
 
+    def encode_video(self, frames: jax.Array) -> jax.Array:
+        """frames (B, F, H, W, 3) → (B, F·fast_tokens + slow_frames·I, D): the fast span's vectors then
+        the slow span's (`VideoConfig`). Each frame takes the image path; with LAPE, frame t gets
+        the temporal term inj_t[t] (`Lape.frames`) where an image gets inj_t[0]."""
+        video = self.config.video
+        if video is None:
+            raise ValueError("video frames given to a model without model.video")
+        b, count = frames.shape[:2]
+        if count != video.frames:
+            raise ValueError(f"{count} frames per video; model.video.frames is {video.frames}")
+        tower = self.vision(frames.reshape(b * count, *frames.shape[2:]))
+        if self.lape is None:
+            per_frame = self.projector(self.resampler(tower))
+        else:
+            projected = self.projector(tower)
+            located = self.lape.frames(projected.reshape(b, count, *projected.shape[1:]))
+            per_frame = self.resampler(located.reshape(b * count, *projected.shape[1:]))
+        tokens, width = per_frame.shape[1:]
+        side, fast_side = math.isqrt(tokens), math.isqrt(video.fast_tokens)
+        grids = per_frame.reshape(b * count, side, side, width)
+        fast = resize_bilinear(grids, fast_side).reshape(b, count * video.fast_tokens, width)
+        # Linear in time, as F.interpolate(mode="linear", align_corners=False) over the frames.
+        in_time = jnp.asarray(linear_resize_matrix(count, video.slow_frames), per_frame.dtype)
+        slow = jnp.einsum("sf,bfnd->bsnd", in_time, per_frame.reshape(b, count, tokens, width))
+        visual = jnp.concatenate([fast, slow.reshape(b, video.slow_frames * tokens, width)], axis=1)
+        return constrain(visual, ("batch", "length", "act_embed"))
+
     def _visual_vectors(self, pixels: jax.Array | None, features: jax.Array | None) -> jax.Array:
         vision = self.config.vision
         given = "pixels" if pixels is not None else "features"
@@ -130,10 +162,21 @@ class LlavaModel(nnx.Module):
         return self.encode_features(features)
 
     def embed_inputs(self, input_ids: jax.Array, pixels: jax.Array | None = None,
-                     image_mask: jax.Array | None = None, *, features: jax.Array | None = None) -> jax.Array:
-        """(B, T) ids [+ pixels (B, H, W, 3) or features (B, P, E), and image_mask (B, T)] → (B, T, D)
-        input embeddings."""
+                     image_mask: jax.Array | None = None, *, features: jax.Array | None = None,
+                     frames: jax.Array | None = None, video_mask: jax.Array | None = None) -> jax.Array:
+        """(B, T) ids [+ pixels (B, H, W, 3) or features (B, P, E), and image_mask (B, T); or frames
+        (B, F, H, W, 3) and video_mask (B, T)] → (B, T, D) input embeddings."""
         embeds = self.lm.embed(input_ids)
+        if frames is not None or video_mask is not None:
+            if frames is None or video_mask is None:
+                raise ValueError("frames and video_mask go together")
+            if pixels is not None or features is not None or image_mask is not None:
+                raise ValueError("a video row holds no image: give frames or pixels/features, not both")
+            visual = self.encode_video(frames)
+            expected = sum(self.config.video_spans)
+            if visual.shape[1] != expected:
+                raise ValueError(f"the video encoder produced {visual.shape[1]} vectors, the spans hold {expected}")
+            return merge_image_features(embeds, visual, video_mask)
         if pixels is not None and features is not None:
             raise ValueError("both pixels and features given: a model reads one of them")
         if pixels is None and features is None:
@@ -150,17 +193,21 @@ class LlavaModel(nnx.Module):
 
     def hidden(self, input_ids: jax.Array, *, segment_ids: jax.Array, positions: jax.Array,
                pixels: jax.Array | None = None, image_mask: jax.Array | None = None,
-               features: jax.Array | None = None) -> jax.Array:
+               features: jax.Array | None = None, frames: jax.Array | None = None,
+               video_mask: jax.Array | None = None) -> jax.Array:
         """Final-normed hidden states (B, T, D), for a loss that projects onto the vocabulary in chunks."""
-        embeds = self.embed_inputs(input_ids, pixels, image_mask, features=features)
+        embeds = self.embed_inputs(input_ids, pixels, image_mask, features=features, frames=frames,
+                                   video_mask=video_mask)
         return self.lm.decode(embeds, segment_ids=segment_ids, positions=positions)
 
     def __call__(self, input_ids: jax.Array, *, segment_ids: jax.Array, positions: jax.Array,
                  pixels: jax.Array | None = None, image_mask: jax.Array | None = None,
-                 features: jax.Array | None = None) -> jax.Array:
+                 features: jax.Array | None = None, frames: jax.Array | None = None,
+                 video_mask: jax.Array | None = None) -> jax.Array:
         """(B, T, V) float32 logits."""
         return self.lm.logits(self.hidden(input_ids, segment_ids=segment_ids, positions=positions,
-                                          pixels=pixels, image_mask=image_mask, features=features))
+                                          pixels=pixels, image_mask=image_mask, features=features,
+                                          frames=frames, video_mask=video_mask))
 
 
 def create_model(model_config: ModelConfig, mesh, seed: int, *, compiler_options: Optional[dict] = None

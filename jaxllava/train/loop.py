@@ -32,12 +32,12 @@ import jax
 
 from jaxllava.checkpoint import milestone_name, write_diagnostics
 from jaxllava.config import ExperimentConfig
-from jaxllava.data.batch import BatchStats, Microbatch, batch_arrays
+from jaxllava.data.batch import MODALITIES, BatchStats, Microbatch, batch_arrays
 from jaxllava.data.loader import LoaderStopped, LoaderWorkerDied
 from jaxllava.errors import TrainingError
 from jaxllava.train.metrics import lm_flops_per_token, mfu, peak_memory_gb
 from jaxllava.train.setup import Run, banner, close, finished_run, setup
-from jaxllava.train.step import MODALITIES, TrainStep, check_finite, device_batch, host_metrics
+from jaxllava.train.step import TrainStep, check_finite, device_batch, host_metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +89,8 @@ class LogInterval:
     text_target_tokens: int = 0
     image_ce: float = 0.0
     image_target_tokens: int = 0
+    video_ce: float = 0.0
+    video_target_tokens: int = 0
 
     def add(self, metrics: dict[str, float]) -> None:
         self.steps += 1
@@ -428,6 +430,8 @@ def step_row(stats: Sequence[BatchStats], metrics: dict[str, float], words_seen:
         "text_samples": sum(s.samples for s in stats if s.modality == "text"),
         "image_samples": sum(s.samples for s in stats if s.modality == "image"),
         "image_tokens": sum(s.image_tokens for s in stats),
+        "video_samples": sum(s.samples for s in stats if s.modality == "video"),
+        "video_tokens": sum(s.video_tokens for s in stats),
         "padding_fraction": 1.0 - tokens / positions,
         "words_seen": words_seen,
         "step_time": step_time,

@@ -2,6 +2,7 @@
 
 One row per logged optimizer step, for example:
   step, loss, lr, grad_norm, tokens, text_samples, image_samples, image_tokens,
+  video_samples, video_tokens,
   padding_fraction, words_seen, step_time, tokens_per_s, mfu and peak_memory_gb
   (accelerators only).
 The logger writes whatever numbers the loop gives it; `MetricsLogger.log` does no
@@ -15,6 +16,8 @@ import os
 import sys
 import time
 from typing import Any, Optional, TextIO
+
+from jaxllava.data.batch import MODALITIES
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -166,7 +169,7 @@ class MetricsLogger:
             self._start_step, self._start_time = step, time.monotonic()
         parts = [f"step {step}" + (f"/{self.total_steps}" if self.total_steps else "")]
         if isinstance(row.get("loss"), float):
-            by_modality = ", ".join(f"{m} {row[f'{m}_loss']:.4f}" for m in ("text", "image")
+            by_modality = ", ".join(f"{m} {row[f'{m}_loss']:.4f}" for m in MODALITIES
                                     if isinstance(row.get(f"{m}_loss"), float))
             parts.append(f"loss {row['loss']:.4f}" + (f" ({by_modality})" if by_modality else ""))
         if isinstance(row.get("tokens_per_s"), (int, float)):

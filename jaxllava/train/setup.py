@@ -252,7 +252,7 @@ def _check_rows_split_evenly(config: ExperimentConfig, mesh) -> None:
     if jax.process_count() == 1:
         return
     shards = batch_shards(mesh)
-    for name in ("text_rows", "image_rows"):
+    for name in ("text_rows", "image_rows", "video_rows"):
         rows = getattr(config.data, name)
         if rows % shards:
             raise ConfigError(f"data.{name}={rows} must be a multiple of the {shards} ways the mesh splits rows "
@@ -265,7 +265,7 @@ def _provenance(config: ExperimentConfig, mesh, pipeline: DataPipeline, coverage
     return run_record(config, mesh, {
         **data_fingerprint([s.path for s in config.data.sources],
                            {"text": summary.text_samples, "image": summary.image_samples,
-                            "held_out": summary.held_out_samples},
+                            "video": summary.video_samples, "held_out": summary.held_out_samples},
                            sha256=summary.files_sha256),
         "pipeline_sha256": summary.fingerprint, "words_per_epoch": summary.words_per_epoch,
         "ablations": ablations(config),
@@ -282,7 +282,8 @@ def _copy_assets(config: ExperimentConfig, workdir: str, primary: bool) -> Asset
     preprocessor = os.path.join(workdir, PREPROCESSOR_CONFIG) if config.data.image.preprocessor_config else None
     if primary:
         if not os.path.isdir(tokenizer):
-            copy_tokenizer(config.data.tokenizer, tokenizer, config.model.lm.vocab_size)
+            copy_tokenizer(config.data.tokenizer, tokenizer, config.model.lm.vocab_size,
+                           video=config.model.video is not None)
         if preprocessor and not os.path.exists(preprocessor):
             shutil.copy(config.data.image.preprocessor_config, preprocessor)
     return AssetsSave(tokenizer=tokenizer, preprocessor_config=preprocessor)
@@ -311,7 +312,8 @@ def banner(run: Run) -> str:
     counts = run.record["parameters"]
     parts = ", ".join(f"{part} {c['total']:,} ({c['trainable']:,} trained)" for part, c in counts.items()
                       if part != "all")
-    lines = [f"data: {summary.text_samples} text-only and {summary.image_samples} image samples"
+    videos = f", {summary.video_samples} video samples" if summary.video_samples else ""
+    lines = [f"data: {summary.text_samples} text-only and {summary.image_samples} image samples{videos}"
              + (f" (+{summary.held_out_samples} held out)" if summary.held_out_samples else "")
              + f", {summary.words_per_epoch:,} words per epoch; {run.total_steps} optimizer steps (ends by "
              f"{run.end_reason})",

@@ -1,6 +1,6 @@
 """One optimizer step: gradients accumulated over microbatches of both modalities, then one update.
 
-    for each microbatch (TextBatch or ImageBatch, any bucket length):
+    for each microbatch (TextBatch, ImageBatch or VideoBatch, any bucket length):
         accum += grad of  Σ token cross-entropy   (and Σ CE, Σ target tokens)
     update with grads = accum / Σ target tokens;  loss = Σ CE / Σ target tokens
 
@@ -38,7 +38,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxllava.data.batch import IGNORE, FeatureBatch, ImageBatch, Microbatch
+from jaxllava.data.batch import IGNORE, MODALITIES, FeatureBatch, ImageBatch, Microbatch, VideoBatch
 from jaxllava.errors import TrainingError
 from jaxllava.model.sharding import DEFAULT_RULES, Rules, activation_sharding, batch_sharding, tree_shardings
 from jaxllava.train.config import OptimConfig
@@ -81,12 +81,14 @@ def cross_entropy_sum(logits_fn: Callable[[jax.Array], jax.Array], hidden: jax.A
 
 def microbatch_loss(model: nnx.Module, batch: Microbatch, chunk: int) -> tuple[jax.Array, jax.Array]:
     """(Σ CE, target tokens) of one microbatch on a LlavaModel. Only an ImageBatch has
-    pixels and only a FeatureBatch features, so a text microbatch never reaches the vision
-    tower, resampler or projector."""
+    pixels, only a FeatureBatch features and only a VideoBatch frames, so a text microbatch
+    never reaches the vision tower, resampler or projector."""
     if isinstance(batch, ImageBatch):
         images = {"pixels": batch.pixels, "image_mask": batch.image_mask}
     elif isinstance(batch, FeatureBatch):
         images = {"features": batch.features, "image_mask": batch.image_mask}
+    elif isinstance(batch, VideoBatch):
+        images = {"frames": batch.frames, "video_mask": batch.video_mask}
     else:
         images = {}
     hidden = model.hidden(batch.input_ids, segment_ids=batch.segment_ids, positions=batch.positions, **images)
@@ -152,9 +154,6 @@ def _fresh_state(params, *, spec: StepSpec):
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
              "rng": jax.random.key_data(jax.random.key(spec.seed))}
     return spec.constrain(state)
-
-
-MODALITIES = ("text", "image")
 
 
 def _zero_accumulator(params, *, spec: StepSpec):
