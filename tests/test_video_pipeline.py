@@ -203,3 +203,18 @@ def test_a_table_cache_entry_keeps_the_video_samples(files, word_tokenizer_dir, 
     a = [b for b in all_batches(first) if isinstance(b, VideoBatch)]
     b = [b for b in all_batches(second) if isinstance(b, VideoBatch)]
     assert len(a) == len(b) and all(np.array_equal(x.frames, y.frames) for x, y in zip(a, b))
+
+
+def test_loader_workers_decode_videos_into_the_same_batches(files, word_tokenizer_dir):
+    p = pipeline(files, word_tokenizer_dir, epochs=1)
+    inline = all_batches(p)
+    it = p.iterator(num_workers=1)
+    try:
+        from_worker = [next(it) for _ in range(len(p))]
+    finally:
+        it.close()
+    assert [type(b) for b in from_worker] == [type(b) for b in inline]
+    for a, b in zip(inline, from_worker):
+        assert a.stats == b.stats
+        for name, value in batch_arrays(a).items():
+            np.testing.assert_array_equal(batch_arrays(b)[name], value, err_msg=name)
