@@ -354,3 +354,19 @@ def test_eight_device_sharded_step_equals_one_device():
     result = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env, cwd=root, capture_output=True,
                             text=True, timeout=600)
     assert "SHARDED_OK" in result.stdout, result.stderr[-4000:]
+
+
+def test_create_model_equals_eager_init_and_compiles_once_for_every_seed():
+    """The seed is an argument of the jitted initialiser: a second seed reuses the compile, and
+    the values are exactly LlavaModel(config, rngs=nnx.Rngs(seed))'s."""
+    from jaxllava.model import llava
+
+    config = dataclasses.replace(MODEL, lm=dataclasses.replace(MODEL.lm, vocab_size=VOCAB + 7))  # no other test's
+    mesh = make_mesh(devices=jax.devices()[:1])
+    for seed in (3, 4):
+        created = nnx.state(create_model(config, mesh, seed=seed, compiler_options=FAST_COMPILE))
+        eager = nnx.state(llava.LlavaModel(config, rngs=nnx.Rngs(seed)))
+        for (path, a), (_, b) in zip(nnx.to_flat_state(created), nnx.to_flat_state(eager)):
+            np.testing.assert_allclose(np.asarray(a[...]), np.asarray(b[...]), rtol=0, atol=1e-6, err_msg=str(path))
+    initialisers = [fn for key, (_, fn) in llava._INITIALISERS.items() if key[0] == config]
+    assert len(initialisers) == 1 and initialisers[0]._cache_size() == 1

@@ -210,13 +210,23 @@ class LlavaModel(nnx.Module):
                                           frames=frames, video_mask=video_mask))
 
 
+_INITIALISERS: dict[tuple, tuple] = {}
+
+
 def create_model(model_config: ModelConfig, mesh, seed: int, *, compiler_options: Optional[dict] = None
                  ) -> LlavaModel:
     """The model with its parameters initialised from `seed` directly in their shardings on `mesh`
-    (never whole on one device): what training starts from, and what the feature cache runs."""
-    abstract = nnx.eval_shape(lambda: LlavaModel(model_config, rngs=nnx.Rngs(seed)))
-    graphdef, abstract_state = nnx.split(abstract)
-    shardings = tree_shardings(abstract_state, mesh)
-    state = jax.jit(lambda: nnx.state(LlavaModel(model_config, rngs=nnx.Rngs(seed))), out_shardings=shardings,
-                    compiler_options=compiler_options)()
-    return nnx.merge(graphdef, state)
+    (never whole on one device): what training starts from, and what the feature cache runs.
+
+    The seed's key is an argument of the jitted initialiser, not a constant in it: one compile
+    serves every seed of a (config, mesh), and XLA has no constant random tensors to fold at
+    compile time. The values equal those of `LlavaModel(model_config, rngs=nnx.Rngs(seed))`."""
+    cache_key = (model_config, mesh, tuple(sorted((compiler_options or {}).items())))
+    if cache_key not in _INITIALISERS:
+        abstract = nnx.eval_shape(lambda: LlavaModel(model_config, rngs=nnx.Rngs(0)))
+        graphdef, abstract_state = nnx.split(abstract)
+        initialise = jax.jit(lambda key: nnx.state(LlavaModel(model_config, rngs=nnx.Rngs(key))),
+                             out_shardings=tree_shardings(abstract_state, mesh), compiler_options=compiler_options)
+        _INITIALISERS[cache_key] = graphdef, initialise
+    graphdef, initialise = _INITIALISERS[cache_key]
+    return nnx.merge(graphdef, initialise(jax.random.key(seed)))
