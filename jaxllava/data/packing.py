@@ -200,11 +200,6 @@ class EpochLayout:
     def __len__(self) -> int:
         return len(self.kind)
 
-    @property
-    def image(self) -> np.ndarray:
-        """(microbatches,) bool: an image microbatch."""
-        return self.kind == 1
-
     def plan(self, j: int) -> MicrobatchPlan:
         lo = int(self.first_row[j])
         bounds = self.row_offsets[lo:lo + int(self.rows_used[j]) + 1]
