@@ -176,8 +176,9 @@ def read_records_with_raw(path: str, *, image_folder: str | None = None, on_bad_
     videos = video_folder if video_folder is not None else os.path.dirname(path)
     with_files = features is None
     context = _Context(path, os.path.splitext(os.path.basename(path))[0], folder,
-                       _ImageFolder(folder) if with_files and not allow_outside else None,
-                       check_image_files and with_files, videos, allow_outside, check_image_files)
+                       _ConfinedFolder(folder) if with_files and not allow_outside else None,
+                       check_image_files and with_files, videos,
+                       None if allow_outside else _ConfinedFolder(videos), check_image_files)
     records, image_entries = [], 0
     with _cyclic_gc_paused():
         for where, raw in _raw_records(path):
@@ -213,15 +214,15 @@ class _Context:
     file: str
     stem: str
     folder: str
-    confinement: "_ImageFolder | None"  # None: image paths may lead anywhere (allow_outside)
+    confinement: "_ConfinedFolder | None"  # None: image paths may lead anywhere (allow_outside)
     check_image_files: bool
     video_folder: str
-    allow_outside: bool
+    video_confinement: "_ConfinedFolder | None"  # None: video paths may lead anywhere (allow_outside)
     check_video_files: bool
 
 
-class _ImageFolder:
-    """Where an image path really leads, and whether that is inside the folder.
+class _ConfinedFolder:
+    """Where an image or video path really leads, and whether that is inside the folder.
 
     `os.path.realpath` costs one lstat per path component (~35 µs for a short path);
     resolving each directory once and lstat-ing only the file name keeps reading a
@@ -407,11 +408,13 @@ def _video_path(video: Any, context: _Context) -> str:
         raise _Invalid(f"video must be a non-empty path string, got {_SHORT.repr(video)}", "video", "video_field")
     _check_encodable(video, "video")
     resolved = os.path.join(context.video_folder, video)
-    if not context.allow_outside:
-        root, real = os.path.realpath(context.video_folder), os.path.realpath(resolved)
-        if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
-            raise _Invalid(f"video path {_SHORT.repr(video)} leads to {real}, outside the video folder {root}; "
-                           f"set allow_outside: true on this source to allow it", "video", "video_outside")
+    confinement = context.video_confinement
+    if confinement is not None:
+        real, _ = confinement.resolve(resolved)
+        if not confinement.contains(real):
+            raise _Invalid(f"video path {_SHORT.repr(video)} leads to {real}, outside the video folder "
+                           f"{confinement.root}; set allow_outside: true on this source to allow it", "video",
+                           "video_outside")
     if context.check_video_files and not os.path.exists(resolved):
         raise _Invalid(f"video file or frame folder not found: {resolved}", "video", "missing_video")
     return resolved

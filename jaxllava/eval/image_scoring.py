@@ -96,13 +96,15 @@ def counts() -> dict[str, int]:
     return dict(_counts)
 
 
-def _encode(graphdef, state, visual, *, features: bool | str, mesh):
+# What the encoder reads: the model's method for each kind of visual input.
+_ENCODERS = {"pixels": "encode_images", "features": "encode_features", "video": "encode_video"}
+
+
+def _encode(graphdef, state, visual, *, kind: str, mesh):
     _counts["encoder_traces"] += 1  # trace time only
     model = nnx.merge(graphdef, state)
     with contextlib.nullcontext() if mesh is None else activation_sharding(mesh):
-        if features == "video":
-            return model.encode_video(visual)
-        return model.encode_features(visual) if features else model.encode_images(visual)
+        return getattr(model, _ENCODERS[kind])(visual)
 
 
 def _score(graphdef, state, input_ids, segment_ids, positions, targets, mask, visual, image_mask, *, mesh):
@@ -117,12 +119,12 @@ def _score(graphdef, state, input_ids, segment_ids, positions, targets, mask, vi
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted(mesh, features: bool | str | None):
-    """The encoder (features: True, False, or "video" for frames) or the scorer (None) for
-    parameters on `mesh`."""
-    if features is None:
+def _jitted(mesh, kind: str | None):
+    """The encoder of `kind` ("pixels", "features", "video") or the scorer (None) for parameters on
+    `mesh`."""
+    if kind is None:
         return jax.jit(functools.partial(_score, mesh=mesh), static_argnums=0)
-    return jax.jit(functools.partial(_encode, features=features, mesh=mesh), static_argnums=0)
+    return jax.jit(functools.partial(_encode, kind=kind, mesh=mesh), static_argnums=0)
 
 
 def split_model(model: nnx.Module):
@@ -144,15 +146,15 @@ def encode_images(model: nnx.Module, visual: np.ndarray, *, batch_size: int = 32
     vision = model.config.vision
     if vision is None:
         raise ConfigError("image tasks need a model with a vision input (model.vision is not configured)")
-    features = vision.kind == "features"
-    expected = (vision.output_tokens, vision.hidden_size) if features else (vision.image_size,) * 2 + (3,)
+    kind = "features" if vision.kind == "features" else "pixels"
+    expected = (vision.output_tokens, vision.hidden_size) if kind == "features" else (vision.image_size,) * 2 + (3,)
     if visual.ndim == 5 and model.config.video is not None:
-        features, expected = "video", (model.config.video.frames,) + expected
+        kind, expected = "video", (model.config.video.frames,) + expected
     if tuple(visual.shape[1:]) != expected:
         raise ConfigError(f"images of shape {tuple(visual.shape[1:])}, the model's vision input expects "
-                          f"{expected} ({'features' if features is True else 'pixels'})")
+                          f"{expected} ({kind})")
     graphdef, state, mesh = split_model(model)
-    encode = _jitted(mesh, features)
+    encode = _jitted(mesh, kind)
     step = rows_per_batch(batch_size, len(visual), mesh)
     chunks = []
     for lo in range(0, len(visual), step):
